@@ -1,0 +1,81 @@
+"""Every error a client can cause, and the one table that maps it to an HTTP status.
+
+The service, the batch CLI and the load tests all speak these codes, so a record in a batch output file and an
+HTTP error body mean the same thing.
+"""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Something wrong with what the caller sent. `code` is stable and machine-readable; the message is for people."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.detail}
+
+
+class NotAnImage(ClientError):
+    code = "not_an_image"
+
+
+class UnsupportedFormat(ClientError):
+    code = "unsupported_format"
+
+
+class CorruptImage(ClientError):
+    code = "corrupt_image"
+
+
+class UnsupportedMode(ClientError):
+    code = "unsupported_mode"
+
+
+class ImageTooLarge(ClientError):
+    status = 413
+    code = "image_too_large"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class BadParameter(ClientError):
+    status = 422
+    code = "bad_parameter"
+
+
+class UnknownModel(BadParameter):
+    code = "unknown_model"
+
+
+class MissingImage(BadParameter):
+    code = "missing_image"
+
+
+class ServerBusy(ClientError):
+    status = 503
+    code = "server_busy"
+
+
+class ModelRepositoryError(Exception):
+    """The model repository on disk is wrong (missing file, hash mismatch). An operator's problem, not a client's."""
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """(HTTP status, JSON body) for any exception; unknown ones become a 500 that leaks no internals."""
+    if isinstance(exc, ClientError):
+        return exc.status, exc.to_dict()
+    return 500, {"error": "internal_error", "detail": "the server failed to process this request; it was logged"}

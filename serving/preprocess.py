@@ -1,0 +1,249 @@
+"""The one place that turns image bytes into a model's input. No torch.
+
+Training evaluation, the export checks, the service and the batch CLI all call `preprocess_bytes` (or
+`preprocess_image` on an already decoded picture), so what a model saw in evaluation is exactly what it sees in
+production. A model's `Recipe` is written into its card by the exporter and read back from the card at serving time.
+
+Output is always uint8 HWC (`size`×`size`×channels): the rest of the tail (float, /255, mean/std, NCHW) lives inside
+the ONNX graph, so clients send compact bytes and nothing can normalise twice.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from serving.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedFormat, UnsupportedMode
+
+# Formats we decode. Everything else (EPS runs Ghostscript, PDF, SVG, exotic plugins) is refused before parsing.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Truncated files are errors, never silently grey-filled images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We enforce our own cap before decoding; Pillow's bomb check (which only warns up to ~180 MP) becomes a hard stop.
+Image.MAX_IMAGE_PIXELS = None
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+# Exceptions Pillow's decoders raise on damaged data.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model's input is made; stored verbatim under "preprocessing" in the model card."""
+
+    kind: str  # "imagenet" (resize shorter side, centre crop) or "digit" (MNIST-style normalisation)
+    size: int  # side of the square the model takes
+    resize: int  # imagenet: shorter side before the crop; digit: box the ink is fitted into
+    color: str  # "RGB" or "L"
+    mean: tuple[float, ...] = field(default_factory=tuple)  # applied inside the ONNX graph, recorded for clients
+    std: tuple[float, ...] = field(default_factory=tuple)
+    interpolation: str = "bilinear"
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color == "RGB" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["mean"], known["std"] = tuple(d.get("mean", ())), tuple(d.get("std", ()))
+        recipe = cls(**known)
+        if recipe.kind not in ("imagenet", "digit") or recipe.color not in ("RGB", "L"):
+            raise ValueError(f"unknown preprocessing recipe {d!r}")
+        return recipe
+
+
+# torchvision's ImageNet evaluation preset (Resize(256, bilinear) + CenterCrop(224)).
+IMAGENET = Recipe(kind="imagenet", size=224, resize=256, color="RGB", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# The way MNIST was made: ink fitted into 20×20, centred by mass in 28×28; LeNet-5 takes it padded to 32×32.
+DIGIT = Recipe(kind="digit", size=32, resize=20, color="L", mean=MNIST_MEAN, std=MNIST_STD)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only: refuses non-images, formats off the allowlist and images over the pixel cap."""
+    if not data:
+        raise NotAnImage("the upload is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.UnidentifiedImageError:
+        try:  # tell "a real image we don't take" apart from "not an image at all"
+            other = Image.open(io.BytesIO(data))
+            raise UnsupportedFormat(
+                f"image format {other.format} is not accepted; use one of {', '.join(ALLOWED_FORMATS)}"
+            ) from None
+        except (Image.UnidentifiedImageError, *_DECODE_ERRORS):
+            raise NotAnImage(
+                f"the data is not a recognised image ({len(data)} bytes; accepted: {', '.join(ALLOWED_FORMATS)})"
+            ) from None
+    except _DECODE_ERRORS as e:
+        raise CorruptImage(f"the image header could not be parsed: {e}") from None
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise CorruptImage(f"the image has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"the image is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:.0f} MP limit")
+    return im
+
+
+def decode(data: bytes, recipe: Recipe | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes → an upright 8-bit RGB or L picture (first frame; alpha composited onto white; 16-bit scaled down).
+
+    With a recipe, large JPEGs are decoded at a reduced scale (`draft`) that still leaves every side at least as
+    big as the recipe needs, which cuts decode time several-fold for photos.
+    """
+    im = open_image(data, max_pixels)
+    if recipe is not None and im.format == "JPEG":
+        _draft_jpeg(im, recipe)
+    try:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except _DECODE_ERRORS as e:
+        raise CorruptImage(f"the {im.format} data is corrupt or truncated: {e}") from None
+    return to_8bit(im)
+
+
+def _draft_jpeg(im: Image.Image, recipe: Recipe) -> None:
+    w, h = im.size
+    # EXIF rotation swaps sides later, but draft keeps both sides >= what we ask, so ask for the shorter side twice.
+    need = recipe.resize if recipe.kind == "imagenet" else recipe.resize * 4
+    short = min(w, h)
+    if short >= 2 * need:
+        scale = need / short
+        im.draft("RGB" if im.mode not in ("L",) else "L", (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))))
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Any Pillow mode → "RGB" or "L", scaling wide modes rather than clipping them."""
+    mode = im.mode
+    if mode in ("RGB", "L"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            hi = 65535.0
+        elif mode == "F":
+            hi = 1.0 if a.size and np.nanmax(a) <= 1.0 else float(np.nanmax(a)) if a.size else 1.0
+        else:  # 32-bit int: usually a 16-bit PNG Pillow widened; fall back to the data's own range
+            peak = float(a.max()) if a.size else 0.0
+            hi = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        a = np.nan_to_num(a, nan=0.0, posinf=hi, neginf=0.0)
+        out = np.clip(np.rint(a * (255.0 / max(hi, 1e-12))), 0, 255).astype(np.uint8)
+        return Image.fromarray(out, "L")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return im.convert("RGB")
+    raise UnsupportedMode(f"image mode {mode} is not supported")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model input
+
+
+def preprocess_bytes(data: bytes, recipe: Recipe, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes → uint8 array (size, size, channels), ready to stack into the model's NHWC batch."""
+    return preprocess_image(decode(data, recipe, max_pixels), recipe)
+
+
+def preprocess_image(im: Image.Image, recipe: Recipe) -> np.ndarray:
+    im = to_8bit(im)
+    if recipe.kind == "imagenet":
+        return imagenet_center_crop(im.convert("RGB"), recipe.resize, recipe.size)
+    return normalize_digit(np.asarray(im.convert("L")), recipe.resize, recipe.size)[:, :, None]
+
+
+def resize_shorter(im: Image.Image, shorter: int) -> Image.Image:
+    """torchvision's Resize(int): shorter side to `shorter`, longer side truncated, bilinear with antialias."""
+    w, h = im.size
+    if w <= h:
+        size = (shorter, int(shorter * h / w))
+    else:
+        size = (int(shorter * w / h), shorter)
+    return im if size == (w, h) else im.resize(size, Image.Resampling.BILINEAR)
+
+
+def center_crop(a: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's CenterCrop on an HWC array already at least `size` on each side."""
+    h, w = a.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return a[top:top + size, left:left + size]
+
+
+def imagenet_center_crop(im: Image.Image, resize: int, size: int) -> np.ndarray:
+    a = np.asarray(resize_shorter(im, resize), dtype=np.uint8)
+    return np.ascontiguousarray(center_crop(a, size))
+
+
+def normalize_digit(gray: np.ndarray, box: int = 20, size: int = 32) -> np.ndarray:
+    """A picture of one digit → MNIST's convention, padded to `size` (LeNet-5 takes 32×32).
+
+    Light ink on a dark ground (inverted if the picture is dark-on-light, judged by its border), stretched to full
+    contrast, cropped to the ink, fitted into `box`×`box` keeping its aspect ratio, then placed in 28×28 so that its
+    centre of mass is at the centre: how LeCun et al. made MNIST from NIST's forms.
+    """
+    a = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    if border.mean() > 127.5:
+        a = 255.0 - a
+        border = 255.0 - border
+    background = float(np.median(border))
+    a = np.clip(a - background, 0, None)
+    peak = float(a.max())
+    out = np.zeros((size, size), dtype=np.uint8)
+    if peak <= 0:
+        return out  # a blank picture: nothing to centre
+    a *= 255.0 / peak
+    rows, cols = np.nonzero(a > 0.2 * 255.0)
+    a = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = a.shape
+    scale = box / max(h, w)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    fitted = np.asarray(Image.fromarray(a.astype(np.uint8), "L").resize((nw, nh), Image.Resampling.LANCZOS),
+                        dtype=np.float32)
+    mass = fitted.sum()
+    ys, xs = np.indices(fitted.shape)
+    cy, cx = ((ys * fitted).sum() / mass, (xs * fitted).sum() / mass) if mass > 0 else (nh / 2, nw / 2)
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    top, left = int(round(13.5 - cy)), int(round(13.5 - cx))
+    # Clip the placement to the canvas (a very lopsided digit could push its bounding box off the edge).
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + nh, 28), min(left + nw, 28)
+    canvas[y0:y1, x0:x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
+    pad = (size - 28) // 2
+    out[pad:pad + 28, pad:pad + 28] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return out
+
+
+def stack_batch(items: list[np.ndarray]) -> np.ndarray:
+    """Preprocessed images → one contiguous NHWC uint8 batch."""
+    return np.ascontiguousarray(np.stack(items, axis=0))

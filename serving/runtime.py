@@ -1,0 +1,120 @@
+"""onnxruntime sessions: execution-provider choice with a clean CPU fallback, and scores from logits.
+
+Provider order for `auto`: TensorRT (engine cache beside the model) → CUDA → CPU. An explicit device that can't be
+had is an error at start, not a silent slowdown; `auto` falls back quietly and says what it picked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+import serving  # noqa: F401  (telemetry off before onnxruntime is imported)
+import onnxruntime as ort  # noqa: E402
+
+log = logging.getLogger("convnet_serving")
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+_PROVIDER_OF = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_DEVICE_OF = {v: k for k, v in _PROVIDER_OF.items()}
+
+
+class DeviceUnavailable(RuntimeError):
+    pass
+
+
+def _gpu_driver_present() -> bool:
+    # onnxruntime-gpu lists CUDA as "available" even on machines without a GPU; asking it would print a page of
+    # loader errors. The driver library is the cheap, quiet test.
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def candidate_providers(device: str = "auto") -> list[str]:
+    """Execution providers to try, best first, for a requested device."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    available = set(ort.get_available_providers())
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "auto":
+        if not _gpu_driver_present():
+            return ["CPUExecutionProvider"]
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+    provider = _PROVIDER_OF[device]
+    if provider not in available or not _gpu_driver_present():
+        raise DeviceUnavailable(
+            f"device {device!r} requested but {provider} is not usable here "
+            f"(available: {sorted(available)}, GPU driver present: {_gpu_driver_present()})"
+        )
+    return [provider] + (["CUDAExecutionProvider"] if device == "tensorrt" else []) + ["CPUExecutionProvider"]
+
+
+def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:
+    if provider == "TensorrtExecutionProvider" and cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
+                "trt_fp16_enable": "True"}
+    return {}
+
+
+class OnnxModel:
+    """One onnxruntime session over one ONNX file, taking a uint8 NHWC batch and returning float32 logits."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int = 0,
+                 trt_cache_dir: Path | None = None):
+        self.path = Path(path)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads  # 0 = onnxruntime's choice (one per physical core)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        candidates = candidate_providers(device)
+        providers = [(p, _provider_options(p, trt_cache_dir)) for p in candidates]
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.device = _DEVICE_OF.get(self.providers[0], self.providers[0])
+        if device != "auto" and self.providers[0] != candidates[0]:
+            raise DeviceUnavailable(f"device {device!r} requested but onnxruntime started {self.providers[0]}")
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        self.input_shape = inp.shape
+        self._on_gpu = self.device in ("cuda", "tensorrt")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype != np.uint8:
+            raise TypeError(f"model input must be uint8 NHWC, got {batch.dtype}")
+        if not self._on_gpu:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        # On a GPU, bind explicitly so the input is copied once and nothing else crosses the bus.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        binding.bind_output(self.output_name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[list[dict]]:
+    """Per row of logits: the k best classes as {index, label, score}, score = softmax probability, best first."""
+    probs = softmax(np.atleast_2d(logits))
+    k = min(k, probs.shape[1])
+    results = []
+    for row in probs:
+        idx = np.argpartition(-row, k - 1)[:k]
+        idx = idx[np.argsort(-row[idx], kind="stable")]
+        results.append([{"index": int(i), "label": labels[i], "score": float(row[i])} for i in idx])
+    return results
