@@ -74,7 +74,7 @@ def read_card(model_dir: Path) -> ModelCard:
 
 def write_card(card: ModelCard, model_dir: Path) -> Path:
     path = Path(model_dir) / CARD_FILE
-    path.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    path.write_text(json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return path
 
 
