@@ -1,0 +1,180 @@
+"""Realistic traffic for the convnet-serving service, for Locust.
+
+Run it through the runner, which can start the service, bounds the run, keeps the CSV/HTML report and checks SLOs:
+
+    python -m loadtests.run --start-server --users 8 --spawn-rate 4 --run-time 60s --max-failure-ratio 0
+
+or with plain Locust against a running service (web UI on :8089, or headless as here):
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:3000 --headless -u 8 -r 4 -t 60s \\
+        --csv results/run --html results/run.html [--models alexnet,lenet5] [--think-time 0.5]
+
+Traffic mix (task weights): AlexNet photos as multipart uploads and as raw bodies (JPEG mostly, some PNG with
+alpha), LeNet-5 MNIST digits both ways, and a small share of `classify_batch` calls. The images come from
+`loadtests.images.build_pool` (deterministic: every Locust process sends the same pool). Every response is
+validated (status, JSON shape, number of predictions, score order), so a fast wrong answer counts as a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+
+from locust import FastHttpUser, events, task
+
+from loadtests.images import DEFAULT_SEED, PoolImage, build_pool, for_model
+
+TOP_K = {"alexnet": 5, "lenet5": 3}
+NUM_CLASSES = {"alexnet": 1000, "lenet5": 10}
+BATCH_FIELD = "images"  # the multipart field name /classify_batch reads, once per image
+BATCH_SIZES = {"alexnet": (2, 4), "lenet5": (4, 8)}
+
+POOL: dict[str, list[PoolImage]] = {}
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    parser.add_argument("--models", default="alexnet,lenet5",
+                        help="comma-separated models to send traffic to (default: alexnet,lenet5)")
+    parser.add_argument("--pool-seed", type=int, default=DEFAULT_SEED, help="seed of the generated image pool")
+    parser.add_argument("--think-time", type=float, default=0.0,
+                        help="each user waits uniform(0, this) seconds between requests (default 0: closed loop)")
+
+
+@events.init.add_listener
+def _build_pool(environment, **_kwargs) -> None:
+    opts = environment.parsed_options
+    models = [m for m in (opts.models if opts else "alexnet,lenet5").split(",") if m]
+    unknown = set(models) - set(TOP_K)
+    if unknown:
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {sorted(TOP_K)}")
+    seed = opts.pool_seed if opts else DEFAULT_SEED
+    pool = build_pool(seed=seed, digits=32 if "lenet5" in models else 0)
+    POOL.clear()
+    for model in models:
+        POOL[model] = for_model(pool, model)
+
+
+def multipart(parts: list[tuple[str, PoolImage]]) -> tuple[bytes, str]:
+    """A multipart/form-data body with one file part per (field, image); returns (body, Content-Type)."""
+    boundary = uuid.uuid4().hex
+    chunks = []
+    for field_name, image in parts:
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{image.name}"\r\n'
+            f"Content-Type: {image.content_type}\r\n\r\n".encode()
+        )
+        chunks.append(image.data)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def check_predictions(result: object, model: str, k: int) -> str | None:
+    """Why a single-image result is wrong, or None if it has the documented shape."""
+    if not isinstance(result, dict):
+        return f"result is {type(result).__name__}, not an object"
+    if result.get("model") != model:
+        return f"answered for model {result.get('model')!r}, asked {model!r}"
+    missing = {"version", "weights", "predictions"} - result.keys()
+    if missing:
+        return f"missing keys {sorted(missing)}"
+    preds = result["predictions"]
+    expected = min(k, NUM_CLASSES[model])
+    if not isinstance(preds, list) or len(preds) != expected:
+        return f"expected {expected} predictions, got {len(preds) if isinstance(preds, list) else repr(preds)[:80]}"
+    scores = []
+    for p in preds:
+        if not (isinstance(p, dict) and isinstance(p.get("index"), int) and isinstance(p.get("label"), str)
+                and isinstance(p.get("score"), float) and 0 <= p["index"] < NUM_CLASSES[model]
+                and 0.0 <= p["score"] <= 1.0):
+            return f"malformed prediction {p!r}"
+        scores.append(p["score"])
+    if scores != sorted(scores, reverse=True):
+        return "predictions are not sorted by score"
+    return None
+
+
+def batch_items(body: object) -> list | None:
+    """The per-image entries of a /classify_batch answer (a list, or {"results": [...]})."""
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict) and isinstance(body.get("results"), list):
+        return body["results"]
+    return None
+
+
+class ServiceUser(FastHttpUser):
+    """One client sending a realistic mix of single and batch classifications."""
+
+    def wait_time(self) -> float:
+        think = self.environment.parsed_options.think_time if self.environment.parsed_options else 0.0
+        return random.uniform(0.0, think) if think > 0 else 0.0
+
+    def _classify(self, model: str, raw: bool, jpeg_only: bool = False) -> None:
+        images = POOL.get(model)
+        if not images:
+            return
+        if jpeg_only:
+            images = [p for p in images if p.content_type == "image/jpeg"] or images
+        image = random.choice(images)
+        k = TOP_K[model]
+        if raw:
+            body, ctype = image.data, image.content_type
+        else:
+            body, ctype = multipart([("image", image)])
+        name = f"/classify {model} {'raw' if raw else 'multipart'} {image.content_type.split('/')[1]}"
+        with self.client.post(f"/classify?model={model}&top_k={k}", data=body, headers={"Content-Type": ctype},
+                              name=name, catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            try:
+                problem = check_predictions(json.loads(resp.content), model, k)
+            except ValueError:
+                problem = "body is not JSON"
+            if problem:
+                resp.failure(problem)
+
+    @task(5)
+    def alexnet_multipart(self) -> None:
+        self._classify("alexnet", raw=False)
+
+    @task(4)
+    def alexnet_raw_jpeg(self) -> None:
+        self._classify("alexnet", raw=True, jpeg_only=True)
+
+    @task(3)
+    def lenet_multipart(self) -> None:
+        self._classify("lenet5", raw=False)
+
+    @task(3)
+    def lenet_raw(self) -> None:
+        self._classify("lenet5", raw=True)
+
+    @task(1)
+    def classify_batch(self) -> None:
+        model = random.choice(list(POOL))
+        lo, hi = BATCH_SIZES[model]
+        images = random.sample(POOL[model], min(len(POOL[model]), random.randint(lo, hi)))
+        k = TOP_K[model]
+        body, ctype = multipart([(BATCH_FIELD, image) for image in images])
+        with self.client.post(f"/classify_batch?model={model}&top_k={k}", data=body,
+                              headers={"Content-Type": ctype}, name=f"/classify_batch {model}",
+                              catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            try:
+                items = batch_items(json.loads(resp.content))
+            except ValueError:
+                items, problem = None, "body is not JSON"
+            else:
+                problem = None if items is not None else "no list of per-image results"
+            if items is not None and len(items) != len(images):
+                problem = f"sent {len(images)} images, got {len(items)} results"
+            for item in items or []:
+                problem = problem or check_predictions(item, model, k)
+            if problem:
+                resp.failure(problem)

@@ -1,0 +1,161 @@
+"""Start the HTTP servers the load tests and benchmarks talk to, on free 127.0.0.1 ports, and always stop them.
+
+Every server runs in its own process group (BentoML forks an arbiter and workers), optionally pinned to a set of
+CPUs with `taskset` so that on a small machine the load generator and the server don't fight over the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICE_TARGET = "serving.service:Convnet"
+READY_TIMEOUT_S = 180.0  # AlexNet's 233 MB ONNX plus BentoML's start on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update(extra or {})
+    return env
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    """`cmd` run under `taskset -c cpus` (e.g. "1" or "0-1"); unchanged when cpus is None."""
+    if not cpus:
+        return cmd
+    if shutil.which("taskset") is None:
+        raise RuntimeError("CPU pinning asked for but `taskset` (util-linux) is not installed")
+    return ["taskset", "-c", cpus, *cmd]
+
+
+def cpu_count_of(cpus: str | None) -> int:
+    """How many CPUs a taskset list like "0", "1-3" or "0,2" names (all CPUs this process may use if None)."""
+    if not cpus:
+        return len(os.sched_getaffinity(0))
+    n = 0
+    for part in cpus.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    cpus: str | None = None
+    ready_seconds: float = 0.0
+    _log_file: object = field(default=None, repr=False)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_bytes()[-chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def launch(name: str, cmd: list[str], port: int, env: dict[str, str] | None = None, cpus: str | None = None,
+           log_dir: Path | None = None) -> Server:
+    if log_dir is None:
+        log_dir = Path(tempfile.mkdtemp(prefix="convnet-loadtest-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 (owned by the Server; closed in stop)
+    proc = subprocess.Popen(pinned(cmd, cpus), cwd=REPO_ROOT, env=base_env(env), stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(name, f"http://127.0.0.1:{port}", proc, log_path, cpus, _log_file=log_file)
+
+
+def wait_ready(server: Server, path: str, timeout: float = READY_TIMEOUT_S) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode} before it was ready:\n"
+                               f"{server.log_tail()}")
+        try:
+            if httpx.get(server.url + path, timeout=2.0).status_code == 200:
+                server.ready_seconds = time.monotonic() - t0
+                return server.ready_seconds
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{server.name} at {server.url} not ready after {timeout:.0f}s:\n{server.log_tail()}")
+
+
+def stop(server: Server, timeout: float = 20.0) -> None:
+    """SIGTERM the server's process group, SIGKILL whatever is left after `timeout`."""
+    proc = server.proc
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        try:  # workers that outlive their arbiter would keep the port
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if server._log_file is not None:
+        server._log_file.close()
+
+
+@contextmanager
+def running(name: str, cmd: list[str], port: int, ready_path: str, env: dict[str, str] | None = None,
+            cpus: str | None = None, log_dir: Path | None = None,
+            timeout: float = READY_TIMEOUT_S) -> Iterator[Server]:
+    server = launch(name, cmd, port, env, cpus, log_dir)
+    try:
+        wait_ready(server, ready_path, timeout)
+        yield server
+    finally:
+        stop(server)
+
+
+def service(models: list[str] | None = None, env: dict[str, str] | None = None, cpus: str | None = None,
+            log_dir: Path | None = None, port: int | None = None) -> contextmanager:
+    """The product: `bentoml serve serving.service:Convnet`, ready when /readyz says so."""
+    port = port or free_port()
+    extra = dict(env or {})
+    if models:
+        extra["CONVNET_MODELS"] = ",".join(models)
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", "127.0.0.1", "--port", str(port),
+           "--working-dir", str(REPO_ROOT)]
+    return running("service", cmd, port, "/readyz", extra, cpus, log_dir)
+
+
+def uvicorn_app(name: str, target: str, env: dict[str, str] | None = None, cpus: str | None = None,
+                log_dir: Path | None = None, ready_path: str = "/healthz") -> contextmanager:
+    """A plain ASGI app (the baselines) under one uvicorn worker."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--log-level", "warning", "--no-access-log"]
+    return running(name, cmd, port, ready_path, env, cpus, log_dir)

@@ -1,0 +1,41 @@
+-- wrk script: POST a rotating set of files as raw request bodies, print a JSON summary at the end.
+--   WRK_PATH=/classify?model=alexnet WRK_CONTENT_TYPE=image/jpeg \
+--     wrk -t1 -c16 -d15s --timeout 30s -s loadtests/wrk_post.lua http://127.0.0.1:3000 -- a.jpg b.jpg ...
+-- Every thread loads all files and starts at a different one, so connections don't send in lockstep.
+local path = os.getenv("WRK_PATH") or "/"
+local content_type = os.getenv("WRK_CONTENT_TYPE") or "application/octet-stream"
+local requests_ = {}
+local n = 0
+local thread_counter = 0
+
+function setup(thread)
+  thread:set("offset", thread_counter)
+  thread_counter = thread_counter + 1
+end
+
+function init(args)
+  for _, name in ipairs(args) do
+    local f = assert(io.open(name, "rb"))
+    local body = f:read("*a")
+    f:close()
+    requests_[#requests_ + 1] = wrk.format("POST", path, {["Content-Type"] = content_type}, body)
+  end
+  if #requests_ == 0 then
+    requests_[1] = wrk.format("POST", path, {["Content-Type"] = content_type}, "")
+  end
+  n = (offset or 0) * 7
+end
+
+function request()
+  n = n + 1
+  return requests_[(n % #requests_) + 1]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "bytes": %d, "errors": {"connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d}, "latency_us": {"p50": %d, "p90": %d, "p99": %d, "max": %d, "mean": %.1f}}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
