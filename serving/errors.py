@@ -65,6 +65,12 @@ class MissingImage(BadParameter):
     code = "missing_image"
 
 
+class UnreadableInput(ClientError):
+    """A batch input that could not be read as a file (missing, a directory, no permission). Batch CLI only."""
+
+    code = "unreadable_input"
+
+
 class ServerBusy(ClientError):
     status = 503
     code = "server_busy"

@@ -1,0 +1,755 @@
+"""Batch inference without a server: a folder (or listing) of images in, one prediction record per image out.
+
+    python -m serving.batch INPUT... --model NAME [--top-k K] [--output FILE] [--format jsonl|csv]
+
+The same model repository, preprocessing and onnxruntime session code as the service (`serving.registry`,
+`serving.preprocess`, `serving.runtime`), so a record here and a response from the service agree.
+
+Pipeline, every stage bounded so memory stays flat however many inputs there are:
+
+    lazy listing ─▶ feeder thread ─▶ decode pool (threads) ─▶ bounded queue of futures, in input order
+                                                             ─▶ main thread: batch ▶ onnxruntime ▶ records ▶ writer
+
+Pillow and onnxruntime both release the GIL, so decoding the next batches overlaps the current inference. The
+writer appends whole lines with one write per batch, so a crash or Ctrl-C leaves only complete records and
+`--resume` picks up where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from serving.errors import ClientError, ModelRepositoryError, error_body
+from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
+from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess_bytes, stack_batch
+from serving.registry import CARD_FILE, DEFAULT_MODELS_DIR, ServedModel, load_model
+from serving.runtime import DEVICES, DeviceUnavailable
+
+PROG = "convnet-classify"
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EVAL_K = 5  # --eval needs the top 5 whatever --top-k asks to print
+FSYNC_INTERVAL_S = 1.0  # a power cut loses at most this much finished work; a killed process loses none
+USAGE_EPILOG = """\
+inputs: files, directories (walked recursively for image extensions), glob patterns ('**' recurses), @list.txt
+(one path, folder or glob per line) and '-' (paths from stdin), in any mix.
+exit status: 0 all inputs classified, 1 some inputs failed (recorded in the output), 2 usage error, 130 interrupted.
+"""
+
+
+class UsageError(Exception):
+    """Bad arguments or an unusable environment: exit status 2 before any input is processed."""
+
+
+class ServiceUnreachable(ClientError):
+    """--url mode: the service could not be reached or answered something that isn't our JSON."""
+
+    status = 502
+    code = "service_unreachable"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _service_limits() -> tuple[int, int]:
+    """The service's body and pixel limits, so a file the service refuses is refused here with the same code."""
+    try:
+        from serving import config  # the service's tunables, when present
+    except ImportError:
+        return DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    max_bytes = getattr(config, "MAX_BODY_BYTES", None) or DEFAULT_MAX_BYTES
+    max_pixels = getattr(config, "MAX_PIXELS", None) or DEFAULT_MAX_PIXELS
+    return int(max_bytes), int(max_pixels)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    max_bytes, max_pixels = _service_limits()
+    p = argparse.ArgumentParser(prog=PROG, description="Classify many images with a model from the repository, "
+                                "no server needed; one JSONL or CSV record per input, in input order.",
+                                epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, @list.txt or - (stdin)")
+    p.add_argument("--model", required=True, help="model name in the repository (e.g. lenet5, alexnet)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="predictions per image (default 5)")
+    p.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
+    p.add_argument("--format", choices=("jsonl", "csv"), default=None,
+                   help="output format (default: from the output's extension, else jsonl)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per inference call (default 32)")
+    p.add_argument("--workers", type=_positive_int, default=_default_workers(),
+                   help="decode threads (with --url: concurrent requests); default: the CPU count")
+    p.add_argument("--threads", type=_non_negative_int, default=0,
+                   help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per core)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="execution device (default auto)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N inputs of the listing")
+    p.add_argument("--resume", action="store_true",
+                   help="append to --output, skipping inputs it already has a record for")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
+    p.add_argument("--eval", action="store_true",
+                   help="inputs are <class-dir>/<image>: report top-1/top-5 accuracy against the folder names")
+    p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
+    p.add_argument("--url", default=None, help="send images to a running service (http://host:port) instead")
+    p.add_argument("--models-dir", default=os.environ.get("CONVNET_MODELS_DIR", str(DEFAULT_MODELS_DIR)),
+                   help="model repository (default: $CONVNET_MODELS_DIR or the project's models/)")
+    p.add_argument("--max-bytes", type=_positive_int, default=max_bytes,
+                   help=f"refuse files larger than this (default {max_bytes}, the service's body limit)")
+    p.add_argument("--max-pixels", type=_positive_int, default=max_pixels,
+                   help=f"refuse images with more pixels than this (default {max_pixels})")
+    p.add_argument("--timeout", type=float, default=60.0, help="--url: seconds per request (default 60)")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends: what runs in the decode pool (prepare) and what runs on the main thread per batch (infer)
+
+
+@dataclass
+class Prepared:
+    """A decoded input ready for the model (local) or an answer already in hand (--url)."""
+
+    array: np.ndarray | None = None
+    predictions: list[dict] | None = None
+    version: str | None = None
+
+
+class LocalBackend:
+    """Read, preprocess and classify in this process with the service's own code."""
+
+    def __init__(self, model: ServedModel, max_bytes: int, max_pixels: int):
+        self.model = model
+        self.name, self.version = model.card.name, model.card.version
+        self.num_classes = model.card.num_classes
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+
+    def prepare(self, path: str) -> Prepared:
+        data = read_input(path, self.max_bytes)
+        return Prepared(array=preprocess_bytes(data, self.model.recipe, self.max_pixels))
+
+    def infer(self, prepared: list[Prepared], k: int) -> list[list[dict]]:
+        return self.model.classify(stack_batch([p.array for p in prepared]), k)
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteBackend:
+    """POST each image's bytes to a running service; the service does the preprocessing and batching."""
+
+    RETRIES = 4
+
+    def __init__(self, url: str, model_name: str, k: int, max_bytes: int, timeout: float, concurrency: int):
+        import httpx  # only --url needs it (a bentoml dependency, so always installed)
+
+        self._httpx = httpx
+        self.url = url.rstrip("/")
+        self.name, self.version = model_name, None
+        self.num_classes: int | None = None
+        self.k, self.max_bytes = k, max_bytes
+        self.client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency,
+                                                                         max_keepalive_connections=concurrency))
+        self._probe_models()
+
+    def _probe_models(self) -> None:
+        """Learn the model's version and class count from /models if the service has it, and fail early (exit 2)
+        on an unknown model or a URL where nothing answers."""
+        httpx = self._httpx
+        try:
+            r = self.client.get(f"{self.url}/models")
+        except httpx.HTTPError as e:
+            raise UsageError(f"cannot reach the service at {self.url}: {e}") from None
+        if r.status_code != 200:
+            return
+        try:
+            body = r.json()
+        except ValueError:
+            return
+        cards = body.get("models", body) if isinstance(body, dict) else body
+        if isinstance(cards, dict):
+            cards = [{"name": n, **c} if isinstance(c, dict) else {"name": n} for n, c in cards.items()]
+        if not isinstance(cards, list):
+            return
+        by_name = {c.get("name"): c for c in cards if isinstance(c, dict)}
+        if by_name and self.name not in by_name:
+            raise UsageError(f"the service at {self.url} does not serve {self.name!r} (it serves: "
+                             f"{', '.join(sorted(str(n) for n in by_name))})")
+        card = by_name.get(self.name, {})
+        self.version = card.get("version") and str(card["version"])
+        self.num_classes = card.get("num_classes")
+
+    def prepare(self, path: str) -> Prepared:
+        httpx = self._httpx
+        data = read_input(path, self.max_bytes)
+        delay = 0.2
+        for attempt in range(self.RETRIES + 1):
+            try:
+                r = self.client.post(f"{self.url}/classify", params={"model": self.name, "top_k": self.k},
+                                     content=data, headers={"Content-Type": "application/octet-stream"})
+            except httpx.HTTPError as e:
+                if attempt == self.RETRIES:
+                    raise ServiceUnreachable(f"request to {self.url} failed: {e}") from None
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if r.status_code == 503 and attempt < self.RETRIES:  # server_busy: back off, as it asks
+                time.sleep(_retry_after(r, delay))
+                delay *= 2
+                continue
+            return self._answer(r)
+        raise AssertionError("unreachable")
+
+    def _answer(self, r: Any) -> Prepared:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code == 200 and isinstance(body, dict) and isinstance(body.get("predictions"), list):
+            version = str(body["version"]) if body.get("version") is not None else self.version
+            return Prepared(predictions=body["predictions"], version=version)
+        if isinstance(body, dict) and "error" in body:
+            raise RemoteError(str(body["error"]), str(body.get("detail", "")), r.status_code)
+        raise ServiceUnreachable(f"the service answered HTTP {r.status_code} without a JSON error body")
+
+    def infer(self, prepared: list[Prepared], k: int) -> list[list[dict]]:
+        return [p.predictions for p in prepared]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RemoteError(ClientError):
+    """An error body from the service, passed through with its own code."""
+
+    def __init__(self, code: str, detail: str, status: int):
+        super().__init__(detail)
+        self.code, self.status = code, status
+
+
+def _retry_after(r: Any, default: float) -> float:
+    try:
+        return min(10.0, max(0.0, float(r.headers.get("Retry-After", default))))
+    except ValueError:
+        return default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def record_ok(path: str, model: str, version: str | None, predictions: list[dict]) -> dict[str, Any]:
+    return {"path": path, "model": model, "version": version, "predictions": predictions}
+
+
+def record_error(path: str, model: str, version: str | None, exc: BaseException) -> dict[str, Any]:
+    _, body = error_body(exc)
+    return {"path": path, "model": model, "version": version, **body}
+
+
+class RecordWriter:
+    """Appends whole records: each batch is encoded first and written with one write, then flushed."""
+
+    def __init__(self, stream: IO[bytes], fsync: bool):
+        self.stream = stream
+        self.fsync = fsync
+        self._last_sync = time.monotonic()
+
+    def encode(self, records: list[dict[str, Any]]) -> bytes:
+        raise NotImplementedError
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        data = memoryview(self.encode(records))
+        while data:  # a raw file may take a write in pieces; finish it before anything else happens
+            n = self.stream.write(data)
+            data = data[n if n is not None else len(data):]
+        self.stream.flush()
+        if self.fsync and time.monotonic() - self._last_sync >= FSYNC_INTERVAL_S:
+            os.fsync(self.stream.fileno())
+            self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if self.fsync:
+            os.fsync(self.stream.fileno())
+
+
+class JsonlWriter(RecordWriter):
+    def encode(self, records: list[dict[str, Any]]) -> bytes:
+        return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode("ascii")
+
+
+def csv_header(k: int) -> list[str]:
+    ranks = [f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "index", "score")]
+    return ["path", "model", "version", *ranks, "error", "detail"]
+
+
+class CsvWriter(RecordWriter):
+    """One row per input: the top-k as label_i/index_i/score_i columns, or error/detail."""
+
+    def __init__(self, stream: IO[bytes], fsync: bool, k: int, write_header: bool):
+        super().__init__(stream, fsync)
+        self.k = k
+        if write_header:
+            self.stream.write(self._rows([csv_header(k)]))
+            self.stream.flush()
+
+    @staticmethod
+    def _rows(rows: list[list[Any]]) -> bytes:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        return buf.getvalue().encode("utf-8", "surrogateescape")
+
+    def encode(self, records: list[dict[str, Any]]) -> bytes:
+        rows = []
+        for r in records:
+            ranks: list[Any] = []
+            for p in (r.get("predictions") or [])[:self.k]:
+                ranks += [p["label"], p["index"], repr(float(p["score"]))]
+            ranks += [""] * (3 * self.k - len(ranks))
+            rows.append([r["path"], r["model"], r["version"] or "", *ranks, r.get("error", ""), r.get("detail", "")])
+        return self._rows(rows)
+
+
+@dataclass
+class ExistingOutput:
+    done: set[str] = field(default_factory=set)
+    has_header: bool = False
+
+
+def read_existing(path: str, fmt: str, model: str, k: int) -> ExistingOutput:
+    """For --resume: the paths an earlier run already recorded. A torn last line (a power cut mid-write) is cut off,
+    so the file is appendable again; a file written for another model or format is a usage error."""
+    out = ExistingOutput()
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 (closed below; truncation needs the same handle)
+    except FileNotFoundError:
+        return out
+    except OSError as e:
+        raise UsageError(f"cannot open {path} to resume: {e}") from None
+    with f:
+        good_end = 0
+        if fmt == "csv":
+            header = f.readline()
+            if header.endswith(b"\n"):
+                cols = next(csv.reader([header.decode("utf-8", "surrogateescape")]))
+                if cols != csv_header(k):
+                    raise UsageError(f"{path} has CSV columns for another --top-k or not from {PROG}; "
+                                     f"resume with the same options or pick a new --output")
+                out.has_header = True
+                good_end = f.tell()
+        for lineno, line in enumerate(iter(f.readline, b""), start=2 if fmt == "csv" else 1):
+            if not line.endswith(b"\n"):
+                break
+            text = line.decode("utf-8", "surrogateescape")
+            try:
+                if fmt == "csv":
+                    row = next(csv.reader([text]))
+                    rec_path, rec_model = row[0], row[1]
+                else:
+                    rec = json.loads(text)
+                    rec_path, rec_model = rec["path"], rec["model"]
+            except (ValueError, KeyError, IndexError, TypeError, StopIteration):
+                raise UsageError(f"{path}:{lineno} is not a {fmt} record from {PROG}; cannot resume") from None
+            if rec_model != model:
+                raise UsageError(f"{path} holds records of model {rec_model!r}, not {model!r}; cannot resume")
+            out.done.add(rec_path)
+            good_end = f.tell()
+        f.seek(0, os.SEEK_END)
+        if f.tell() != good_end:
+            f.truncate(good_end)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Evaluator:
+    """Top-1/top-5 against the class folder each image sits in (digit folders 0-9, ImageNet wnids or label names)."""
+
+    def __init__(self, class_index: dict[str, int]):
+        self.class_index = class_index
+        self.n = self.top1 = self.top5 = self.unlabelled = 0
+
+    @classmethod
+    def for_model(cls, model_dir: Path | None) -> Evaluator:
+        index: dict[str, int] = {}
+        if model_dir is not None:
+            card = json.loads((model_dir / CARD_FILE).read_text())
+            labels = (model_dir / card.get("labels_file", "labels.txt")).read_text().splitlines()
+            index.update({label: i for i, label in enumerate(labels)})
+            wnids = model_dir / "wnids.txt"
+            if wnids.is_file():
+                index.update({w.strip(): i for i, w in enumerate(wnids.read_text().splitlines()) if w.strip()})
+        return cls(index)
+
+    def add(self, path: str, predictions: list[dict]) -> None:
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        truth = self.class_index.get(folder)
+        if truth is None and not self.class_index:  # no local labels (--url): compare by label name
+            ranked = [p["label"] for p in predictions[:EVAL_K]]
+            hit1, hit5 = ranked[:1] == [folder], folder in ranked
+        elif truth is None:
+            self.unlabelled += 1
+            return
+        else:
+            ranked_idx = [p["index"] for p in predictions[:EVAL_K]]
+            hit1, hit5 = ranked_idx[:1] == [truth], truth in ranked_idx
+        self.n += 1
+        self.top1 += hit1
+        self.top5 += hit5
+
+    def summary(self) -> dict[str, Any]:
+        return {"evaluated": self.n, "unlabelled": self.unlabelled,
+                "top1": self.top1 / self.n if self.n else None, "top5": self.top5 / self.n if self.n else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+_END = object()
+
+
+@dataclass
+class RunStats:
+    processed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    pipeline_start: float = 0.0
+    pipeline_end: float = 0.0
+    interrupted: bool = False
+    stopped_early: bool = False
+
+
+def feed(paths: Iterator[str], submit: Callable[[str], Future], out: queue.Queue, stop: threading.Event) -> None:
+    """Feeder thread: list lazily, hand each path to the pool, queue the future in input order (blocking when the
+    queue is full, which is what bounds memory)."""
+    try:
+        for path in paths:
+            item = (path, submit(path))
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                item[1].cancel()
+                return
+        out.put((None, _END))
+    except BaseException as e:  # noqa: BLE001 (handed to the main thread, which reports it)
+        out.put((None, e))
+
+
+def _filtered(paths: Iterator[str], done: set[str], limit: int | None, stats: RunStats) -> Iterator[str]:
+    for i, path in enumerate(paths):
+        if limit is not None and i >= limit:
+            return
+        if path in done:
+            stats.skipped += 1
+            continue
+        yield path
+
+
+def _nice_current_thread(increment: int) -> None:
+    """Decode threads yield the CPU to onnxruntime's threads: inference runs at full speed and decoding fills the
+    gaps (Linux schedules threads individually, so the thread id works as a process id here)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + increment)
+    except (AttributeError, OSError):
+        pass
+
+
+def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, writer: RecordWriter, *, k: int,
+                 batch_size: int, workers: int, fail_fast: bool, evaluator: Evaluator | None, stats: RunStats,
+                 progress: Any = None, decode_nice: int = 0) -> None:
+    infer_k = max(k, EVAL_K) if evaluator is not None else k
+    if backend.num_classes:
+        infer_k = min(infer_k, backend.num_classes)
+    # Enough decoded images in flight to fill the next batch while this one runs, and no more.
+    pending: queue.Queue = queue.Queue(maxsize=batch_size * 2 + workers)
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
+                              initializer=_nice_current_thread if decode_nice else None,
+                              initargs=(decode_nice,) if decode_nice else ())
+    feeder = threading.Thread(target=feed, args=(paths, lambda p: pool.submit(backend.prepare, p), pending, stop),
+                              name="feeder", daemon=True)
+    stats.pipeline_start = time.perf_counter()
+    feeder.start()
+    finished = False
+    try:
+        while not finished:
+            chunk: list[tuple[str, Future]] = []
+            while len(chunk) < batch_size:
+                path, fut = pending.get()
+                if fut is _END:
+                    finished = True
+                    break
+                if isinstance(fut, BaseException):
+                    raise fut
+                chunk.append((path, fut))
+            if not chunk:
+                break
+            records, failed = _process_chunk(chunk, backend, infer_k, k, evaluator)
+            if fail_fast and failed:
+                first_bad = next(i for i, r in enumerate(records) if "error" in r)
+                records = records[:first_bad + 1]
+                finished = stats.stopped_early = True
+                failed = 1
+            writer.write(records)
+            stats.processed += len(records)
+            stats.failed += failed
+            if progress is not None:
+                progress.update(len(records))
+                if stats.failed:
+                    progress.set_postfix(failed=stats.failed, refresh=False)
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    finally:
+        stats.pipeline_end = time.perf_counter()
+        stop.set()
+        pool.shutdown(wait=not stats.interrupted, cancel_futures=True)
+        # Drain so a feeder blocked on a full queue sees the stop flag and exits.
+        while feeder.is_alive():
+            try:
+                pending.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _process_chunk(chunk: list[tuple[str, Future]], backend: LocalBackend | RemoteBackend, infer_k: int, k: int,
+                   evaluator: Evaluator | None) -> tuple[list[dict[str, Any]], int]:
+    results: list[Prepared | BaseException] = []
+    for _, fut in chunk:
+        try:
+            results.append(fut.result())
+        except ClientError as e:
+            results.append(e)
+        except Exception as e:  # noqa: BLE001 (a bug or a Pillow surprise: this input fails, the run goes on)
+            print(f"{PROG}: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+            results.append(e)
+    ok = [r for r in results if isinstance(r, Prepared)]
+    predictions: Iterator[list[dict]] = iter(())
+    if ok:
+        try:
+            predictions = iter(backend.infer(ok, infer_k))
+        except Exception as e:  # noqa: BLE001 (inference failing is not the inputs' fault: record it, keep going)
+            print(f"{PROG}: inference failed: {type(e).__name__}: {e}", file=sys.stderr)
+            results = [e if isinstance(r, Prepared) else r for r in results]
+    records, failed = [], 0
+    for (path, _), r in zip(chunk, results, strict=True):
+        if isinstance(r, Prepared):
+            preds = next(predictions)
+            version = r.version or backend.version
+            if backend.version is None and r.version:
+                backend.version = r.version
+            if evaluator is not None:
+                evaluator.add(path, preds)
+            records.append(record_ok(path, backend.name, version, preds[:k]))
+        else:
+            records.append(record_error(path, backend.name, backend.version, r))
+            failed += 1
+    return records, failed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    return "csv" if str(args.output).lower().endswith(".csv") else "jsonl"
+
+
+def _open_output(args: argparse.Namespace, fmt: str, k: int) -> tuple[RecordWriter, set[str], IO[bytes] | None]:
+    if args.output == "-":
+        if args.resume:
+            raise UsageError("--resume needs --output FILE (it reads what an earlier run wrote there)")
+        stream = sys.stdout.buffer
+        writer: RecordWriter = (CsvWriter(stream, False, k, True) if fmt == "csv" else JsonlWriter(stream, False))
+        return writer, set(), None
+    existing = read_existing(args.output, fmt, args.model, k) if args.resume else ExistingOutput()
+    try:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        f = open(args.output, "ab" if args.resume else "wb", buffering=0)  # noqa: SIM115 (closed by main)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.output}: {e}") from None
+    if fmt == "csv":
+        writer = CsvWriter(f, True, k, write_header=not existing.has_header)
+    else:
+        writer = JsonlWriter(f, True)
+    return writer, existing.done, f
+
+
+def _load_local(args: argparse.Namespace) -> tuple[LocalBackend, Path]:
+    model_dir = Path(args.models_dir) / args.model
+    if not (model_dir / CARD_FILE).is_file():
+        have = sorted(p.parent.name for p in Path(args.models_dir).glob(f"*/{CARD_FILE}"))
+        raise UsageError(f"unknown model {args.model!r}; the repository {args.models_dir} has: "
+                         f"{', '.join(have) or 'nothing (run `make models`)'}")
+    try:
+        model = load_model(model_dir, device=args.device, threads=args.threads)
+    except (ModelRepositoryError, DeviceUnavailable) as e:
+        raise UsageError(str(e)) from None
+    if args.top_k > model.card.num_classes:
+        raise UsageError(f"--top-k {args.top_k} is more than {args.model}'s {model.card.num_classes} classes")
+    return LocalBackend(model, args.max_bytes, args.max_pixels), model_dir
+
+
+def _progress_bar(args: argparse.Namespace, done: set[str]) -> Any:
+    enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    if STDIN not in args.inputs:
+        # A second, cheap listing pass in the background gives the bar its total (and so an ETA) without holding
+        # the list: it only counts.
+        def count() -> None:
+            n = 0
+            for i, path in enumerate(iter_inputs(args.inputs)):
+                if args.limit is not None and i >= args.limit:
+                    break
+                n += path not in done
+            bar.total = n
+            bar.refresh()
+
+        threading.Thread(target=count, name="counter", daemon=True).start()
+    return bar
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    parts = [f"{summary['processed']} processed", f"{summary['failed']} failed"]
+    if summary["skipped"]:
+        parts.append(f"{summary['skipped']} skipped (already in the output)")
+    parts += [f"{summary['images_per_s']:.1f} img/s", f"{summary['wall_s']:.2f} s wall"]
+    ev = summary.get("eval")
+    if ev:
+        if ev["evaluated"]:
+            parts.append(f"top-1 {ev['top1']:.2%} top-5 {ev['top5']:.2%} over {ev['evaluated']} labelled")
+        else:
+            parts.append("no image sat in a known class folder")
+        if ev["unlabelled"]:
+            parts.append(f"{ev['unlabelled']} in unknown class folders")
+    state = " (interrupted)" if summary["interrupted"] else " (stopped at the first failure)" if summary[
+        "stopped_early"] else ""
+    return f"{PROG}: {', '.join(parts)}; model {summary['model']} v{summary['version']} on {summary['device']}{state}"
+
+
+def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
+    stats = RunStats()
+    check_specs(args.inputs)
+    fmt = _output_format(args)
+    if args.url:
+        backend: LocalBackend | RemoteBackend = RemoteBackend(
+            args.url, args.model, max(args.top_k, EVAL_K) if args.eval else args.top_k, args.max_bytes,
+            args.timeout, args.workers)
+        local_dir = Path(args.models_dir) / args.model
+        model_dir = local_dir if (local_dir / CARD_FILE).is_file() else None
+        device = args.url
+    else:
+        backend, model_dir = _load_local(args)
+        device = backend.model.session.device
+    evaluator = Evaluator.for_model(model_dir) if args.eval else None
+    writer, done, out_file = _open_output(args, fmt, args.top_k)
+    bar = _progress_bar(args, done)
+    try:
+        paths = _filtered(iter_inputs(args.inputs, stdin), done, args.limit, stats)
+        run_pipeline(paths, backend, writer, k=args.top_k, batch_size=args.batch_size,
+                     workers=args.workers, fail_fast=args.fail_fast, evaluator=evaluator, stats=stats,
+                     progress=bar, decode_nice=0 if args.url else DECODE_NICE)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        if out_file is not None:
+            out_file.close()
+        backend.close()
+    pipeline_s = max(stats.pipeline_end - stats.pipeline_start, 1e-9)
+    summary = {
+        "processed": stats.processed, "failed": stats.failed, "skipped": stats.skipped,
+        "images_per_s": stats.processed / pipeline_s, "pipeline_s": pipeline_s,
+        "wall_s": time.perf_counter() - stats.started, "model": backend.name, "version": backend.version,
+        "device": device, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+        "output": args.output, "format": fmt, "interrupted": stats.interrupted, "stopped_early": stats.stopped_early,
+    }
+    if evaluator is not None:
+        summary["eval"] = evaluator.summary()
+    print(summary_line(summary), file=sys.stderr)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    if stats.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_SOME_FAILED if stats.failed else EXIT_OK
+
+
+# Niceness added to decode threads (see _nice_current_thread); 0 turns it off. Tuned by loadtests/batch_bench.py.
+DECODE_NICE = int(os.environ.get("CONVNET_BATCH_DECODE_NICE", "0"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, InputSpecError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read our stdout went away (`| head`): stop quietly, like other Unix tools.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        return EXIT_SOME_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

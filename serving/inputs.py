@@ -1,0 +1,190 @@
+"""Where batch inputs come from: lazy listing of files, folders, globs, list files and stdin, and capped reads.
+
+Listing is a generator all the way down, so a folder of a million images costs one directory's worth of names at a
+time, never the whole list. Order is deterministic (entries sorted within each directory), which is what lets an
+interrupted run be resumed and compared with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+from serving.errors import BodyTooLarge, UnreadableInput
+
+# What a folder walk picks up. Files named explicitly (argument, glob, list file, stdin) are taken whatever their
+# extension: the decoder's allowlist is the judge of what is an image, not the file name.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
+# The service's default request-body limit; the CLI reads its value from serving.config when that exists.
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+STDIN = "-"
+
+
+class InputSpecError(ValueError):
+    """An argument that can't be listed at all (a missing @list file): a usage error, reported before any work."""
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def walk_images(root: str) -> Iterator[str]:
+    """Image files under `root`, depth first, sorted by name in each directory; hidden entries and links to
+    directories are skipped (no cycles). A subdirectory that can't be listed is yielded itself, so it becomes an
+    `unreadable_input` record instead of silently vanishing."""
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        yield root
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from walk_images(entry.path)
+            elif is_image_name(entry.name) and entry.is_file():
+                yield entry.path
+        except OSError:
+            yield entry.path
+
+
+def iglob_sorted(pattern: str, final: bool = True) -> Iterator[str]:
+    """Like glob.iglob(pattern, recursive=True) but sorted within each directory, and lazy across directories.
+
+    `**` matches any number of directories (including none); as the last component it stands for every image file
+    below. Hidden names only match pattern components that start with a dot.
+    """
+    head, tail = os.path.split(pattern)
+    if not tail:  # "dir/" — the pattern names directories
+        yield from (p for p in iglob_sorted(head, final=False) if os.path.isdir(p))
+        return
+    if head and _has_magic(head):
+        dirs: Iterable[str] = (d for d in iglob_sorted(head, final=False) if os.path.isdir(d))
+    else:
+        dirs = [head]
+    for d in dirs:
+        if not _has_magic(tail):
+            path = os.path.join(d, tail)
+            if os.path.lexists(path):
+                yield path
+        elif tail == "**":
+            yield from walk_images(d or os.curdir) if final else _recursive_dirs(d)
+        else:
+            for name in _sorted_names(d):
+                if fnmatch.fnmatchcase(name, tail) and (tail.startswith(".") or not name.startswith(".")):
+                    yield os.path.join(d, name)
+
+
+def _sorted_names(directory: str) -> list[str]:
+    try:
+        return sorted(os.listdir(directory or os.curdir))
+    except OSError:
+        return []
+
+
+def _recursive_dirs(d: str) -> Iterator[str]:
+    """`**`: the directory itself, then every non-hidden directory below it (glob's recursive semantics)."""
+    yield d
+    for name in _sorted_names(d):
+        path = os.path.join(d, name)
+        if not name.startswith(".") and os.path.isdir(path) and not os.path.islink(path):
+            yield from _recursive_dirs(path)
+
+
+def _list_file_lines(stream: IO[str]) -> Iterator[str]:
+    for line in stream:
+        line = line.rstrip("\r\n")
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield line
+
+
+def check_specs(specs: list[str]) -> None:
+    """Fail fast on arguments that can't be listed, before a long run starts and produces half an output."""
+    if specs.count(STDIN) > 1:
+        raise InputSpecError("'-' (read paths from stdin) can be given only once")
+    for spec in specs:
+        if spec.startswith("@") and spec != "@":
+            path = spec[1:]
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise InputSpecError(f"list file {path!r} does not exist or can't be read")
+
+
+def expand(spec: str, stdin: IO[str] | None = None, nested: bool = False) -> Iterator[str]:
+    """One input argument → the paths it stands for, lazily.
+
+    `-` reads one path per line from stdin, `@list.txt` one per line from a file (blank lines and `#` comments
+    skipped); each such line is expanded like an argument (so a list may name folders and globs, but not other
+    lists). An existing directory is walked; a glob pattern that isn't an existing path is matched; anything else is
+    yielded as is, so a missing file becomes an `unreadable_input` record rather than disappearing.
+    """
+    if not nested and spec == STDIN:
+        for line in _list_file_lines(stdin if stdin is not None else sys.stdin):
+            yield from expand(line, nested=True)
+    elif not nested and spec.startswith("@") and spec != "@":
+        with open(spec[1:], encoding="utf-8", errors="surrogateescape") as f:
+            for line in _list_file_lines(f):
+                yield from expand(line, nested=True)
+    elif os.path.isdir(spec):
+        yield from walk_images(spec)
+    elif _has_magic(spec) and not os.path.lexists(spec):
+        matched = False
+        for path in iglob_sorted(spec):
+            matched = True
+            if os.path.isdir(path):
+                yield from walk_images(path)
+            else:
+                yield path
+        if not matched:
+            yield spec  # reported as "no such file", like a shell with failglob
+    else:
+        yield spec
+
+
+def iter_inputs(specs: list[str], stdin: IO[str] | None = None) -> Iterator[str]:
+    """All arguments' paths, in argument order."""
+    for spec in specs:
+        yield from expand(spec, stdin)
+
+
+def read_input(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """A file's bytes, refusing before reading anything that is over `max_bytes` or not a regular file.
+
+    The size is checked on the open descriptor (no race with a file swapped after a stat) and the read itself is
+    capped, so a file that grows while we read can't push us past the limit either.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UnreadableInput(f"no such file: {path}") from None
+    except PermissionError:
+        raise UnreadableInput(f"permission denied: {path}") from None
+    except OSError as e:
+        raise UnreadableInput(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise UnreadableInput(f"{path} is a directory that could not be listed")
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableInput(f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise BodyTooLarge(f"the file is {st.st_size} bytes, over the {max_bytes}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise BodyTooLarge(f"the file grew past the {max_bytes}-byte limit while being read")
+        return data
+    except OSError as e:
+        raise UnreadableInput(f"cannot read {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
