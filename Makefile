@@ -28,3 +28,29 @@ setup: $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# --- model repository -------------------------------------------------------------------------------------------
+# LeNet-5 is trained and committed (models/lenet5). AlexNet's ONNX (~233 MB) is built here: from torchvision's official
+# weights when the file is at ALEXNET_WEIGHTS, otherwise from a seeded initialisation labelled "untrained-demo".
+ALEXNET_WEIGHTS ?= data/alexnet-owt-7be5be79.pth
+MNIST_DIR ?= ../shared/data/mnist
+.PHONY: alexnet-official
+
+models: setup models/lenet5/1/model.onnx models/alexnet/1/model.onnx
+
+models/lenet5/1/model.onnx:
+	@echo "models/lenet5 is part of the repository: restore it with git checkout, or rebuild it with make train-lenet"; exit 1
+
+models/alexnet/1/model.onnx: | $(STAMP)
+	@if [ -f "$(ALEXNET_WEIGHTS)" ]; then \
+	  $(PY) -m training.import_weights "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt && \
+	  $(PY) -m training.export --checkpoint runs/alexnet/imported.pt; \
+	else \
+	  echo "AlexNet: no official weights at $(ALEXNET_WEIGHTS): building an UNTRAINED demo model (see README)"; \
+	  $(PY) -m training.export --model alexnet --seed 0; \
+	fi
+
+# Rebuild AlexNet from the official weights (download them first with DOWNLOAD=1 if you have a network).
+alexnet-official: setup
+	$(if $(DOWNLOAD),$(PY) -m training.import_weights --download "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt,$(PY) -m training.import_weights "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt)
+	$(PY) -m training.export --checkpoint runs/alexnet/imported.pt

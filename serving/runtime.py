@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-import serving  # noqa: F401  (telemetry off before onnxruntime is imported)
-import onnxruntime as ort  # noqa: E402
+# serving/__init__.py has already turned telemetry off: it runs before any serving.* module.
+import onnxruntime as ort
 
 log = logging.getLogger("convnet_serving")
 

@@ -158,29 +158,22 @@ def sample_photos(n: int = 4, seed: int = 0) -> list[bytes]:
 def real_inputs_for(recipe: Recipe, mnist_dir: Path | None) -> tuple[np.ndarray, str]:
     """Real images through the serving preprocessing: MNIST test digits for LeNet, photo JPEGs for AlexNet."""
     if recipe.kind == "digit" and mnist_dir is not None:
-        images, _ = mnist_test_set(mnist_dir)
-        from serving.preprocess import normalize_digit
+        from training.data import digit_inputs, load_mnist
 
-        return np.stack([normalize_digit(x) for x in images[:64]])[..., None], "64 MNIST test digits"
+        return digit_inputs(load_mnist(mnist_dir, "test")[0][:64]), "64 MNIST test digits"
     return np.stack([preprocess_bytes(b, recipe) for b in sample_photos()]), "4 photo-like JPEGs"
-
-
-def mnist_test_set(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    from training.data import load_mnist
-
-    return load_mnist(mnist_dir, train=False)
 
 
 def evaluate_digits(model_dir: Path, mnist_dir: Path, batch_size: int = 500) -> dict:
     """Top-1 error of the exported ONNX, fed through the same preprocessing the service uses."""
-    from serving.preprocess import normalize_digit
+    from training.data import digit_inputs, load_mnist
 
-    images, labels = mnist_test_set(mnist_dir)
+    images, labels = load_mnist(mnist_dir, "test")
+    inputs = digit_inputs(images)
     model = load_model(model_dir, device="cpu", verify_hash=False)
     wrong = 0
-    for i in range(0, len(images), batch_size):
-        batch = np.stack([normalize_digit(x) for x in images[i:i + batch_size]])[..., None]
-        wrong += int((model.logits(batch).argmax(axis=1) != labels[i:i + batch_size]).sum())
+    for i in range(0, len(inputs), batch_size):
+        wrong += int((model.logits(inputs[i:i + batch_size]).argmax(axis=1) != labels[i:i + batch_size]).sum())
     return {"top1_error": wrong / len(images), "errors": wrong, "dataset": f"MNIST test set ({len(images)} images)",
             "measured_on": "the exported ONNX through serving.preprocess (the service's own path)"}
 
@@ -271,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--mnist-dir", type=Path, help="LeNet: measure the exported model's test error on this MNIST")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the ONNX optimiser's INFO chatter stays out
 
     if args.checkpoint:
         net, ckpt = load_checkpoint(args.checkpoint)

@@ -1,0 +1,130 @@
+"""Real image files for tests, generated: the pathological ones clients send, and photo-like ones.
+
+Every test that needs a bad or odd upload builds it here, so the service, the batch CLI and the preprocessing tests
+exercise the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(w: int = 500, h: int = 375, seed: int = 0, fmt: str = "JPEG", quality: int = 90) -> bytes:
+    """A photo-like picture: gradients, noise and a few shapes (compresses like a photo, not like flat colour)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], axis=-1)
+    base += rng.normal(0, 10, base.shape)
+    im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(im)
+    for _ in range(8):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.ellipse((x0, y0, x0 + int(rng.integers(10, w // 3 + 11)), y0 + int(rng.integers(10, h // 3 + 11))),
+                     fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return encode(im, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+
+
+def digit_png(digit28: np.ndarray, dark_on_light: bool = False, scale: int = 1, fmt: str = "PNG") -> bytes:
+    """An MNIST digit (light ink on black) as an image file, optionally as dark ink on paper and enlarged."""
+    a = 255 - digit28 if dark_on_light else digit28
+    im = Image.fromarray(a.astype(np.uint8), "L")
+    if scale != 1:
+        im = im.resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR)
+    return encode(im, fmt)
+
+
+def drawn_digit_one(size: int = 200) -> bytes:
+    """A "1" drawn with a thick black pen on white paper, off-centre, as a phone photo of a form would be."""
+    im = Image.new("L", (size, size), 235)
+    draw = ImageDraw.Draw(im)
+    draw.line((size * 0.62, size * 0.15, size * 0.60, size * 0.85), fill=20, width=max(3, size // 14))
+    return encode(im, "PNG")
+
+
+def truncated_jpeg() -> bytes:
+    data = photo(320, 240)
+    return data[: len(data) // 2]
+
+
+def random_bytes(n: int = 4096, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def huge_dimension_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims a huge size (a decompression bomb's first bytes)."""
+    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    # IHDR chunk: 8-byte signature, 4-byte length, b"IHDR", then width and height, then CRC over type+data.
+    ihdr_data = bytearray(data[16:29])
+    ihdr_data[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr_data
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr_data)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def sixteen_bit_png() -> bytes:
+    """A 16-bit grayscale ramp 0 … 65535 (left to right)."""
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
+    im = Image.fromarray(ramp)
+    assert im.mode.startswith("I;16")
+    return encode(im, "PNG")
+
+
+def cmyk_jpeg(cmyk: tuple[int, int, int, int] = (255, 0, 0, 0)) -> bytes:
+    return encode(Image.new("CMYK", (300, 300), cmyk), "JPEG", quality=95)
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 400×200 (left half black, right half white) with EXIF orientation 6: upright it is 200×400."""
+    im = Image.new("RGB", (400, 200), (255, 255, 255))
+    im.paste((0, 0, 0), (0, 0, 200, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    return encode(im, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def palette_alpha_png() -> bytes:
+    """A palette image whose left half is fully transparent (index 0) and right half opaque red."""
+    im = Image.new("P", (64, 32), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    im.paste(1, (32, 0, 64, 32))
+    return encode(im, "PNG", transparency=0)
+
+
+def rgba_png() -> bytes:
+    a = np.zeros((32, 32, 4), dtype=np.uint8)
+    a[:, 16:] = (0, 0, 255, 255)  # left half transparent, right half opaque blue
+    return encode(Image.fromarray(a, "RGBA"), "PNG")
+
+
+def animated_gif(colors=((255, 0, 0), (0, 255, 0), (0, 0, 255))) -> bytes:
+    frames = [Image.new("RGB", (64, 64), c) for c in colors]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def tiny_png() -> bytes:
+    return encode(Image.new("RGB", (1, 1), (200, 100, 50)), "PNG")
+
+
+def float_tiff() -> bytes:
+    ramp = np.tile(np.linspace(0.0, 1.0, 128, dtype=np.float32), (16, 1))
+    return encode(Image.fromarray(ramp, "F"), "TIFF")
+
+
+def off_allowlist_image() -> bytes:
+    """A real image in a format we refuse (Targa)."""
+    return encode(Image.new("RGB", (16, 16), (1, 2, 3)), "TGA")
+
+
+TEXT = b"hello, this is not an image\n"
+HTML = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"

@@ -1,0 +1,163 @@
+"""The one preprocessing module: hand-computed expectations and the pathological files real clients send."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import imagegen as gen
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedFormat
+from serving.preprocess import DIGIT, IMAGENET, Recipe, decode, normalize_digit, preprocess_bytes, resize_shorter
+
+
+def test_imagenet_center_crop_hand_computed():
+    # 512×256, left half red, right half blue: no resize needed (shorter side already 256); crop left edge is
+    # round((512-224)/2) = 144, so crop column 256-144 = 112 is the first blue one.
+    a = np.zeros((256, 512, 3), dtype=np.uint8)
+    a[:, :256] = (255, 0, 0)
+    a[:, 256:] = (0, 0, 255)
+    out = preprocess_bytes(gen.encode(Image.fromarray(a), "PNG"), IMAGENET)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert (out[:, :112] == (255, 0, 0)).all()
+    assert (out[:, 112:] == (0, 0, 255)).all()
+
+
+@pytest.mark.parametrize("size,expected", [((333, 500), (256, 384)), ((500, 333), (384, 256)), ((300, 600), (256, 512)),
+                                           ((256, 256), (256, 256)), ((1, 1), (256, 256))])
+def test_resize_shorter_matches_torchvision_rule(size, expected):
+    # torchvision: shorter side to 256, longer side int(256 * long / short) (truncated).
+    assert resize_shorter(Image.new("RGB", size), 256).size == expected
+
+
+def test_constant_image_stays_constant():
+    out = preprocess_bytes(gen.encode(Image.new("RGB", (640, 480), (10, 200, 30)), "PNG"), IMAGENET)
+    assert (out == (10, 200, 30)).all()
+
+
+def test_recipe_round_trips_through_card_dict():
+    for recipe in (IMAGENET, DIGIT):
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(ValueError):
+        Recipe.from_dict({**IMAGENET.to_dict(), "kind": "sobel"})
+
+
+def test_digit_dark_on_light_is_inverted_cropped_and_centred():
+    out = normalize_digit(np.asarray(Image.open(io.BytesIO(gen.drawn_digit_one()))))
+    assert out.shape == (32, 32) and out.dtype == np.uint8
+    assert out[0].max() == 0 and out[:, 0].max() == 0  # ground is black, ink is light
+    rows = np.nonzero(out.max(axis=1) > 50)[0]
+    assert 18 <= rows.max() - rows.min() + 1 <= 21  # fitted into the 20-pixel box (tallest side)
+    ys, xs = np.indices(out.shape)
+    mass = out.astype(float).sum()
+    cy, cx = (ys * out).sum() / mass, (xs * out).sum() / mass
+    assert abs(cy - 15.5) < 1.0 and abs(cx - 15.5) < 1.0  # centre of mass at the centre of the 28×28 inside 32×32
+
+
+def test_digit_blank_picture_is_all_zero():
+    assert normalize_digit(np.full((40, 40), 255, dtype=np.uint8)).max() == 0
+
+
+def test_mnist_digit_keeps_its_shape_through_the_service_path():
+    # An MNIST-style digit (light on dark, already normalised) as a PNG, and the same digit enlarged and inverted
+    # as a scan would be: both land on nearly the same 32×32 input.
+    rng = np.random.default_rng(0)
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[6:22, 12:16] = 255
+    digit[6:9, 9:13] = 200
+    digit = np.clip(digit.astype(int) + rng.integers(0, 3, digit.shape), 0, 255).astype(np.uint8)
+    a = preprocess_bytes(gen.digit_png(digit), DIGIT)[..., 0].astype(int)
+    b = preprocess_bytes(gen.digit_png(digit, dark_on_light=True, scale=4), DIGIT)[..., 0].astype(int)
+    assert np.abs(a - b).mean() < 12
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    im = decode(gen.sixteen_bit_png())
+    a = np.asarray(im)
+    assert im.mode == "L"
+    assert a[0, 0] == 0 and a[0, -1] == 255  # 65535 → 255 (clipping would have made most of the ramp 255)
+    assert 120 <= a[0, 128] <= 135
+
+
+def test_float_image_is_scaled():
+    a = np.asarray(decode(gen.float_tiff()))
+    assert a[0, 0] == 0 and a[0, -1] == 255
+
+
+def test_cmyk_becomes_rgb():
+    im = decode(gen.cmyk_jpeg((255, 0, 0, 0)))  # pure cyan ink
+    r, g, b = np.asarray(im)[150, 150]
+    assert im.mode == "RGB" and r < 40 and g > 200 and b > 200
+
+
+def test_exif_orientation_is_applied():
+    im = decode(gen.exif_rotated_jpeg())
+    assert im.size == (200, 400)  # stored 400×200, displayed rotated
+    a = np.asarray(im.convert("L"))
+    assert a[:150].mean() < 30 and a[250:].mean() > 225  # the black half is now on top
+
+
+def test_palette_transparency_is_composited_on_white():
+    a = np.asarray(decode(gen.palette_alpha_png()))
+    assert (a[:, :30] == 255).all()  # transparent → white, not the palette's black
+    assert (a[:, 34:] == (255, 0, 0)).all()
+
+
+def test_rgba_transparency_is_composited_on_white():
+    a = np.asarray(decode(gen.rgba_png()))
+    assert (a[:, :14] == 255).all() and (a[:, 18:] == (0, 0, 255)).all()
+
+
+def test_animated_gif_uses_first_frame():
+    a = np.asarray(decode(gen.animated_gif()))
+    assert tuple(a[32, 32]) == (255, 0, 0)
+
+
+def test_tiny_image_is_upscaled():
+    out = preprocess_bytes(gen.tiny_png(), IMAGENET)
+    assert out.shape == (224, 224, 3) and (out == (200, 100, 50)).all()
+
+
+def test_huge_dimension_header_refused_before_decoding():
+    t0 = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match="10000.0 MP"):
+        preprocess_bytes(gen.huge_dimension_png(), IMAGENET)
+    assert time.perf_counter() - t0 < 2  # refused from the header, not after allocating 10 GP
+
+
+def test_pixel_cap_is_configurable():
+    data = gen.photo(400, 300)
+    with pytest.raises(ImageTooLarge):
+        preprocess_bytes(data, IMAGENET, max_pixels=100_000)
+    assert preprocess_bytes(data, IMAGENET, max_pixels=120_000).shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("data,error", [
+    (b"", NotAnImage), (gen.TEXT, NotAnImage), (gen.HTML, NotAnImage), (gen.random_bytes(), NotAnImage),
+    (gen.truncated_jpeg(), CorruptImage), (gen.off_allowlist_image(), UnsupportedFormat),
+])
+def test_bad_inputs_raise_specific_errors(data, error):
+    with pytest.raises(error) as info:
+        preprocess_bytes(data, IMAGENET)
+    assert info.value.detail and info.value.status == 400
+
+
+def test_truncated_png_is_corrupt():
+    data = gen.encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")
+    with pytest.raises(CorruptImage):
+        preprocess_bytes(data[: len(data) * 2 // 3], IMAGENET)
+
+
+def test_jpeg_draft_decodes_smaller_and_stays_close():
+    data = gen.photo(2000, 1500, seed=3)
+    im = decode(data, IMAGENET)
+    assert min(im.size) >= 256 and im.size[0] < 2000  # decoded at reduced scale, still big enough for the crop
+    fast = preprocess_bytes(data, IMAGENET).astype(int)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    from serving.preprocess import imagenet_center_crop
+
+    exact = imagenet_center_crop(Image.fromarray(full), 256, 224).astype(int)
+    assert np.abs(fast - exact).mean() < 4  # a few grey levels; the accuracy effect is measured in the benchmarks
