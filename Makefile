@@ -54,3 +54,15 @@ models/alexnet/1/model.onnx: | $(STAMP)
 alexnet-official: setup
 	$(if $(DOWNLOAD),$(PY) -m training.import_weights --download "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt,$(PY) -m training.import_weights "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt)
 	$(PY) -m training.export --checkpoint runs/alexnet/imported.pt
+
+# --- tests ---------------------------------------------------------------------------------------------------------
+# The whole suite, container test included (it needs buildah/podman/runc/debootstrap: installed here when missing).
+# pytest's exit 5 ("no tests collected") is a failure, not a pass.
+PYTEST_ARGS ?=
+.PHONY: container-tools
+container-tools:
+	@bash scripts/ci-container-tools.sh
+
+test: models container-tools
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
