@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default="runs/cache",
                    help="lenet5: where the preprocessed digits are cached ('' to disable)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. runs/lenet5/checkpoint.pt)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="end this invocation after N epochs, as if interrupted (time-sliced jobs; --resume goes on)")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything, train 2 batches and evaluate 1, print the plan; writes nothing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines per epoch only)")
@@ -273,6 +275,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def trim_metrics_log(path: Path, keep_epochs: int) -> None:
+    """Keep only the log lines of epochs the run starts from: a fresh run starts an empty log, a resume drops the
+    lines of epochs it is about to redo."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= keep_epochs]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def plain_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     """vars(args) as plain types, with what the exporter needs to rebuild the network."""
     out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -344,12 +356,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.activation}, dropout {args.dropout}, distort {bool(args.distort)}; writing {where}")
     if not args.dry_run and d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        trim_metrics_log(out_dir / METRICS_LOG, start_epoch)
     if start_epoch >= args.epochs and not args.dry_run:
         log(f"already trained for {start_epoch} epochs (--epochs {args.epochs}): nothing to do")
 
     metrics: dict[str, Any] = {}
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
+    end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, end_epoch):
         train_sampler.set_epoch(epoch)
         # Dropout (and anything else on the global generator) reseeded per epoch and rank: exact resumes, and each
         # rank draws its own masks.
@@ -423,6 +437,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log(f"done: {args.model} {metrics['epoch']} epochs in {time.perf_counter() - t_run:.0f} s; last top-1 "
             f"{metrics['val_top1']:.2f}% (error {metrics['val_error']:.2f}%), best {best['best_val_top1']:.2f}% at "
             f"epoch {best['best_epoch']}; {out_dir / BEST}")
+        if metrics["epoch"] < args.epochs:
+            log(f"stopped after epoch {metrics['epoch']} of {args.epochs}: continue with "
+                f"--resume {out_dir / CHECKPOINT}")
     elif args.dry_run:
         log(f"dry run OK: {args.model} would train {args.epochs - start_epoch} epochs × {steps_per_epoch} steps and "
             f"write {out_dir / CHECKPOINT}, {out_dir / BEST}, {out_dir / METRICS_LOG}")
