@@ -1,0 +1,283 @@
+"""The public endpoints (/classify, /classify_batch, /models) as a small Starlette app the BentoML service mounts.
+
+It knows the model cards (labels, preprocessing recipe) but holds no onnxruntime session: inference is the
+`infer(model_name, uint8 NHWC batch) -> logits` coroutine it is given, which the service wires to BentoML's
+adaptive batching. Every failure goes through `serving.errors.error_body`, so a client always gets
+`{"error", "detail"}` JSON with the right 4xx (503 when shedding load), never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.config import ServiceConfig
+from serving.errors import BadParameter, ClientError, CorruptImage, error_body
+from serving.http import Part, check_image_type, int_param, read_upload
+from serving.preprocess import Recipe, preprocess_bytes
+from serving.registry import ModelCard, discover, read_card, read_labels
+from serving.runtime import top_k
+
+log = logging.getLogger("convnet_serving")
+
+Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
+Describe = Callable[[], Awaitable[list[dict[str, Any]]]]
+PARAMS = ("model", "top_k")
+DECODE_ERRORS = ("not_an_image", "unsupported_format", "corrupt_image", "unsupported_mode", "image_too_large")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front end needs of a model: its card, labels and recipe (the session lives in the model service)."""
+
+    card: ModelCard
+    labels: list[str]
+    recipe: Recipe
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+
+def read_models(models_dir: Path, names: tuple[str, ...] | list[str] = ()) -> dict[str, ModelInfo]:
+    """The cards of the models to serve: the named ones, or every model with a card (reads no ONNX)."""
+    infos = {}
+    for d in discover(models_dir):
+        if names and d.name not in names:
+            continue
+        card = read_card(d)
+        infos[card.name] = ModelInfo(card, read_labels(d, card), card.recipe)
+    missing = sorted(set(names) - set(infos))
+    if missing or not infos:
+        from serving.errors import ModelRepositoryError
+
+        raise ModelRepositoryError(f"no card for {missing or 'any model'} under {models_dir}: run `make models`")
+    return infos
+
+
+class Metrics:
+    """Our Prometheus series, next to BentoML's own on /metrics. Created inside the worker, after BentoML has set
+    PROMETHEUS_MULTIPROC_DIR, so every worker's counts are aggregated."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.requests = prom.Counter("convnet_requests", "Classification requests by endpoint, model and outcome "
+                                     "(ok or the error code)", ["endpoint", "model", "outcome"])
+        self.images = prom.Counter("convnet_images", "Images classified, by model", ["model"])
+        self.decode_failures = prom.Counter("convnet_decode_failures", "Uploads that could not be decoded, by "
+                                            "error code", ["model", "error"])
+        self.preprocess_seconds = prom.Histogram(
+            "convnet_preprocess_seconds", "Decode + resize + crop time per image", ["model"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+
+
+class ClassifierAPI:
+    def __init__(self, cfg: ServiceConfig, models: dict[str, ModelInfo]):
+        self.cfg, self.models = cfg, models
+        self.infer: Infer | None = None
+        self.describe: Describe | None = None
+        self.metrics: Metrics | None = None
+        self.default_model = cfg.default_model if cfg.default_model in models else sorted(models)[0]
+        # Pillow releases the GIL while decoding and resizing, so threads decode in parallel off the event loop.
+        self.pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
+
+    def attach(self, infer: Infer, describe: Describe, metrics: Metrics | None = None) -> None:
+        """Wire in inference once the serving worker exists (the app itself is built at import time)."""
+        self.infer, self.describe, self.metrics = infer, describe, metrics
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/classify", self.classify, methods=["POST"]),
+            Route("/classify_batch", self.classify_batch, methods=["POST"]),
+            Route("/models", self.list_models, methods=["GET"]),
+        ], exception_handlers={HTTPException: self._http_exception})
+
+    # ---- endpoints -------------------------------------------------------------------------------------------
+
+    async def classify(self, request: Request) -> JSONResponse:
+        model_name = "-"
+        try:
+            upload = await read_upload(request, self.cfg.max_body_bytes, known_params=PARAMS)
+            model = self._model(upload.params)
+            model_name = model.name
+            k = self._top_k(upload.params)
+            if len(upload.images) > 1:
+                raise BadParameter(f"/classify takes one image, got {len(upload.images)}: use /classify_batch")
+            x = await self._preprocess(model, upload.images[0])
+            logits = await self.infer(model.name, x[None])
+            predictions = top_k(logits, k, model.labels)[0]
+        except Exception as exc:  # noqa: BLE001 (every failure becomes a JSON answer)
+            return self._error("classify", model_name, exc)
+        self._count("classify", model.name, "ok", images=1)
+        return JSONResponse({**self._header(model), "predictions": predictions})
+
+    async def classify_batch(self, request: Request) -> JSONResponse:
+        model_name = "-"
+        try:
+            upload = await read_upload(request, self.cfg.max_body_bytes, known_params=PARAMS, allow_raw=False)
+            model = self._model(upload.params)
+            model_name = model.name
+            k = self._top_k(upload.params)
+            if len(upload.images) > self.cfg.max_batch_images:
+                raise BadParameter(f"{len(upload.images)} images in one request; the limit is "
+                                   f"{self.cfg.max_batch_images}")
+            arrays = await asyncio.gather(*(self._preprocess(model, part) for part in upload.images),
+                                          return_exceptions=True)
+            good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
+            predictions: dict[int, list[dict]] = {}
+            if good:
+                logits = await self.infer(model.name, np.stack([arrays[i] for i in good]))
+                predictions = dict(zip(good, top_k(logits, k, model.labels), strict=True))
+        except Exception as exc:  # noqa: BLE001
+            return self._error("classify_batch", model_name, exc)
+        results = []
+        for i, (part, a) in enumerate(zip(upload.images, arrays, strict=True)):
+            item: dict[str, Any] = {"index": i, "filename": part.filename}
+            if i in predictions:
+                item["predictions"] = predictions[i]
+            else:
+                status, body = error_body(a)  # type: ignore[arg-type]
+                item.update(body, status=status)
+            results.append(item)
+        self._count("classify_batch", model.name, "ok", images=len(good))
+        return JSONResponse({**self._header(model), "results": results})
+
+    async def list_models(self, request: Request) -> JSONResponse:
+        try:
+            described = await self.describe()
+        except Exception as exc:  # noqa: BLE001
+            return self._error("models", "-", exc)
+        return JSONResponse({"default_model": self.default_model, "models": described})
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+
+    def _model(self, params: dict[str, str]) -> ModelInfo:
+        from serving.errors import UnknownModel
+
+        name = params.get("model") or self.default_model
+        if name not in self.models:
+            raise UnknownModel(f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}")
+        return self.models[name]
+
+    def _top_k(self, params: dict[str, str]) -> int:
+        return int_param(params, "top_k", self.cfg.default_top_k, 1, self.cfg.max_top_k)
+
+    async def _preprocess(self, model: ModelInfo, part: Part) -> np.ndarray:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            check_image_type(part.content_type, f"multipart field {part.name!r}" if part.name else "the request body")
+            return await loop.run_in_executor(self.pool, preprocess_bytes, part.data, model.recipe,
+                                              self.cfg.max_pixels)
+        except ClientError as exc:
+            if self.metrics is not None and exc.code in DECODE_ERRORS:
+                self.metrics.decode_failures.labels(model.name, exc.code).inc()
+            raise
+        except Exception as exc:  # a decoder bug on hostile bytes is still the bytes' fault, but log it
+            log.warning("unexpected error decoding an upload for %s", model.name, exc_info=True)
+            if self.metrics is not None:
+                self.metrics.decode_failures.labels(model.name, "corrupt_image").inc()
+            raise CorruptImage(f"the image could not be decoded ({type(exc).__name__})") from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - t0)
+
+    @staticmethod
+    def _header(model: ModelInfo) -> dict[str, Any]:
+        return {"model": model.name, "version": model.card.version, "weights": model.card.weights}
+
+    def _count(self, endpoint: str, model: str, outcome: str, images: int = 0) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(endpoint, model, outcome).inc()
+            if images:
+                self.metrics.images.labels(model).inc(images)
+
+    def _error(self, endpoint: str, model: str, exc: BaseException) -> JSONResponse:
+        status, body = error_body(exc)
+        if not isinstance(exc, ClientError):
+            log.error("%s failed", endpoint, exc_info=exc)
+        self._count(endpoint, model, body["error"])
+        return JSONResponse(body, status_code=status)
+
+    async def _http_exception(self, request: Request, exc: Exception) -> JSONResponse:
+        status = getattr(exc, "status_code", 500)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        return JSONResponse({"error": code, "detail": f"{request.method} {request.url.path}: "
+                             f"{getattr(exc, 'detail', '')}"}, status_code=status)
+
+
+# ---- OpenAPI (BentoML's /docs.json lists only @bentoml.api methods; the service merges these in) ---------------
+
+_ERROR = {"type": "object", "required": ["error", "detail"],
+          "properties": {"error": {"type": "string", "example": "not_an_image"}, "detail": {"type": "string"}}}
+_PREDICTION = {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"},
+                                                "score": {"type": "number", "description": "softmax probability"}}}
+_HEADER = {"model": {"type": "string"}, "version": {"type": "string"},
+           "weights": {"type": "string", "description": "trained, imagenet1k-official or untrained-demo"}}
+_QUERY = [
+    {"name": "model", "in": "query", "schema": {"type": "string", "default": "alexnet"},
+     "description": "served model name (GET /models); may also be a multipart field"},
+    {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
+     "description": "number of classes to return; may also be a multipart field"},
+]
+
+
+def _json(schema: dict) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    meaning = {400: "not an image / corrupt / truncated / unsupported format or mode",
+               413: "body over the size limit, or image over the pixel cap", 415: "content type cannot be an image",
+               422: "bad parameter: unknown model, top_k out of range, wrong or missing field",
+               503: "overloaded or model worker restarting: retry"}
+    return {str(c): {"description": meaning[c], **_json(_ERROR)} for c in codes}
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/classify": {"post": {
+        "tags": ["Service APIs"], "operationId": "classify",
+        "summary": "Classify one image (multipart field `image`, or the raw image as the body)",
+        "parameters": _QUERY,
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                "image": {"type": "string", "format": "binary"}, "model": {"type": "string"},
+                "top_k": {"type": "integer"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "top-k classes, best first", **_json(
+            {"type": "object", "properties": {**_HEADER, "predictions": {"type": "array", "items": _PREDICTION}}})},
+            **_errors(400, 413, 415, 422, 503)}}},
+    "/classify_batch": {"post": {
+        "tags": ["Service APIs"], "operationId": "classify_batch",
+        "summary": "Classify several images (repeat the multipart field `image`); one result or error per image",
+        "parameters": _QUERY,
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"], "properties": {
+                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "model": {"type": "string"}, "top_k": {"type": "integer"}}}}}},
+        "responses": {"200": {"description": "results in upload order", **_json({"type": "object", "properties": {
+            **_HEADER, "results": {"type": "array", "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, "filename": {"type": "string", "nullable": True},
+                "predictions": {"type": "array", "items": _PREDICTION},
+                "error": {"type": "string"}, "detail": {"type": "string"}, "status": {"type": "integer"}}}}}})},
+            **_errors(400, 413, 415, 422, 503)}}},
+    "/models": {"get": {
+        "tags": ["Service APIs"], "operationId": "models", "summary": "Cards of the served models, with runtime info",
+        "responses": {"200": {"description": "model cards", **_json({"type": "object", "properties": {
+            "default_model": {"type": "string"}, "models": {"type": "array", "items": {"type": "object"}}}})}}}},
+}

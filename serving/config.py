@@ -1,0 +1,90 @@
+"""The service's tunables: defaults, overridden by a TOML file (CONVNET_CONFIG), overridden by CONVNET_* variables.
+
+Read once per process at import time (BentoML's decorators need batch size, workers and resources then); every
+worker process reads the same environment, so they all agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from serving.registry import DEFAULT_MODELS_DIR
+from serving.runtime import DEVICES
+
+ENV_PREFIX = "CONVNET_"
+CONFIG_FILE_ENV = "CONVNET_CONFIG"
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    models_dir: Path = DEFAULT_MODELS_DIR
+    models: tuple[str, ...] = ()  # empty: every model with a card under models_dir
+    default_model: str = "alexnet"  # used when a request names none (falls back to the first served model)
+    device: str = "auto"  # auto | cpu | cuda | tensorrt
+    # Adaptive batching of the model service (BentoML's CorkDispatcher, one per model).
+    max_batch_size: int = 32
+    max_latency_ms: int = 10_000  # a request queued longer than this is shed with 503 server_busy
+    model_workers: int = 1  # processes each holding every model; on a small CPU box one with all cores wins
+    ort_threads: int = 0  # onnxruntime intra-op threads per model worker; 0 = one per physical core
+    # The request-facing service.
+    api_workers: int = 1
+    decode_threads: int = 2  # Pillow decodes in this many threads (it releases the GIL)
+    max_body_bytes: int = 20 * MIB
+    max_pixels: int = 40_000_000
+    max_batch_images: int = 64  # images in one /classify_batch request
+    max_top_k: int = 100
+    default_top_k: int = 5
+    timeout_s: int = 60  # BentoML's per-request timeout for both services
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"CONVNET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        for f in fields(self):
+            if f.type == "int" and getattr(self, f.name) < (0 if f.name == "ort_threads" else 1):
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "
+                                 f"not {getattr(self, f.name)!r}")
+
+
+def _coerce(name: str, kind: str, raw: Any) -> Any:
+    if kind == "Path":
+        return Path(raw)
+    if kind == "int":
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{ENV_PREFIX}{name.upper()} must be an integer, not {raw!r}") from None
+    if kind.startswith("tuple"):
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(s.strip() for s in items if str(s).strip())
+    return str(raw)
+
+
+def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
+    """Defaults ← the TOML file named by CONVNET_CONFIG (top-level keys = field names) ← CONVNET_<FIELD> variables."""
+    env = os.environ if environ is None else environ
+    kinds = {f.name: str(f.type) for f in fields(ServiceConfig)}
+    values: dict[str, Any] = {}
+    if path := env.get(CONFIG_FILE_ENV):
+        with open(path, "rb") as fh:
+            from_file = tomllib.load(fh)
+        unknown = sorted(set(from_file) - set(kinds))
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(kinds)}")
+        values.update({k: _coerce(k, kinds[k], v) for k, v in from_file.items()})
+    for name, kind in kinds.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, kind, raw)
+    return ServiceConfig(**values)
+
+
+def describe(cfg: ServiceConfig) -> dict[str, Any]:
+    """The effective settings, JSON-ready (for the start-up log)."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg).items()}

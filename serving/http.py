@@ -1,0 +1,196 @@
+"""HTTP plumbing for the public endpoints: bounded body reading, multipart parts as raw bytes, content types, params.
+
+No model knowledge here. Everything raises serving.errors exceptions; the endpoints turn them into JSON with
+`error_body`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from serving.errors import BadParameter, BodyTooLarge, ClientError, MissingImage, UnsupportedMediaType
+
+# Part/body types that may carry an image: what browsers, curl and requests send for an image file.
+IMAGE_CONTAINER_TYPES = ("application/octet-stream", "binary/octet-stream", "application/x-binary")
+MAX_PARTS = 1000  # a multipart body with more parts than this is abuse, not a batch
+
+
+def media_type(header_value: str | None) -> str:
+    """"image/JPEG; charset=x" → "image/jpeg"; missing → ""."""
+    return (header_value or "").split(";", 1)[0].strip().lower()
+
+
+def can_be_image(mtype: str) -> bool:
+    """No type, any image/*, or a generic binary type. Anything else (text, JSON, HTML, forms) cannot be an image."""
+    return mtype == "" or mtype.startswith("image/") or mtype in IMAGE_CONTAINER_TYPES
+
+
+def check_image_type(mtype: str, where: str) -> None:
+    if not can_be_image(mtype):
+        raise UnsupportedMediaType(
+            f"{where} has content type {mtype!r}, which cannot be an image; send image/*, "
+            "application/octet-stream or no type (e.g. curl -F image=@cat.jpg, or --data-binary @cat.jpg "
+            "-H 'Content-Type: image/jpeg')")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing with 413 as soon as it is known to exceed `limit`: from Content-Length before
+    reading anything, or while streaming a chunked upload (so at most `limit` bytes are ever held)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ClientError(f"invalid Content-Length header {declared!r}") from None
+        if size > limit:
+            raise BodyTooLarge(f"the request body is {size:,} bytes, over the {limit:,}-byte limit")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge(f"the request body exceeds the {limit:,}-byte limit (stopped reading at "
+                               f"{received:,} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class Part:
+    """One multipart part, its payload kept as raw bytes (Starlette would decode non-file fields as text)."""
+
+    name: str
+    filename: str | None
+    content_type: str
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace").strip()
+
+
+def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
+    """multipart/form-data body → its parts in order. Malformed or truncated bodies are a 400."""
+    _, params = parse_options_header(content_type_header)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ClientError("multipart/form-data body without a boundary parameter in its Content-Type")
+    parts: list[Part] = []
+    headers: dict[str, str] = {}
+    field: list[bytes] = []
+    value: list[bytes] = []
+    data: list[bytes] = []
+    done = False
+
+    def on_part_begin() -> None:
+        headers.clear()
+        data.clear()
+        if len(parts) >= MAX_PARTS:
+            raise BadParameter(f"more than {MAX_PARTS} multipart parts")
+
+    def on_header_field(b: bytes, start: int, end: int) -> None:
+        field.append(b[start:end])
+
+    def on_header_value(b: bytes, start: int, end: int) -> None:
+        value.append(b[start:end])
+
+    def on_header_end() -> None:
+        headers[b"".join(field).decode("latin-1").lower()] = b"".join(value).decode("utf-8", "replace")
+        field.clear()
+        value.clear()
+
+    def on_part_data(b: bytes, start: int, end: int) -> None:
+        data.append(b[start:end])
+
+    def on_part_end() -> None:
+        disposition, dparams = parse_options_header(headers.get("content-disposition", ""))
+        name = dparams.get(b"name")
+        if disposition != b"form-data" or name is None:
+            raise ClientError("a multipart part has no Content-Disposition: form-data; name=... header")
+        filename = dparams.get(b"filename")
+        parts.append(Part(name.decode("utf-8", "replace"),
+                          None if filename is None else filename.decode("utf-8", "replace"),
+                          media_type(headers.get("content-type")), b"".join(data)))
+
+    def on_end() -> None:
+        nonlocal done
+        done = True
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise ClientError(f"malformed multipart/form-data body: {e}") from None
+    if not done:
+        raise ClientError("the multipart/form-data body is truncated (no closing boundary)")
+    return parts
+
+
+@dataclass
+class Upload:
+    """What a request carried: its images (in order) and its parameters (query string, then form fields)."""
+
+    images: list[Part]
+    params: dict[str, str]
+
+
+async def read_upload(request: Request, limit: int, image_field: str = "image", known_params: tuple[str, ...] = (),
+                      allow_raw: bool = True) -> Upload:
+    """One request → images + parameters.
+
+    multipart/form-data: every part named `image_field` (or `image_field + "s"`, or with a `[]` suffix) is an
+    image; other parts must be known parameters. Otherwise, when `allow_raw`, the body itself is the image.
+    Unknown parameter or field names are a 422, so a typo never silently falls back to a default.
+    """
+    params: dict[str, str] = {}
+    for key, val in request.query_params.multi_items():
+        params[key] = val
+    mtype = media_type(request.headers.get("content-type"))
+    accepted_names = {image_field, image_field + "s", image_field + "[]", image_field + "s[]"}
+    images: list[Part] = []
+    if mtype == "multipart/form-data":
+        body = await read_body(request, limit)
+        others: list[str] = []
+        for part in parse_multipart(body, request.headers.get("content-type", "")):
+            if part.name in accepted_names:
+                images.append(part)  # its content type is checked per image, so a batch reports it per item
+            elif part.name in known_params:
+                params[part.name] = part.text
+            else:
+                others.append(part.name)
+        if others:
+            raise BadParameter(f"unknown multipart field(s) {sorted(set(others))}; send the image as field "
+                               f"{image_field!r} and parameters among {list(known_params)}")
+        if not images:
+            raise MissingImage(f"no multipart field named {image_field!r} in the request")
+    elif allow_raw:
+        check_image_type(mtype, "the request body")
+        images.append(Part("", None, mtype, await read_body(request, limit)))  # name "": the raw body
+    else:
+        raise UnsupportedMediaType(f"this endpoint takes multipart/form-data with one or more {image_field!r} "
+                                   f"fields, not {mtype or 'a body without a Content-Type'}")
+    unknown = sorted(set(params) - set(known_params))
+    if unknown:
+        raise BadParameter(f"unknown parameter(s) {unknown}; accepted: {list(known_params)}")
+    return Upload(images, params)
+
+
+def int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadParameter(f"{name} must be an integer from {lo} to {hi}, not {raw!r}") from None
+    if not lo <= value <= hi:
+        raise BadParameter(f"{name} must be from {lo} to {hi}, not {value}")
+    return value

@@ -1,0 +1,119 @@
+"""The BentoML service: `bentoml serve serving.service:Convnet` (what `make serve` runs).
+
+Two services, as BentoML pairs them: `Convnet` faces clients (a Starlette app for /classify, /classify_batch and
+/models, decoding uploads in a thread pool) and calls `Models`, a separate process whose per-model `logits_<name>`
+endpoints are batchable, so BentoML's adaptive batching merges concurrent requests into one onnxruntime run. A bad
+upload is refused by `Convnet` before it reaches a batch, so it costs nobody else their answer.
+Tunables: serving/config.py (CONVNET_* variables or a TOML file named by CONVNET_CONFIG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Annotated
+
+import aiohttp
+import bentoml
+import numpy as np
+from bentoml.validators import DType
+from starlette.responses import JSONResponse
+
+from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
+from serving.config import describe, load_config
+from serving.errors import ServerBusy
+from serving.registry import load_repository
+from serving.runtime import candidate_providers
+
+log = logging.getLogger("convnet_serving")
+log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the worker that logged it
+
+CFG = load_config()
+MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
+USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
+# The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
+RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
+
+
+def endpoint_name(model: str) -> str:
+    return "logits_" + re.sub(r"\W", "_", model)
+
+
+def _logits_endpoint(model: str) -> bentoml.api:
+    def logits(self, batch: Annotated[np.ndarray, DType("uint8")]) -> np.ndarray:
+        return self.models[model].logits(batch)
+
+    logits.__name__ = endpoint_name(model)
+    return bentoml.api(batchable=True, max_batch_size=CFG.max_batch_size, max_latency_ms=CFG.max_latency_ms)(logits)
+
+
+class _ModelWorker:
+    """Every model's onnxruntime session, loaded and warmed up by a real inference before the worker serves."""
+
+    def __init__(self) -> None:
+        log.info("model worker settings: %s", json.dumps(describe(CFG)))
+        self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, CFG.ort_threads)
+        for model in self.models.values():
+            model.warm_up()
+            log.info("model %s ready on %s (providers %s)", model.name, model.session.device,
+                     model.session.providers)
+
+    def __is_ready__(self) -> bool:
+        return bool(self.models)
+
+    @bentoml.api
+    def describe(self) -> list[dict]:
+        return [m.describe() for m in self.models.values()]
+
+
+Models = bentoml.service(
+    name="convnet_models", workers=CFG.model_workers, threads=1, traffic={"timeout": CFG.timeout_s},
+    resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
+)(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in MODEL_INFOS}))
+
+API = ClassifierAPI(CFG, MODEL_INFOS)
+
+
+class OpenAPIPaths:
+    """Adds the mounted endpoints to BentoML's /docs.json, which lists only @bentoml.api methods (and FastAPI)."""
+
+    def __init__(self, app, service: bentoml.Service, paths: dict) -> None:
+        self.app, self.service, self.paths = app, service, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
+            spec = self.service.openapi_spec.asdict()
+            spec["paths"] = {**self.paths, **spec.get("paths", {})}
+            await JSONResponse(spec)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@bentoml.asgi_app(API.app(), path="/")
+@bentoml.service(name="convnet", workers=CFG.api_workers, traffic={"timeout": CFG.timeout_s})
+class Convnet:
+    """Image classification with LeNet-5 and AlexNet: POST an image to /classify (see /docs.json)."""
+
+    models = bentoml.depends(Models)
+
+    def __init__(self) -> None:
+        API.attach(self._infer, self._describe, Metrics())
+        log.info("serving %s (default %s) on %s", ", ".join(MODEL_INFOS), API.default_model,
+                 "GPU" if USES_GPU else "CPU")
+
+    async def _infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        try:
+            return await getattr(self.models.to_async, endpoint_name(model))(batch)
+        except bentoml.exceptions.BentoMLException as exc:
+            if exc.error_code.value in (429, 503):  # the dispatcher shed the request: it waited past max_latency_ms
+                raise ServerBusy("the server is overloaded; retry shortly") from exc
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # the model worker is restarting
+            raise ServerBusy("the model worker is unavailable (restarting?); retry shortly") from exc
+
+    async def _describe(self) -> list[dict]:
+        return await self.models.to_async.describe()
+
+
+Convnet.add_asgi_middleware(OpenAPIPaths, service=Convnet, paths=OPENAPI_PATHS)

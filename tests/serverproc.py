@@ -1,0 +1,124 @@
+"""Start and stop a real `bentoml serve` of serving.service on 127.0.0.1, for tests and scripts.
+
+Torch-free and importable on its own: the service tests, the load tests and the benchmark scripts share it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "serving.service:Convnet"
+READY_TIMEOUT_S = 120.0  # generous: the CI machine has 2 cores shared by everything else
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(env: dict[str, str] | None = None, models: list[str] | None = None) -> dict[str, str]:
+    full = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1",
+            "PYTHONUNBUFFERED": "1"}
+    if models:
+        full["CONVNET_MODELS"] = ",".join(models)
+    full.update(env or {})
+    return full
+
+
+def start_server(port: int, env: dict[str, str] | None = None, models: list[str] | None = None,
+                 log_path: Path | None = None, service: str = SERVICE) -> subprocess.Popen:
+    """Launch `bentoml serve` in its own process group (so stop_server can end all its workers).
+
+    `env` adds/overrides variables (CONVNET_* tunables); `models` restricts the served models. Output goes to
+    `log_path` (default: a temp file, path in `proc.log_path`) rather than a pipe nobody drains. `service` is the
+    import string served (another variant, e.g. for a benchmark).
+    """
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=f"convnet-serve-{port}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    log = open(log_path, "wb")  # noqa: SIM115 (handed to the child; closed in stop_server)
+    cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port),
+           "--working-dir", str(REPO_ROOT)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(env, models), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    proc.log_file = log  # type: ignore[attr-defined]
+    return proc
+
+
+def server_log(proc: subprocess.Popen, tail: int = 4000) -> str:
+    path = getattr(proc, "log_path", None)
+    if path is None or not Path(path).exists():
+        return ""
+    return Path(path).read_bytes()[-tail:].decode("utf-8", "replace")
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen | None = None, timeout: float = READY_TIMEOUT_S) -> float:
+    """Poll /readyz until it answers 200; returns the seconds it took. Fails fast if the server process died."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{server_log(proc)}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2.0).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url} not ready after {timeout:.0f}s:\n{server_log(proc) if proc else ''}")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the whole process group (arbiter and workers), SIGKILL what is left after `timeout`."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        # Workers outliving the arbiter would hold the port: make sure the group is gone.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log = getattr(proc, "log_file", None)
+    if log is not None:
+        log.close()
+
+
+def started_server(env: dict[str, str] | None = None, models: list[str] | None = None):
+    """Context manager: a ready server's base URL and process; always stopped afterwards."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _cm():
+        port = free_port()
+        proc = start_server(port, env=env, models=models)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base, proc)
+            yield base, proc
+        finally:
+            stop_server(proc)
+
+    return _cm()
