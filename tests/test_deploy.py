@@ -1,0 +1,189 @@
+"""Deployment artifacts: both bentos build and hold what the image needs (and nothing it must not), the pinned
+requirements match the venv the tests run in, and the Kubernetes manifests validate against the Kubernetes schemas
+and agree with each other and with the service (probes, ports, labels, GPU resources)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from serving.registry import DEFAULT_MODELS_DIR, discover, read_card
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+K8S_DIR = REPO_ROOT / "deploy" / "kubernetes"
+# The cluster version the manifests are checked against (kubernetes-validate ships the schemas: no network).
+K8S_VERSION = "1.33"
+BENTOFILES = {"cpu": "bentofile.yaml", "gpu": "bentofile.gpu.yaml"}
+TELEMETRY_OFF = {"BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def build_bento(bentofile: str, home: Path) -> Path:
+    """`bentoml build -f <bentofile>` into a scratch BENTOML_HOME; returns the bento's directory."""
+    env = {**os.environ, "BENTOML_HOME": str(home), **TELEMETRY_OFF}
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", bentofile, "-o", "tag", "."],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"bentoml build -f {bentofile} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento_dir = home / "bentos" / name / version
+    assert (bento_dir / "bento.yaml").is_file(), f"no bento at {bento_dir} (build printed {tag!r})"
+    return bento_dir
+
+
+@pytest.fixture(scope="module", params=sorted(BENTOFILES))
+def bento(request, tmp_path_factory) -> tuple[str, Path]:
+    variant = request.param
+    return variant, build_bento(BENTOFILES[variant], tmp_path_factory.mktemp(f"bentoml-{variant}"))
+
+
+def requirement_names(requirements: str) -> dict[str, str]:
+    """name (lowercase, extras stripped) -> the whole line."""
+    lines = [ln.strip() for ln in requirements.splitlines() if ln.strip() and not ln.startswith("#")]
+    return {ln.split("[")[0].split("=")[0].split("~")[0].lower(): ln for ln in lines}
+
+
+def test_bento_has_service_and_model_repository(bento):
+    variant, bento_dir = bento
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert info["service"] == "serving.service:Convnet"
+    assert info["labels"]["variant"] == variant
+    src = bento_dir / "src"
+    assert (src / "serving" / "service.py").is_file()
+    served = sorted(p.name for p in discover(DEFAULT_MODELS_DIR))
+    assert served == ["alexnet", "lenet5"], f"run `make models` first (have {served})"
+    for name in served:
+        card = read_card(DEFAULT_MODELS_DIR / name)
+        for rel in ("model.json", card.labels_file, "config.pbtxt", card.onnx["path"]):
+            packed, original = src / "models" / name / rel, DEFAULT_MODELS_DIR / name / rel
+            assert packed.is_file(), f"{packed.relative_to(bento_dir)} is missing from the {variant} bento"
+            assert packed.stat().st_size == original.stat().st_size
+    # Serving code and models only: no training code, tests, datasets, checkpoints or engine caches.
+    top = {p.name for p in src.iterdir()}
+    assert {"models", "serving"} <= top <= {"models", "serving", "bentofile.yaml", "bentofile.gpu.yaml"}, top
+    packed_files = [p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()]
+    assert not [p for p in packed_files if p.endswith((".pt", ".pth", ".pyc")) or "trt_cache" in p], packed_files
+
+
+def test_bento_requirements_are_pinned_without_torch(bento):
+    from importlib.metadata import version
+
+    variant, bento_dir = bento
+    reqs = requirement_names((bento_dir / "env" / "python" / "requirements.txt").read_text())
+    assert "torch" not in reqs and not any(n.startswith("torchvision") for n in reqs)
+    for name in ("bentoml", "numpy", "pillow", "tqdm"):
+        assert reqs[name] == f"{name}=={version(name)}", reqs[name]
+    runtime = version("onnxruntime-gpu")
+    if variant == "cpu":
+        assert reqs["onnxruntime"] == f"onnxruntime=={runtime}" and "onnxruntime-gpu" not in reqs
+    else:
+        assert reqs["onnxruntime-gpu"] == f"onnxruntime-gpu[cuda,cudnn]=={runtime}" and "onnxruntime" not in reqs
+    unpinned = [line for name, line in reqs.items() if "==" not in line and not name.startswith("nvidia-")]
+    assert not unpinned, f"unpinned requirements: {unpinned}"
+
+
+def test_bento_image_settings(bento):
+    variant, bento_dir = bento
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    envs = {e["name"]: e["value"] for e in info["envs"]}
+    assert TELEMETRY_OFF.items() <= envs.items()
+    assert info["image"]["python_version"] == "3.11"
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile  # what scripts/oci/build-base-image.sh builds offline
+    assert "\nUSER bentoml\n" in dockerfile
+    if variant == "gpu":
+        assert "nvidia/cu13/lib" in envs["LD_LIBRARY_PATH"] and envs["CONVNET_DEVICE"] == "auto"
+
+
+def test_pinned_requirements_match_the_venv():
+    """deploy/requirements.*.txt are regenerated from the venv: a dependency bump must regenerate them."""
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "oci" / "lock_requirements.py"), "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------------------------
+
+def manifests() -> dict[str, list[dict]]:
+    docs = {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(K8S_DIR.rglob("*.yaml"))}
+    assert docs, f"no manifests under {K8S_DIR}"
+    return docs
+
+
+def resources(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for docs in manifests().values() for d in docs if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(K8S_DIR).as_posix() for p in K8S_DIR.rglob("*.yaml")))
+def test_manifest_validates_against_kubernetes_schema(path):
+    for doc in yaml.safe_load_all((K8S_DIR / path).read_text()):
+        if doc:
+            # strict: an unknown or misspelt field is an error, not silently ignored by the API server
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_schema_validation_catches_mistakes():
+    """The validator is not a rubber stamp: a misspelt field and a wrong type both fail."""
+    deployment = resources("Deployment")["convnet-serving"]
+    typo = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
+    wrong_type = {**deployment, "spec": {**deployment["spec"], "replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrong_type, K8S_VERSION, strict=True)
+
+
+def containers_of(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
+def test_deployments_probe_the_service_and_request_resources():
+    deployments = resources("Deployment")
+    assert {"convnet-serving", "convnet-serving-gpu"} <= deployments.keys()
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True, name
+        for c in containers_of(dep):
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+            assert c["livenessProbe"]["httpGet"]["path"] == "/livez", name
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                port = c[probe]["httpGet"]["port"]
+                assert port in ports or port in ports.values(), f"{name}: {probe} on unknown port {port}"
+            assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert TELEMETRY_OFF.items() <= env.items(), name
+    gpu = containers_of(deployments["convnet-serving-gpu"])[0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {e["name"]: e["value"] for e in gpu["env"]}["CONVNET_DEVICE"] == "auto"
+    assert gpu["image"].endswith(":gpu") and containers_of(deployments["convnet-serving"])[0]["image"].endswith(":cpu")
+    cpu = containers_of(deployments["convnet-serving"])[0]
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
+
+
+def test_service_and_autoscaler_point_at_the_deployments():
+    deployments = resources("Deployment")
+    service = resources("Service")["convnet-serving"]
+    selector = service["spec"]["selector"]
+    matched = [n for n, d in deployments.items()
+               if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert "convnet-serving" in matched and "convnet-serving-gpu" in matched
+    for port in service["spec"]["ports"]:
+        for name in matched:
+            assert port["targetPort"] in {p["name"] for p in containers_of(deployments[name])[0]["ports"]}
+    hpa = resources("HorizontalPodAutoscaler")["convnet-serving"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert target["kind"] == "Deployment" and target["name"] in deployments
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    metric = hpa["spec"]["metrics"][0]["resource"]
+    assert metric["name"] == "cpu" and metric["target"]["type"] == "Utilization"
+    # Utilisation is relative to the CPU request: without one the HPA cannot compute it.
+    assert "cpu" in containers_of(deployments[target["name"]])[0]["resources"]["requests"]
