@@ -66,3 +66,27 @@ container-tools:
 test: models container-tools
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# --- containers (docs/deploy.md) -----------------------------------------------------------------------------------
+# VARIANT=cpu (slim image, onnxruntime CPU) or gpu (same base + onnxruntime-gpu with CUDA/cuDNN pip wheels).
+# CONTAINER_BACKEND: auto = docker when an engine answers, else the offline buildah/podman fallback (scripts/oci/).
+VARIANT ?= cpu
+CONTAINER_BACKEND ?= auto
+BENTOFILE := $(if $(filter gpu,$(VARIANT)),bentofile.gpu.yaml,bentofile.yaml)
+BENTO_NAME := convnet-serving$(if $(filter gpu,$(VARIANT)),-gpu,)
+IMAGE ?= convnet-serving:$(VARIANT)
+BENTOML_HOME ?= $(CURDIR)/.bentoml
+.PHONY: bento container container-run test-container
+
+bento: setup models
+	BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
+
+container: bento
+	BENTOML_HOME="$(BENTOML_HOME)" BENTOML="$(CURDIR)/$(VENV)/bin/bentoml" \
+	  scripts/oci/containerize.sh $(BENTO_NAME):latest $(IMAGE) $(CONTAINER_BACKEND)
+
+container-run: setup
+	scripts/oci/run.sh $(IMAGE) $(PORT) $(if $(filter buildah,$(CONTAINER_BACKEND)),podman,$(CONTAINER_BACKEND))
+
+test-container: models container-tools
+	$(PY) -m pytest -m container tests/test_container.py
