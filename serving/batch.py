@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from serving.errors import ClientError, ModelRepositoryError, error_body
+from serving.errors import ClientError, CorruptImage, ModelRepositoryError, error_body
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
 from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess_bytes, stack_batch
 from serving.registry import CARD_FILE, DEFAULT_MODELS_DIR, ServedModel, load_model
@@ -73,15 +73,17 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _service_limits() -> tuple[int, int]:
-    """The service's body and pixel limits, so a file the service refuses is refused here with the same code."""
+def _service_settings() -> tuple[int, int, Path]:
+    """The service's body and pixel limits and model repository (serving.config: defaults, CONVNET_CONFIG file,
+    CONVNET_* variables), so a file the service refuses is refused here with the same code."""
     try:
-        from serving import config  # the service's tunables, when present
-    except ImportError:
-        return DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-    max_bytes = getattr(config, "MAX_BODY_BYTES", None) or DEFAULT_MAX_BYTES
-    max_pixels = getattr(config, "MAX_PIXELS", None) or DEFAULT_MAX_PIXELS
-    return int(max_bytes), int(max_pixels)
+        from serving.config import load_config
+
+        cfg = load_config()
+    except (ImportError, ValueError, OSError) as e:
+        print(f"{PROG}: warning: service settings unusable ({e}); using built-in defaults", file=sys.stderr)
+        return DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS_DIR
+    return cfg.max_body_bytes, cfg.max_pixels, Path(cfg.models_dir)
 
 
 def _positive_int(text: str) -> int:
@@ -105,7 +107,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    max_bytes, max_pixels = _service_limits()
+    max_bytes, max_pixels, models_dir = _service_settings()
     p = argparse.ArgumentParser(prog=PROG, description="Classify many images with a model from the repository, "
                                 "no server needed; one JSONL or CSV record per input, in input order.",
                                 epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs are <class-dir>/<image>: report top-1/top-5 accuracy against the folder names")
     p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
     p.add_argument("--url", default=None, help="send images to a running service (http://host:port) instead")
-    p.add_argument("--models-dir", default=os.environ.get("CONVNET_MODELS_DIR", str(DEFAULT_MODELS_DIR)),
-                   help="model repository (default: $CONVNET_MODELS_DIR or the project's models/)")
+    p.add_argument("--models-dir", default=str(models_dir),
+                   help=f"model repository (default: the service's, $CONVNET_MODELS_DIR or {models_dir})")
     p.add_argument("--max-bytes", type=_positive_int, default=max_bytes,
                    help=f"refuse files larger than this (default {max_bytes}, the service's body limit)")
     p.add_argument("--max-pixels", type=_positive_int, default=max_pixels,
@@ -165,7 +167,12 @@ class LocalBackend:
 
     def prepare(self, path: str) -> Prepared:
         data = read_input(path, self.max_bytes)
-        return Prepared(array=preprocess_bytes(data, self.model.recipe, self.max_pixels))
+        try:
+            return Prepared(array=preprocess_bytes(data, self.model.recipe, self.max_pixels))
+        except ClientError:
+            raise
+        except Exception as e:  # a decoder surprise on hostile bytes is the bytes' fault, as the service says too
+            raise CorruptImage(f"the image could not be decoded ({type(e).__name__})") from e
 
     def infer(self, prepared: list[Prepared], k: int) -> list[list[dict]]:
         return self.model.classify(stack_batch([p.array for p in prepared]), k)
@@ -733,7 +740,7 @@ DECODE_NICE = int(os.environ.get("CONVNET_BATCH_DECODE_NICE", "0"))
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # inputs may come before, between and after options
     try:
         return run(args)
     except (UsageError, InputSpecError) as e:

@@ -1,0 +1,336 @@
+"""The batch CLI on real files with the real LeNet-5 (and once AlexNet): listing, errors, resume, CSV, eval, and
+agreement with the running service."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import imagegen
+import pytest
+
+from loadtests.images import mnist_sample
+from serving import batch
+from serving.inputs import iglob_sorted, iter_inputs, read_input
+from serving.registry import DEFAULT_MODELS_DIR, read_card
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LENET = "lenet5"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """The committed MNIST test sample as image files in digit folders: <root>/<digit>/<n>.png (some as JPEG, some
+    dark ink on light paper, some enlarged), the layout --eval reads."""
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = mnist_sample()
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / str(int(label))
+        folder.mkdir(exist_ok=True)
+        fmt = "JPEG" if i % 5 == 4 else "PNG"
+        data = imagegen.digit_png(image, dark_on_light=i % 3 == 1, scale=2 if i % 4 == 0 else 1, fmt=fmt)
+        (folder / f"{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}").write_bytes(data)
+    return root
+
+
+def cli(*args: str, stdin: str | None = None, cwd: Path | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m serving.batch ...` as a real subprocess."""
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([sys.executable, "-m", "serving.batch", *args], input=stdin, capture_output=True,
+                          text=True, cwd=cwd or REPO_ROOT, env=env, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text.endswith("\n"), "the output must end with a complete line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_same_predictions(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
+    """Same classes in the same order, scores equal up to float noise from different batch compositions."""
+    assert [(p["index"], p["label"]) for p in a] == [(p["index"], p["label"]) for p in b]
+    for pa, pb in zip(a, b, strict=True):
+        assert pa["score"] == pytest.approx(pb["score"], rel=rel, abs=1e-7)
+
+
+def assert_same_records(a: list[dict], b: list[dict]) -> None:
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys(), (ra, rb)
+        if "predictions" in ra:
+            assert_same_predictions(ra["predictions"], rb["predictions"])
+        else:
+            assert (ra["error"], ra["detail"]) == (rb["error"], rb["detail"])
+
+
+def digit_files(root: Path, digit: int) -> list[str]:
+    return sorted(str(p) for p in (root / str(digit)).iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input listing
+
+
+def test_listing_is_sorted_recursive_and_skips_hidden_and_non_images(tmp_path: Path):
+    for rel in ("b/2.png", "b/1.JPG", "a/x/3.webp", "a/.hidden.png", ".cache/4.png", "a/notes.txt", "c.jpeg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    root = str(tmp_path)
+    assert list(iter_inputs([root])) == [f"{root}/a/x/3.webp", f"{root}/b/1.JPG", f"{root}/b/2.png", f"{root}/c.jpeg"]
+    assert list(iglob_sorted(f"{root}/**/*.png")) == [f"{root}/b/2.png"]
+    assert list(iglob_sorted(f"{root}/*/*")) == [f"{root}/a/notes.txt", f"{root}/a/x", f"{root}/b/1.JPG",
+                                                 f"{root}/b/2.png"]
+    # A final "**" means every image below; a named file is taken whatever its extension; a missing one is kept
+    # (it becomes an error record, not a silent omission).
+    assert list(iter_inputs([f"{root}/b/**", f"{root}/a/notes.txt", f"{root}/nope.png"])) == [
+        f"{root}/b/1.JPG", f"{root}/b/2.png", f"{root}/a/notes.txt", f"{root}/nope.png"]
+
+
+def test_read_input_refuses_what_is_not_a_small_regular_file(tmp_path: Path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * 2048)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert read_input(str(big), max_bytes=2048) == b"\xff" * 2048
+    cases = {str(big): (1024, "body_too_large"), str(fifo): (1 << 20, "unreadable_input"),
+             str(tmp_path / "missing.png"): (1 << 20, "unreadable_input"), str(tmp_path): (1 << 20, "unreadable_input")}
+    for path, (limit, code) in cases.items():
+        with pytest.raises(batch.ClientError) as info:
+            read_input(path, max_bytes=limit)
+        assert info.value.code == code, path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI end to end
+
+
+def test_mixed_inputs_good_and_broken_files_in_one_run(digits: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "random.jpg").write_bytes(imagegen.random_bytes(3000))
+    (broken / "truncated.jpg").write_bytes(imagegen.truncated_jpeg())
+    (broken / "empty.png").write_bytes(b"")
+    (broken / "page.html").write_bytes(imagegen.HTML)
+    (broken / "huge.png").write_bytes(imagegen.huge_dimension_png())
+    (broken / "targa.png").write_bytes(imagegen.off_allowlist_image())
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment, then a folder and a missing file\n{digits / '3'}\n\n{tmp_path / 'gone.png'}\n")
+    out = tmp_path / "out.jsonl"
+    stdin_paths = digit_files(digits, 7)[:2]
+    r = cli(str(digits / "0"), str(digits / "1" / "*.png"), f"@{listing}", "-", str(broken / "*"),
+            "--model", LENET, "--top-k", "3", "--batch-size", "8", "--output", str(out),
+            stdin="\n".join(stdin_paths) + "\n")
+    assert r.returncode == 1, r.stderr  # some inputs failed, the rest were classified
+    records = read_jsonl(out)
+    expected_paths = (digit_files(digits, 0) + sorted(p for p in digit_files(digits, 1) if p.endswith(".png"))
+                      + digit_files(digits, 3) + [str(tmp_path / "gone.png")] + stdin_paths
+                      + sorted(str(p) for p in broken.iterdir()))
+    assert [rec["path"] for rec in records] == expected_paths  # input order, every input exactly once
+    errors = {Path(rec["path"]).name: rec["error"] for rec in records if "error" in rec}
+    assert errors == {"gone.png": "unreadable_input", "random.jpg": "not_an_image", "truncated.jpg": "corrupt_image",
+                      "empty.png": "not_an_image", "page.html": "not_an_image", "huge.png": "image_too_large",
+                      "targa.png": "unsupported_format"}
+    card = read_card(DEFAULT_MODELS_DIR / LENET)
+    good = [rec for rec in records if "predictions" in rec]
+    assert len(good) == len(records) - len(errors)
+    for rec in records:
+        assert (rec["model"], rec["version"]) == (LENET, card.version)
+        if "error" in rec:
+            assert rec["detail"] and "predictions" not in rec
+    for rec in good:
+        assert len(rec["predictions"]) == 3
+        scores = [p["score"] for p in rec["predictions"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-9
+    # The model reads the digits: most good records are classified as their folder's digit.
+    correct = sum(rec["predictions"][0]["label"] == Path(rec["path"]).parent.name for rec in good)
+    assert correct >= 0.8 * len(good)
+    summary = r.stderr.strip().splitlines()[-1]
+    assert f"{len(records)} processed, {len(errors)} failed" in summary and "img/s" in summary
+
+
+def test_fail_fast_stops_at_the_first_failure(digits: Path, tmp_path: Path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(imagegen.TEXT)
+    out = tmp_path / "out.jsonl"
+    r = cli(digit_files(digits, 2)[0], str(bad), str(digits / "5"), "--model", LENET, "--fail-fast", "-o", str(out))
+    assert r.returncode == 1
+    records = read_jsonl(out)
+    assert [rec.get("error") for rec in records] == [None, "not_an_image"]
+    assert "stopped at the first failure" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--model", LENET, "--resume"], "--resume needs --output"),
+    (["--model", LENET, "@/no/such/list.txt"], "list file"),
+    (["--model", LENET, "--top-k", "0"], "must be at least 1"),
+    (["--model", LENET, "--top-k", "11"], "more than lenet5's 10 classes"),
+    (["--model", LENET, "--device", "gpu"], "invalid choice"),
+])
+def test_usage_errors_exit_2(args: list[str], message: str, digits: Path):
+    r = cli(str(digits / "0"), *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert r.stdout == ""
+
+
+def test_stdout_jsonl_and_csv_file_hold_the_same_results(digits: Path, tmp_path: Path):
+    inputs = [str(digits / "4"), str(tmp_path / "missing.png")]
+    r = cli(*inputs, "--model", LENET, "--top-k", "2")
+    assert r.returncode == 1
+    from_stdout = [json.loads(line) for line in r.stdout.splitlines()]
+    csv_path = tmp_path / "out.csv"
+    assert batch.main([*inputs, "--model", LENET, "--top-k", "2", "--output", str(csv_path), "--progress", "off"]) == 1
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == batch.csv_header(2)
+    assert [row["path"] for row in rows] == [rec["path"] for rec in from_stdout]
+    for row, rec in zip(rows, from_stdout, strict=True):
+        if "error" in rec:
+            assert (row["error"], row["detail"], row["label_1"]) == (rec["error"], rec["detail"], "")
+            continue
+        as_preds = [{"index": int(row[f"index_{i}"]), "label": row[f"label_{i}"], "score": float(row[f"score_{i}"])}
+                    for i in (1, 2)]
+        assert_same_predictions(as_preds, rec["predictions"])
+        assert row["error"] == ""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_after_a_killed_run_gives_the_uninterrupted_output(digits: Path, tmp_path: Path, fmt: str):
+    paths = [str(p) for d in range(10) for p in sorted((digits / str(d)).iterdir())][:120]
+    paths.insert(17, str(tmp_path / "missing.png"))  # error records before and after the kill
+    paths.insert(80, str(tmp_path / "also-missing.png"))
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    full, partial = tmp_path / f"full.{fmt}", tmp_path / f"partial.{fmt}"
+    assert cli(f"@{listing}", "--model", LENET, "--batch-size", "8", "-o", str(full)).returncode == 1
+
+    # A real run killed mid-way: it reads paths from a pipe we feed half of, so it is certainly still running
+    # (waiting for more) when SIGKILL arrives after its first 40 records are on disk.
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.batch", "-", "--model", LENET, "--batch-size", "8",
+                             "-o", str(partial)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT, env=env)
+    try:
+        proc.stdin.write("\n".join(paths[:44]) + "\n")
+        proc.stdin.flush()
+        want_lines = 40 + (fmt == "csv")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if partial.exists() and partial.read_bytes().count(b"\n") >= want_lines:
+                break
+            assert proc.poll() is None, "the run ended before it was killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert partial.read_bytes().count(b"\n") == want_lines
+    # A power cut mid-write would leave half a line: resume must cut it off, not keep or choke on it.
+    with open(partial, "ab") as f:
+        f.write(b'{"path": "/half/writ' if fmt == "jsonl" else b"/half/written.png,lenet5,1,3,3,0.9")
+
+    r = cli(f"@{listing}", "--model", LENET, "--batch-size", "8", "-o", str(partial), "--resume")
+    assert r.returncode == 1  # this run's inputs include a missing file
+    assert "40 skipped" in r.stderr.splitlines()[-1]
+    if fmt == "jsonl":
+        assert_same_records(read_jsonl(partial), read_jsonl(full))
+    else:
+        assert partial.read_text().splitlines()[0] == full.read_text().splitlines()[0]  # one header
+        a, b = (p.read_text().splitlines()[1:] for p in (partial, full))
+        assert [line.split(",")[:4] for line in a] == [line.split(",")[:4] for line in b]
+    # Resuming a finished output does nothing and changes nothing.
+    before = partial.read_bytes()
+    r = cli(f"@{listing}", "--model", LENET, "-o", str(partial), "--resume")
+    assert r.returncode == 0 and partial.read_bytes() == before
+    assert f"0 processed, 0 failed, {len(paths)} skipped" in r.stderr
+
+
+def test_resume_refuses_an_output_from_another_model(digits: Path, tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"path": "x.png", "model": "alexnet", "version": "1", "predictions": []}) + "\n")
+    r = cli(str(digits / "0"), "--model", LENET, "-o", str(out), "--resume")
+    assert r.returncode == 2 and "model 'alexnet'" in r.stderr
+
+
+def _card_top1(model_dir: Path) -> float:
+    metrics = read_card(model_dir).metrics
+    for key in ("top1_accuracy", "top1", "accuracy"):
+        if key in metrics:
+            return float(metrics[key])
+    assert "top1_error" in metrics, f"the model card states no top-1 accuracy: {metrics}"
+    return 1.0 - float(metrics["top1_error"])
+
+
+def test_eval_on_real_mnist_digits_matches_the_model_card(digits: Path, tmp_path: Path):
+    summary_path = tmp_path / "summary.json"
+    r = cli(str(digits), "--model", LENET, "--eval", "-o", str(tmp_path / "out.jsonl"), "--top-k", "1",
+            "--summary-json", str(summary_path))
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(summary_path.read_text())["eval"]
+    n = len(list(digits.rglob("*.*")))
+    assert ev["evaluated"] == n and ev["unlabelled"] == 0
+    claimed = _card_top1(DEFAULT_MODELS_DIR / LENET)
+    # The sample is drawn from the test set the card was measured on: 3 standard errors of a proportion, plus a
+    # little for the rendering (PNG/JPEG, inverted, enlarged) the card's own measurement didn't go through.
+    tolerance = 3 * math.sqrt(max(claimed * (1 - claimed), 0.01 * 0.99) / n) + 0.01
+    assert abs(ev["top1"] - claimed) <= tolerance, (ev, claimed)
+    assert ev["top5"] >= ev["top1"]
+    assert f"top-1 {ev['top1']:.2%}" in r.stderr
+    # --top-k 1 keeps the records to one prediction even though eval ranks five.
+    assert all(len(rec["predictions"]) == 1 for rec in read_jsonl(tmp_path / "out.jsonl"))
+
+
+def test_eval_reads_imagenet_wnid_folders(tmp_path: Path):
+    """AlexNet's wnids.txt maps ImageNet val folders (n01440764/...) to class indices."""
+    wnids = (DEFAULT_MODELS_DIR / "alexnet" / "wnids.txt").read_text().split()
+    evaluator = batch.Evaluator.for_model(DEFAULT_MODELS_DIR / "alexnet")
+    evaluator.add(f"/val/{wnids[1]}/a.JPEG", [{"index": 1}, {"index": 7}])
+    evaluator.add(f"/val/{wnids[2]}/b.JPEG", [{"index": 9}, {"index": 2}])
+    evaluator.add("/val/not-a-class/c.JPEG", [{"index": 2}])
+    assert evaluator.summary() == {"evaluated": 2, "unlabelled": 1, "top1": 0.5, "top5": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agreement with the service
+
+
+def test_records_equal_the_service_answers_locally_and_with_url(server: str, digits: Path, tmp_path: Path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(3):
+        (photos / f"photo-{seed}.jpg").write_bytes(imagegen.photo(500, 375, seed=seed))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(imagegen.truncated_jpeg())
+    cases = {LENET: [*digit_files(digits, 8)[:6], str(bad)], "alexnet": [str(photos), str(bad)]}
+    for model, inputs in cases.items():
+        local, remote = tmp_path / f"{model}-local.jsonl", tmp_path / f"{model}-url.jsonl"
+        assert cli(*inputs, "--model", model, "--top-k", "5", "-o", str(local)).returncode == 1
+        r = cli(*inputs, "--model", model, "--top-k", "5", "-o", str(remote), "--url", server)
+        assert r.returncode == 1, r.stderr
+        local_records = read_jsonl(local)
+        assert_same_records(read_jsonl(remote), local_records)
+        for rec in local_records:
+            data = Path(rec["path"]).read_bytes()
+            answer = httpx.post(f"{server}/classify", params={"model": model, "top_k": 5}, content=data,
+                                headers={"Content-Type": "application/octet-stream"}, timeout=60)
+            body = answer.json()
+            if "error" in rec:
+                assert answer.status_code == 400 and body == {"error": rec["error"], "detail": rec["detail"]}
+            else:
+                assert answer.status_code == 200 and (body["model"], body["version"]) == (model, rec["version"])
+                assert_same_predictions(body["predictions"], rec["predictions"])
