@@ -114,8 +114,8 @@ def photo_pngs(rng: np.random.Generator, count: int) -> list[PoolImage]:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (raw or .gz) as a uint8 array: images (N, rows, cols) or labels (N,).
 
-    Only for the committed sample; `training.data` has the validating reader used for training, but it is written
-    around torch datasets, and the load generator must stay light.
+    Only for the committed sample: `training.data` has the validating reader used for training, but that module
+    imports torch, which the load generator (and a serving-only install) must not need.
     """
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":

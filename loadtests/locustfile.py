@@ -23,11 +23,10 @@ import uuid
 
 from locust import FastHttpUser, events, task
 
+from loadtests.contract import BATCH_FIELD, check_batch, check_predictions
 from loadtests.images import DEFAULT_SEED, PoolImage, build_pool, for_model
 
 TOP_K = {"alexnet": 5, "lenet5": 3}
-NUM_CLASSES = {"alexnet": 1000, "lenet5": 10}
-BATCH_FIELD = "images"  # the multipart field name /classify_batch reads, once per image
 BATCH_SIZES = {"alexnet": (2, 4), "lenet5": (4, 8)}
 
 POOL: dict[str, list[PoolImage]] = {}
@@ -69,40 +68,6 @@ def multipart(parts: list[tuple[str, PoolImage]]) -> tuple[bytes, str]:
         chunks.append(b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
-
-
-def check_predictions(result: object, model: str, k: int) -> str | None:
-    """Why a single-image result is wrong, or None if it has the documented shape."""
-    if not isinstance(result, dict):
-        return f"result is {type(result).__name__}, not an object"
-    if result.get("model") != model:
-        return f"answered for model {result.get('model')!r}, asked {model!r}"
-    missing = {"version", "weights", "predictions"} - result.keys()
-    if missing:
-        return f"missing keys {sorted(missing)}"
-    preds = result["predictions"]
-    expected = min(k, NUM_CLASSES[model])
-    if not isinstance(preds, list) or len(preds) != expected:
-        return f"expected {expected} predictions, got {len(preds) if isinstance(preds, list) else repr(preds)[:80]}"
-    scores = []
-    for p in preds:
-        if not (isinstance(p, dict) and isinstance(p.get("index"), int) and isinstance(p.get("label"), str)
-                and isinstance(p.get("score"), float) and 0 <= p["index"] < NUM_CLASSES[model]
-                and 0.0 <= p["score"] <= 1.0):
-            return f"malformed prediction {p!r}"
-        scores.append(p["score"])
-    if scores != sorted(scores, reverse=True):
-        return "predictions are not sorted by score"
-    return None
-
-
-def batch_items(body: object) -> list | None:
-    """The per-image entries of a /classify_batch answer (a list, or {"results": [...]})."""
-    if isinstance(body, list):
-        return body
-    if isinstance(body, dict) and isinstance(body.get("results"), list):
-        return body["results"]
-    return None
 
 
 class ServiceUser(FastHttpUser):
@@ -167,14 +132,8 @@ class ServiceUser(FastHttpUser):
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
             try:
-                items = batch_items(json.loads(resp.content))
+                problem = check_batch(json.loads(resp.content), model, k, len(images))
             except ValueError:
-                items, problem = None, "body is not JSON"
-            else:
-                problem = None if items is not None else "no list of per-image results"
-            if items is not None and len(items) != len(images):
-                problem = f"sent {len(images)} images, got {len(items)} results"
-            for item in items or []:
-                problem = problem or check_predictions(item, model, k)
+                problem = "body is not JSON"
             if problem:
                 resp.failure(problem)

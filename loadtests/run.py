@@ -95,12 +95,12 @@ def run_locust(host: str, users: int, spawn_rate: float, seconds: int, out_dir: 
     return read_stats(stats_csv)
 
 
-def report_single(stats: dict[str, Stats], slo: Slo, out_dir: Path) -> int:
+def report_single(stats: dict[str, Stats], slo: Slo, out_dir: Path, verdict_file: str = "slo.json") -> int:
     print(stats_table(stats))
     misses = check(stats["Aggregated"], slo)
-    (out_dir / "slo.json").write_text(json.dumps({"slo": asdict(slo), "aggregated": asdict(stats["Aggregated"]),
+    (out_dir / verdict_file).write_text(json.dumps({"slo": asdict(slo), "aggregated": asdict(stats["Aggregated"]),
                                                   "misses": [asdict(m) for m in misses]}, indent=2) + "\n")
-    print(f"\nresults: {out_dir}  (locust_stats.csv, locust_failures.csv, report.html, slo.json)")
+    print(f"\nresults: {out_dir}  (locust_stats.csv, locust_failures.csv, report.html, {verdict_file})")
     if misses:
         print("\nSLO MISSED\n" + misses_table(misses))
         return 1
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         stats_csv = args.check / f"{STATS_PREFIX}_stats.csv"
         if not stats_csv.is_file():
             parser.error(f"{stats_csv} does not exist")
-        return report_single(read_stats(stats_csv), slo, args.check)
+        return report_single(read_stats(stats_csv), slo, args.check, verdict_file="slo-check.json")
     if args.users < 1:
         parser.error("--users must be >= 1")
     try:

@@ -1,0 +1,406 @@
+"""The benchmark harness behind `make bench`: every number in docs/benchmarks.md, measured in one run.
+
+    python -m loadtests.bench                      # ~6-9 min on 2 cores; writes docs/benchmarks.md
+    python -m loadtests.bench --quick              # 1 repeat, short runs: a smoke test of the harness
+    python -m loadtests.bench --server-cpus 0-1 --client-cpus 0-1 --out /tmp/unpinned.md
+
+What it measures, all on the same machine, each run bounded and repeated (medians reported):
+
+1. onnxruntime in process, per model, at batch 1 / 8 / 32, on pre-processed uint8 input: the model's own limit,
+   pinned to the server's cores with as many intra-op threads as the server gets (the honest denominator);
+   plus decode + preprocess + onnxruntime per image in one thread, the in-process limit for uploads.
+2. the service (`bentoml serve`) at saturation with real uploads: raw JPEG photos for AlexNet, PNG digits for LeNet-5.
+3. a naive Starlette app (loadtests/baselines/naive_app.py): one decode + one onnxruntime call per request.
+4. a bare Starlette "hello" endpoint (loadtests/baselines/hello_app.py): the HTTP ceiling for LeNet-5's requests/s.
+5. the batch CLI over a folder of JPEGs (loadtests/batch_bench.py, owned by the batch CLI).
+
+The load generator is wrk (C, epoll; `apt-get install wrk`) with loadtests/wrk_post.lua: one thread pinned to the
+client cores, far lighter than Python generators, so on a 2-core box the server keeps its core to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from loadtests import servers
+from loadtests.contract import check_predictions
+from loadtests.images import build_pool, for_model, write_pool
+
+REPO_ROOT = servers.REPO_ROOT
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
+BATCH_BENCH = Path(__file__).resolve().parent / "batch_bench.py"
+DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
+ORT_BATCHES = (1, 8, 32)
+TOP_K = {"alexnet": 5, "lenet5": 3}
+
+
+@dataclass
+class Row:
+    section: str  # "1" … "5"
+    what: str
+    model: str
+    setup: str
+    runs: list[float]  # images/s (or requests/s) of each repeat
+    unit: str = "img/s"
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    ratio: str = ""
+    limit: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs) if self.runs else float("nan")
+
+
+def median_or_blank(values: list[float], fmt: str = "{:.0f}") -> str:
+    return fmt.format(statistics.median(values)) if values else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. onnxruntime in process (runs in a pinned child: `python -m loadtests.bench _ort ...`)
+
+
+def ort_child(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench _ort")
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=Path, required=True, help="folder of the model's images")
+    a = p.parse_args(argv)
+    import numpy as np
+
+    from serving.preprocess import preprocess_bytes, stack_batch
+    from serving.registry import DEFAULT_MODELS_DIR, load_model
+
+    model = load_model(DEFAULT_MODELS_DIR / a.model, device="cpu", threads=a.threads)
+    files = sorted(a.images.iterdir())
+    blobs = [f.read_bytes() for f in files]
+    arrays = [preprocess_bytes(b, model.recipe) for b in blobs]
+
+    def rate(step, per_call: int) -> float:
+        step()  # warm-up: first calls allocate
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            step()
+            calls += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= a.seconds and calls >= 3:
+                return calls * per_call / elapsed
+
+    out = {"model": a.model, "threads": a.threads, "affinity": sorted(os.sched_getaffinity(0)), "batches": {}}
+    for b in (int(x) for x in a.batches.split(",")):
+        batch = stack_batch([arrays[i % len(arrays)] for i in range(b)])
+        out["batches"][str(b)] = [rate(lambda batch=batch: model.logits(batch), b) for _ in range(a.repeats)]
+    cursor = iter(range(1 << 62))
+
+    def pipeline_step() -> None:
+        blob = blobs[next(cursor) % len(blobs)]
+        model.logits(np.expand_dims(preprocess_bytes(blob, model.recipe), 0))
+
+    out["pipeline_b1"] = [rate(pipeline_step, 1) for _ in range(a.repeats)]
+    print(json.dumps(out))
+
+
+def measure_ort(model: str, images: Path, cpus: str | None, threads: int, seconds: float, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "loadtests.bench", "_ort", "--model", model, "--threads", str(threads),
+           "--batches", ",".join(map(str, ORT_BATCHES)), "--seconds", str(seconds), "--repeats", str(repeats),
+           "--images", str(images)]
+    budget = 60 + repeats * (len(ORT_BATCHES) + 1) * (seconds + 10)
+    proc = subprocess.run(servers.pinned(cmd, cpus), cwd=REPO_ROOT, env=servers.base_env(), capture_output=True,
+                          text=True, timeout=budget)
+    if proc.returncode != 0:
+        raise RuntimeError(f"in-process onnxruntime benchmark failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-4. HTTP under wrk
+
+
+def wrk_version() -> str:
+    if shutil.which("wrk") is None:
+        return ""
+    proc = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    return (proc.stdout + proc.stderr).split("Copyright")[0].strip()
+
+
+def run_wrk(url: str, path: str, content_type: str, files: list[Path], connections: int, seconds: int,
+            cpus: str | None) -> dict:
+    """One wrk run (one thread, `connections` keep-alive connections) POSTing the files in turn as raw bodies."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), url,
+           "--", *map(str, files)]
+    env = servers.base_env({"WRK_PATH": path, "WRK_CONTENT_TYPE": content_type})
+    proc = subprocess.run(servers.pinned(cmd, cpus), env=env, capture_output=True, text=True, timeout=seconds + 60)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    r = json.loads(lines[-1])
+    e = r["errors"]
+    return {"rate": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["latency_us"]["p50"] / 1000,
+            "p99_ms": r["latency_us"]["p99"] / 1000, "errors": sum(e.values()), "requests": r["requests"]}
+
+
+def preflight(url: str, path: str, content_type: str, body: bytes, model: str | None) -> None:
+    """One request before the load: a server that answers fast but wrong must not produce a benchmark number."""
+    r = httpx.post(url + path, content=body, headers={"Content-Type": content_type}, timeout=60)
+    if r.status_code != 200:
+        raise RuntimeError(f"pre-flight POST {path} answered {r.status_code}: {r.text[:300]}")
+    if model is not None:
+        problem = check_predictions(r.json(), model, TOP_K[model])
+        if problem:
+            raise RuntimeError(f"pre-flight POST {path}: wrong answer: {problem}")
+
+
+def load_runs(row: Row, url: str, path: str, content_type: str, files: list[Path], model: str | None,
+              args: argparse.Namespace) -> Row:
+    preflight(url, path, content_type, files[0].read_bytes(), model)
+    # Warm-up at full concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
+    run_wrk(url, path, content_type, files, args.connections, max(2, args.duration // 3), args.client_cpus)
+    for _ in range(args.repeats):
+        r = run_wrk(url, path, content_type, files, args.connections, args.duration, args.client_cpus)
+        row.runs.append(r["rate"])
+        row.p50_ms.append(r["p50_ms"])
+        row.p99_ms.append(r["p99_ms"])
+        row.errors += r["errors"]
+    print(f"  {row.what} {row.model}: {row.median:.1f} {row.unit} (runs {', '.join(f'{x:.1f}' for x in row.runs)}),"
+          f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms, errors {row.errors}",
+          flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. the batch CLI (its own script measures it; we take its JSON)
+
+
+def measure_batch_cli(cpus: str | None, threads: int, images: int, repeats: int, results: Path) -> dict | None:
+    """`python -m loadtests.batch_bench throughput` pinned like the servers: its CLI runs and its own ratio."""
+    if not BATCH_BENCH.is_file():
+        print(f"  {BATCH_BENCH.name} is missing: skipped", flush=True)
+        return None
+    out = results / "batch_bench.json"
+    cmd = [sys.executable, "-m", "loadtests.batch_bench", "throughput", "--model", "alexnet", "--images", str(images),
+           "--batch-size", "32", "--threads", str(threads), "--rounds", str(repeats), "--work-dir",
+           str(results / "batch-cli"), "--json", str(out)]
+    proc = subprocess.run(servers.pinned(cmd, cpus), cwd=REPO_ROOT, env=servers.base_env(), capture_output=True,
+                          text=True, timeout=900)
+    (results / "batch_bench.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not out.is_file():
+        print(f"  batch CLI benchmark failed ({proc.returncode}); see {results / 'batch_bench.log'}", flush=True)
+        return None
+    return json.loads(out.read_text())["throughput"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine and the report
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f"{kb / 1024 / 1024:.0f} GiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    versions = {}
+    for name in ("onnxruntime", "bentoml", "locust", "numpy", "pillow", "starlette", "uvicorn"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name if name != "onnxruntime" else "onnxruntime-gpu")
+        except Exception:  # noqa: BLE001 (a missing package is reported as such)
+            versions[name] = "not installed"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": mem, "os": platform.platform(),
+            "python": platform.python_version(), **versions, "wrk": wrk_version() or "not installed"}
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else ""
+
+
+def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, started: float, load_before: str,
+           load_after: str) -> str:
+    n_server = servers.cpu_count_of(args.server_cpus)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m loadtests.bench`); how to run it and what each number means is in",
+        "[loadtests.md](loadtests.md). Re-run it on a quiet machine before quoting these numbers.",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+        f"took {(time.time() - started) / 60:.1f} min",
+        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, no GPU used (CPU execution provider);"
+        f" {info['os']}",
+        f"- Versions: Python {info['python']}, onnxruntime-gpu {info['onnxruntime']}, bentoml {info['bentoml']}, "
+        f"starlette {info['starlette']}, uvicorn {info['uvicorn']}, numpy {info['numpy']}, pillow {info['pillow']}, "
+        f"locust {info['locust']}, {info['wrk']}",
+        f"- CPU split: servers and in-process runs pinned to CPU(s) `{args.server_cpus or 'all'}` ({n_server} core(s), "
+        f"onnxruntime intra-op threads = {n_server}); load generator wrk, 1 thread, pinned to CPU(s) "
+        f"`{args.client_cpus or 'all'}`, {args.connections} keep-alive connections, closed loop",
+        f"- Each number is the median of {args.repeats} runs of {args.duration} s (in-process: {args.ort_seconds} s)"
+        f" after an uncounted warm-up; the individual runs are in the `runs` column",
+        f"- Load average (1/5/15 min) before: {load_before}; after: {load_after}",
+    ]
+    if args.note:
+        lines += [f"- Note: {args.note}"]
+    lines += [
+        "",
+        "| # | measurement | model | setup | median | runs | p50 ms | p99 ms | errors | ratio | limited by |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        runs = " / ".join(f"{x:.1f}" for x in r.runs)
+        lines.append(f"| {r.section} | {r.what} | {r.model} | {r.setup} | {r.median:.1f} {r.unit} | {runs} | "
+                     f"{median_or_blank(r.p50_ms, '{:.1f}')} | {median_or_blank(r.p99_ms, '{:.1f}')} | "
+                     f"{r.errors if r.section in '234' else ''} | {r.ratio} | {r.limit} |")
+    lines += ["", "Ratios: (2) and (5) are divided by (1) at its best batch size on the same cores; (2) is also",
+              "divided by (3), the naive app; LeNet-5 in (2) is divided by the hello endpoint (4).", ""]
+    return "\n".join(lines)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="alexnet,lenet5")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per number (median reported)")
+    p.add_argument("--duration", type=int, default=10, help="seconds per HTTP run")
+    p.add_argument("--ort-seconds", type=float, default=2.0, help="seconds per in-process run")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (concurrent requests)")
+    p.add_argument("--server-cpus", default="1", help="taskset CPUs for servers and in-process runs (default 1)")
+    p.add_argument("--client-cpus", default="0", help="taskset CPUs for wrk (default 0)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report (default docs/benchmarks.md)")
+    p.add_argument("--results", type=Path, help="raw results folder (default results/bench-<UTC time>)")
+    p.add_argument("--note", default="", help="a line about the conditions, printed in the report")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 4 s runs: checks the harness, not the numbers")
+    p.add_argument("--skip-batch-cli", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_ort"]:
+        ort_child(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.repeats, args.duration, args.ort_seconds = 1, 4, 1.0
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: `apt-get install wrk` (Debian/Ubuntu) or `brew install wrk`", file=sys.stderr)
+        return 2
+    started, load_before = time.time(), loadavg()
+    models = [m for m in args.models.split(",") if m]
+    results = args.results or REPO_ROOT / "results" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
+    results.mkdir(parents=True, exist_ok=True)
+    n_server = servers.cpu_count_of(args.server_cpus)
+    pool = build_pool(digits=32 if "lenet5" in models else 0)
+    image_dirs = {"alexnet": results / "images-alexnet", "lenet5": results / "images-lenet5"}
+    files = {m: write_pool([p for p in for_model(pool, m) if m != "alexnet" or p.content_type == "image/jpeg"],
+                           image_dirs[m]) for m in models}
+    ctype = {"alexnet": "image/jpeg", "lenet5": "image/png"}
+    info = machine()
+    pin = f"{n_server} core(s)"
+    rows: list[Row] = []
+    best: dict[str, float] = {}
+
+    print(f"1. onnxruntime in process on CPU(s) {args.server_cpus}, {n_server} thread(s)", flush=True)
+    for m in models:
+        r = measure_ort(m, image_dirs[m], args.server_cpus, n_server, args.ort_seconds, args.repeats)
+        for b in ORT_BATCHES:
+            row = Row("1", f"onnxruntime in process, batch {b}", m, f"{pin}, pre-processed uint8",
+                      r["batches"][str(b)], limit="model compute only")
+            rows.append(row)
+            print(f"  {m} batch {b}: {row.median:.1f} img/s", flush=True)
+        best[m] = max(statistics.median(r["batches"][str(b)]) for b in ORT_BATCHES)
+        pipe = Row("1", "decode + preprocess + onnxruntime in process, batch 1", m,
+                   f"{pin}, {'JPEG photos' if m == 'alexnet' else 'PNG digits'}, 1 thread of decode",
+                   r["pipeline_b1"], limit="serial decode then compute")
+        pipe.ratio = f"{ratio(pipe.median, best[m])} of best (1)"
+        rows.append(pipe)
+        print(f"  {m} decode+ORT batch 1: {pipe.median:.1f} img/s", flush=True)
+
+    server_env = {"CONVNET_ORT_THREADS": str(n_server), "CONVNET_DEVICE": "cpu"}
+    paths = {m: f"/classify?model={m}&top_k={TOP_K[m]}" for m in models}
+    service_rows: dict[str, Row] = {}
+    print(f"2. the service, wrk on CPU(s) {args.client_cpus}, {args.connections} connections", flush=True)
+    with servers.service(models, server_env, args.server_cpus, log_dir=results) as srv:
+        for m in models:
+            row = Row("2", "service (bentoml serve), raw uploads", m,
+                      f"{pin}, {'JPEG photos 320-1024 px' if m == 'alexnet' else 'PNG digits'}, "
+                      f"{args.connections} conns", [], limit="decode + model on the server's cores, plus HTTP")
+            service_rows[m] = load_runs(row, srv.url, paths[m], ctype[m], files[m], m, args)
+            row.ratio = f"{ratio(row.median, best[m])} of best (1)"
+            rows.append(row)
+
+    print("3. naive Starlette baseline", flush=True)
+    naive_env = {"NAIVE_MODELS": ",".join(models), "NAIVE_THREADS": str(n_server), "NAIVE_DEVICE": "cpu"}
+    with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", naive_env, args.server_cpus,
+                             log_dir=results) as naive:
+        for m in models:
+            row = Row("3", "naive Starlette app, raw uploads", m, f"{pin}, 1 uvicorn worker, batch 1", [],
+                      limit="one decode + one batch-1 call per request, no batching")
+            load_runs(row, naive.url, paths[m], ctype[m], files[m], m, args)
+            rows.append(row)
+            service_rows[m].ratio += f"; {ratio(service_rows[m].median, row.median)} of naive (3)"
+
+    print("4. bare Starlette hello endpoint", flush=True)
+    hello_files = files.get("lenet5") or files[models[0]]
+    with servers.uvicorn_app("hello", "loadtests.baselines.hello_app:app", None, args.server_cpus,
+                             log_dir=results) as hello:
+        row = Row("4", "Starlette hello endpoint (reads the body)", "-", f"{pin}, 1 uvicorn worker, same bodies "
+                  "as LeNet-5", [], unit="req/s", limit="HTTP parsing + ASGI in one Python process")
+        load_runs(row, hello.url, "/hello", "image/png", hello_files, None, args)
+        rows.append(row)
+        if "lenet5" in service_rows:
+            service_rows["lenet5"].ratio += f"; {ratio(service_rows['lenet5'].median, row.median)} of hello (4)"
+
+    if "alexnet" in models and not args.skip_batch_cli:
+        print("5. batch CLI", flush=True)
+        r = measure_batch_cli(args.server_cpus, n_server, 64 if args.quick else 256, args.repeats, results)
+        if r is not None:
+            w, h = r["image_size"]
+            row = Row("5", "batch CLI (convnet-classify) over a folder", "alexnet",
+                      f"{pin}, {r['images']} JPEGs {w}x{h}, batch {r['batch_size']}, {r['workers']} decode threads",
+                      list(r["cli_img_s"]), limit="decode threads + model on the same cores")
+            row.ratio = (f"{ratio(row.median, best['alexnet'])} of best (1); {r['ratio']:.2f}× of onnxruntime "
+                         "on the same pre-decoded images (its own run)")
+            rows.append(row)
+            print(f"  batch CLI: {row.median:.1f} img/s", flush=True)
+
+    text = render(rows, info, args, started, load_before, loadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in rows]}, indent=2))
+    print(f"\n{text}\nwrote {args.out} (raw: {results})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The load-test tooling: the CI smoke load against a real server, the SLO gate, the image pool, the baselines.
+
+The smoke load is the one CI relies on: `python -m loadtests.run --start-server ... --max-failure-ratio 0` must pass
+with zero failures against the real service and leave Locust's CSV and HTML report behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadtests import servers
+from loadtests.contract import check_batch, check_predictions
+from loadtests.images import build_pool, for_model
+from loadtests.run import parse_duration
+from serving.preprocess import DIGIT, IMAGENET, decode, preprocess_bytes
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loadtests.run", *args], cwd=REPO_ROOT, env=servers.base_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The CI smoke load, run once: 4 users for 15 s against a freshly started service, zero failures allowed."""
+    results = tmp_path_factory.mktemp("smoke")
+    proc = run_cli("--start-server", "--users", "4", "--spawn-rate", "4", "--run-time", "15s",
+                   "--max-failure-ratio", "0", "--results", str(results))
+    return proc, results
+
+
+@pytest.mark.slow
+def test_smoke_load_passes_with_zero_failures(smoke):
+    proc, results = smoke
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all SLOs met" in proc.stdout
+    with open(results / "locust_stats.csv", newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) > 20
+    assert int(total["Failure Count"]) == 0
+    # The mix really ran: both models, both upload styles and the batch endpoint.
+    names = " ".join(rows)
+    for expected in ("alexnet multipart", "alexnet raw", "lenet5 multipart", "lenet5 raw", "/classify_batch"):
+        assert expected in names, f"no {expected!r} requests in {sorted(rows)}"
+    html = (results / "report.html").read_text()
+    assert "<html" in html.lower() and "Aggregated" in html
+    verdict = json.loads((results / "slo.json").read_text())
+    assert verdict["misses"] == [] and verdict["aggregated"]["failures"] == 0
+
+
+@pytest.mark.slow
+def test_impossible_slo_is_reported_and_fails(smoke):
+    _, results = smoke
+    proc = run_cli("--check", str(results), "--max-failure-ratio", "0", "--p95-ms", "0.001", "--p99-ms", "0.001",
+                   "--min-rps", "1000000", timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "SLO MISSED" in proc.stdout
+    for objective in ("p95 latency", "p99 latency", "throughput"):
+        assert objective in proc.stdout
+    assert "failure ratio" not in proc.stdout.split("SLO MISSED")[1]  # zero failures met the zero-failure SLO
+    misses = json.loads((results / "slo-check.json").read_text())["misses"]
+    assert {m["objective"] for m in misses} == {"p95 latency", "p99 latency", "throughput"}
+
+
+def test_image_pool_is_deterministic_and_realistic():
+    a, b = build_pool(), build_pool()
+    assert [(p.name, p.data) for p in a] == [(p.name, p.data) for p in b]
+    other = build_pool(seed=1)
+    assert [p.data for p in other] != [p.data for p in a]
+    jpegs = [p for p in a if p.content_type == "image/jpeg"]
+    pngs = [p for p in for_model(a, "alexnet") if p.content_type == "image/png"]
+    digits = for_model(a, "lenet5")
+    assert len(jpegs) >= 8 and len(pngs) >= 2 and len(digits) >= 16
+    assert all(320 <= p.width <= 1024 and 320 <= p.height <= 1024 for p in jpegs)
+    assert len({(p.width, p.height) for p in jpegs}) == len(jpegs)  # varied dimensions
+    assert len({p.data[:2] for p in jpegs}) == 1 and jpegs[0].data[:2] == b"\xff\xd8"
+    for p in jpegs[:4] + pngs:
+        im = decode(p.data)
+        assert im.size == (p.width, p.height) and im.mode == "RGB"
+        assert preprocess_bytes(p.data, IMAGENET).std() > 10  # photo-like content, not a flat colour
+    assert {p.label for p in digits} <= set(range(10)) and len({p.label for p in digits}) >= 5
+    for p in digits[:4]:
+        assert preprocess_bytes(p.data, DIGIT).shape == (32, 32, 1)
+
+
+def test_answer_checks_catch_fast_wrong_answers():
+    good = {"model": "lenet5", "version": "1", "weights": "trained",
+            "predictions": [{"index": 7, "label": "7", "score": 0.9}, {"index": 1, "label": "1", "score": 0.05},
+                            {"index": 2, "label": "2", "score": 0.01}]}
+    assert check_predictions(good, "lenet5", 3) is None
+    assert "model" in check_predictions({**good, "model": "alexnet"}, "lenet5", 3)
+    assert "expected 3" in check_predictions({**good, "predictions": good["predictions"][:2]}, "lenet5", 3)
+    unsorted = {**good, "predictions": list(reversed(good["predictions"]))}
+    assert "sorted" in check_predictions(unsorted, "lenet5", 3)
+    assert "malformed" in check_predictions({**good, "predictions": [{"index": 99, "label": "x", "score": 0.5}] * 3},
+                                            "lenet5", 3)
+    batch = {"model": "lenet5", "version": "1", "weights": "trained",
+             "results": [{"index": 0, "filename": "a.png", "predictions": good["predictions"]},
+                         {"index": 1, "filename": "b.png", "error": "corrupt_image", "detail": "x", "status": 400}]}
+    assert check_batch(batch, "lenet5", 3, 2).startswith("image 1 failed: corrupt_image")
+    assert "sent 3 images" in check_batch(batch, "lenet5", 3, 3)
+
+
+def test_durations_are_always_bounded():
+    assert parse_duration("15s") == 15 and parse_duration("2m") == 120 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    for bad in ("0", "0s", "forever", "", "100h"):
+        with pytest.raises(Exception, match="duration"):
+            parse_duration(bad)
+
+
+def test_naive_baseline_answers_like_the_service(tmp_path):
+    """The baseline the benchmark compares against serves the same contract (a real uvicorn on 127.0.0.1)."""
+    digit = for_model(build_pool(photos=0, pngs=0, digits=4), "lenet5")[0]
+    env = {"NAIVE_MODELS": "lenet5", "NAIVE_THREADS": "1"}
+    with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", env, log_dir=tmp_path) as naive:
+        r = httpx.post(f"{naive.url}/classify?model=lenet5&top_k=3", content=digit.data,
+                       headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert check_predictions(r.json(), "lenet5", 3) is None
+        bad = httpx.post(f"{naive.url}/classify?model=lenet5", content=b"not an image", timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"] == "not_an_image"
+    assert naive.proc.poll() is not None  # stopped with its process group
+
+
+def test_in_process_onnxruntime_measurement(tmp_path):
+    """The pinned child behind benchmark row (1), on LeNet-5 with tiny time budgets."""
+    from loadtests.bench import measure_ort
+    from loadtests.images import write_pool
+
+    write_pool(for_model(build_pool(photos=0, pngs=0, digits=4), "lenet5"), tmp_path)
+    r = measure_ort("lenet5", tmp_path, cpus=None, threads=1, seconds=0.2, repeats=2)
+    assert set(r["batches"]) == {"1", "8", "32"}
+    assert all(len(v) == 2 and min(v) > 0 for v in r["batches"].values())
+    assert len(r["pipeline_b1"]) == 2 and min(r["pipeline_b1"]) > 0
