@@ -17,6 +17,8 @@ help:
 	@echo "make models       build models/ (LeNet-5 is shipped; AlexNet's ONNX is built here)"
 	@echo "make train-lenet  train LeNet-5 on MNIST (MNIST_DIR=...) and export it to models/lenet5"
 	@echo "make lint         ruff"
+	@echo "make loadtest     start the service, run Locust for 60 s, fail on any error (LOADTEST_ARGS=...)"
+	@echo "make bench        measure onnxruntime, the service and the baselines; writes docs/benchmarks.md"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,3 +92,21 @@ container-run: setup
 
 test-container: models container-tools
 	$(PY) -m pytest -m container tests/test_container.py
+
+# --- load tests and benchmarks (docs/loadtests.md) ------------------------------------------------------------------
+# make loadtest: the service started on a free 127.0.0.1 port, Locust for a bounded time, SLOs checked (exit 1 on a
+# miss); LOADTEST_ARGS replaces the defaults, e.g. LOADTEST_ARGS="--sweep 1,2,4,8,16,32,64 --step-time 20s".
+# make bench: every number in docs/benchmarks.md in one run (~6-9 min on 2 cores); needs wrk (apt-get install wrk).
+LOADTEST_ARGS ?= --users 8 --run-time 60s --max-failure-ratio 0
+BENCH_ARGS ?=
+.PHONY: loadtest bench wrk
+
+loadtest: setup models
+	$(PY) -m loadtests.run --start-server $(LOADTEST_ARGS)
+
+wrk:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q wrk >/dev/null; } || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+
+bench: setup models wrk
+	$(PY) -m loadtests.bench $(BENCH_ARGS)
