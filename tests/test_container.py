@@ -1,0 +1,149 @@
+"""The CPU serving image, built and run for real: `bentoml containerize` of the bento, started with podman on a free
+127.0.0.1 port (host networking), asked to classify a real image and a corrupt one, inspected for torch and for the
+user it runs as, then stopped and removed.
+
+On this Docker-less machine the build takes the offline path (scripts/oci/: buildah with vfs storage and chroot
+isolation, a base image built from Debian packages, podman with runc). `make test-container` runs only this file;
+scripts/ci-container-tools.sh installs buildah/podman/runc/debootstrap first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.preprocess import preprocess_bytes
+from serving.registry import DEFAULT_MODELS_DIR, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import imagegen  # noqa: E402
+from serverproc import free_port  # noqa: E402
+from test_deploy import TELEMETRY_OFF, build_bento  # noqa: E402
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OCI = REPO_ROOT / "scripts" / "oci"
+READY_TIMEOUT_S = 180.0  # two services, two ONNX sessions and their warm-up on a busy 2-core machine
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(OCI / "podman.sh"), *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Iterator[str]:
+    """The CPU image of a freshly built bento (built once per run; removed afterwards, the base image is kept)."""
+    home = tmp_path_factory.mktemp("bentoml-container")
+    bento_dir = build_bento("bentofile.yaml", home)
+    tag = f"localhost/convnet-serving:test-{bento_dir.name}"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML": str(Path(sys.executable).parent / "bentoml"),
+           **TELEMETRY_OFF}
+    t0 = time.monotonic()
+    out = subprocess.run([str(OCI / "containerize.sh"), f"{bento_dir.parent.name}:{bento_dir.name}", tag, "buildah"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, f"containerize failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    build_s = time.monotonic() - t0
+    size = json.loads(podman("image", "inspect", tag).stdout)[0]["Size"]
+    print(f"\ncontainer image {tag}: built in {build_s:.0f} s (base image included if it was missing), "
+          f"{size / 1e9:.2f} GB")
+    try:
+        yield tag
+    finally:
+        podman("rmi", "-f", tag, check=False)
+
+
+@pytest.fixture(scope="module")
+def container(image: str) -> Iterator[tuple[str, str]]:
+    """(name, base URL) of the image running detached on a free 127.0.0.1 port; always stopped and removed."""
+    port = free_port()
+    name = f"convnet-serving-test-{port}"
+    podman("run", "-d", "--name", name, "--network", "host", image, "--host", "127.0.0.1", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(name, base)
+        yield name, base
+    finally:
+        podman("stop", "-t", "10", name, check=False, timeout=60)
+        podman("rm", "-f", name, check=False, timeout=60)
+
+
+def wait_ready(name: str, base: str) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < READY_TIMEOUT_S:
+        state = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+        if state != "true":
+            raise AssertionError(f"container exited before ready:\n{podman('logs', name, check=False).stdout[-4000:]}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    logs = podman("logs", name, check=False)
+    raise AssertionError(f"{base}/readyz not 200 after {READY_TIMEOUT_S:.0f} s:\n{(logs.stdout + logs.stderr)[-4000:]}")
+
+
+def expected_top(model: str, data: bytes, k: int) -> list[dict]:
+    """What the venv's onnxruntime says for the same bytes: the container must agree."""
+    served = load_model(DEFAULT_MODELS_DIR / model, device="cpu")
+    batch = preprocess_bytes(data, served.recipe, 40_000_000)[None]
+    return served.classify(batch, k)[0]
+
+
+@pytest.mark.parametrize(("model", "data"), [("alexnet", imagegen.photo()), ("lenet5", imagegen.drawn_digit_one())],
+                         ids=["alexnet-jpeg", "lenet5-png"])
+def test_classifies_a_real_image_like_the_venv(container, model, data):
+    _, base = container
+    r = httpx.post(f"{base}/classify", params={"model": model, "top_k": "3"},
+                   files={"image": ("upload", data, "image/jpeg" if model == "alexnet" else "image/png")},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    want = expected_top(model, data, 3)
+    assert [p["label"] for p in got] == [p["label"] for p in want]
+    np.testing.assert_allclose([p["score"] for p in got], [p["score"] for p in want], rtol=1e-4, atol=1e-6)
+
+
+def test_corrupt_image_is_a_400(container):
+    _, base = container
+    r = httpx.post(f"{base}/classify", files={"image": ("broken.jpg", imagegen.truncated_jpeg(), "image/jpeg")},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "corrupt_image" and r.json()["detail"]
+
+
+def test_serves_both_models(container):
+    _, base = container
+    r = httpx.get(f"{base}/models", timeout=60)
+    assert r.status_code == 200, r.text
+    assert sorted(m["name"] for m in r.json()["models"]) == ["alexnet", "lenet5"]
+
+
+def test_image_has_no_torch_and_runs_as_non_root(container, image):
+    name, _ = container
+    probe = ("import importlib.util as u, json, onnxruntime; "
+             "print(json.dumps({'torch': u.find_spec('torch') is not None, 'ort': onnxruntime.__version__}))")
+    found = json.loads(podman("exec", name, "python", "-c", probe).stdout)
+    assert found["torch"] is False
+    from importlib.metadata import version
+    assert found["ort"] == version("onnxruntime-gpu")  # same onnxruntime release as the venv the tests ran with
+    uid = podman("exec", name, "id", "-u").stdout.strip()
+    assert uid.isdigit() and int(uid) != 0
+    user = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]["User"]
+    assert user not in ("", "0", "root")
+    env = dict(line.split("=", 1) for line in podman("exec", name, "env").stdout.splitlines() if "=" in line)
+    assert TELEMETRY_OFF.items() <= env.items()
