@@ -167,17 +167,18 @@ def preflight(url: str, path: str, content_type: str, body: bytes, model: str | 
 
 
 def load_runs(row: Row, url: str, path: str, content_type: str, files: list[Path], model: str | None,
-              args: argparse.Namespace) -> Row:
+              connections: int, args: argparse.Namespace) -> Row:
     preflight(url, path, content_type, files[0].read_bytes(), model)
-    # Warm-up at full concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
-    run_wrk(url, path, content_type, files, args.connections, max(2, args.duration // 3), args.client_cpus)
+    # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
+    run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus)
     for _ in range(args.repeats):
-        r = run_wrk(url, path, content_type, files, args.connections, args.duration, args.client_cpus)
+        r = run_wrk(url, path, content_type, files, connections, args.duration, args.client_cpus)
         row.runs.append(r["rate"])
         row.p50_ms.append(r["p50_ms"])
         row.p99_ms.append(r["p99_ms"])
         row.errors += r["errors"]
-    print(f"  {row.what} {row.model}: {row.median:.1f} {row.unit} (runs {', '.join(f'{x:.1f}' for x in row.runs)}),"
+    runs = ", ".join(f"{x:.1f}" for x in row.runs)
+    print(f"  {row.what} {row.model} x{connections}: {row.median:.1f} {row.unit} (runs {runs}),"
           f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms, errors {row.errors}",
           flush=True)
     return row
@@ -237,11 +238,11 @@ def machine() -> dict[str, str]:
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}×" if b else ""
+    return f"{a / b:.3g}×" if b else ""
 
 
-def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, started: float, load_before: str,
-           load_after: str) -> str:
+def render(rows: list[Row], headlines: list[str], info: dict[str, str], args: argparse.Namespace, started: float,
+           load_before: str, load_after: str) -> str:
     n_server = servers.cpu_count_of(args.server_cpus)
     lines = [
         "# Benchmarks",
@@ -258,7 +259,10 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, star
         f"locust {info['locust']}, {info['wrk']}",
         f"- CPU split: servers and in-process runs pinned to CPU(s) `{args.server_cpus or 'all'}` ({n_server} core(s), "
         f"onnxruntime intra-op threads = {n_server}); load generator wrk, 1 thread, pinned to CPU(s) "
-        f"`{args.client_cpus or 'all'}`, {args.connections} keep-alive connections, closed loop",
+        f"`{args.client_cpus or 'all'}`, closed loop over {args.connections} keep-alive connections (the `conns` in "
+        "each setup)",
+        f"- Servers: the service with `CONVNET_ORT_THREADS={n_server} CONVNET_DEVICE=cpu` and every other setting at "
+        "its default (serving/config.py); the naive and hello apps under one uvicorn worker",
         f"- Each number is the median of {args.repeats} runs of {args.duration} s (in-process: {args.ort_seconds} s)"
         f" after an uncounted warm-up; the individual runs are in the `runs` column",
         f"- Load average (1/5/15 min) before: {load_before}; after: {load_after}",
@@ -275,8 +279,9 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, star
         lines.append(f"| {r.section} | {r.what} | {r.model} | {r.setup} | {r.median:.1f} {r.unit} | {runs} | "
                      f"{median_or_blank(r.p50_ms, '{:.1f}')} | {median_or_blank(r.p99_ms, '{:.1f}')} | "
                      f"{r.errors if r.section in '234' else ''} | {r.ratio} | {r.limit} |")
-    lines += ["", "Ratios: (2) and (5) are divided by (1) at its best batch size on the same cores; (2) is also",
-              "divided by (3), the naive app; LeNet-5 in (2) is divided by the hello endpoint (4).", ""]
+    lines += ["", "Ratios in the table: (2) and (5) are divided by (1) at its best batch size on the same cores,",
+              "(2) also by (3) at the same number of connections.", "", "## Headline ratios", ""]
+    lines += [f"- {h}" for h in headlines] + [""]
     return "\n".join(lines)
 
 
@@ -291,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="alexnet,lenet5")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per number (median reported)")
-    p.add_argument("--duration", type=int, default=10, help="seconds per HTTP run")
+    p.add_argument("--duration", type=int, default=8, help="seconds per HTTP run")
     p.add_argument("--ort-seconds", type=float, default=2.0, help="seconds per in-process run")
-    p.add_argument("--connections", type=int, default=32, help="wrk connections (concurrent requests)")
+    p.add_argument("--connections", default="4,32",
+                   help="wrk connection counts (concurrent requests) for (2) and (3); (4) uses the largest")
     p.add_argument("--server-cpus", default="1", help="taskset CPUs for servers and in-process runs (default 1)")
     p.add_argument("--client-cpus", default="0", help="taskset CPUs for wrk (default 0)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report (default docs/benchmarks.md)")
@@ -348,38 +354,55 @@ def main(argv: list[str] | None = None) -> int:
 
     server_env = {"CONVNET_ORT_THREADS": str(n_server), "CONVNET_DEVICE": "cpu"}
     paths = {m: f"/classify?model={m}&top_k={TOP_K[m]}" for m in models}
-    service_rows: dict[str, Row] = {}
-    print(f"2. the service, wrk on CPU(s) {args.client_cpus}, {args.connections} connections", flush=True)
+    uploads = {"alexnet": "JPEG photos 320-1024 px", "lenet5": "PNG digits"}
+    levels = sorted({int(c) for c in str(args.connections).split(",") if c.strip()})
+    service_rows: dict[tuple[str, int], Row] = {}
+    naive_rows: dict[tuple[str, int], Row] = {}
+    print(f"2. the service, wrk on CPU(s) {args.client_cpus}, connections {levels}", flush=True)
     with servers.service(models, server_env, args.server_cpus, log_dir=results) as srv:
         for m in models:
-            row = Row("2", "service (bentoml serve), raw uploads", m,
-                      f"{pin}, {'JPEG photos 320-1024 px' if m == 'alexnet' else 'PNG digits'}, "
-                      f"{args.connections} conns", [], limit="decode + model on the server's cores, plus HTTP")
-            service_rows[m] = load_runs(row, srv.url, paths[m], ctype[m], files[m], m, args)
-            row.ratio = f"{ratio(row.median, best[m])} of best (1)"
-            rows.append(row)
+            for c in levels:
+                row = Row("2", "service (bentoml serve), raw uploads", m, f"{pin}, {uploads[m]}, {c} conns", [],
+                          limit="decode + model on the server's cores, plus HTTP and BentoML's hop to the model "
+                                "process")
+                service_rows[m, c] = load_runs(row, srv.url, paths[m], ctype[m], files[m], m, c, args)
+                row.ratio = f"{ratio(row.median, best[m])} of best (1)"
+                rows.append(row)
 
     print("3. naive Starlette baseline", flush=True)
     naive_env = {"NAIVE_MODELS": ",".join(models), "NAIVE_THREADS": str(n_server), "NAIVE_DEVICE": "cpu"}
     with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", naive_env, args.server_cpus,
                              log_dir=results) as naive:
         for m in models:
-            row = Row("3", "naive Starlette app, raw uploads", m, f"{pin}, 1 uvicorn worker, batch 1", [],
-                      limit="one decode + one batch-1 call per request, no batching")
-            load_runs(row, naive.url, paths[m], ctype[m], files[m], m, args)
-            rows.append(row)
-            service_rows[m].ratio += f"; {ratio(service_rows[m].median, row.median)} of naive (3)"
+            for c in levels:
+                row = Row("3", "naive Starlette app, raw uploads", m, f"{pin}, 1 uvicorn worker, {c} conns", [],
+                          limit="one decode + one batch-1 call per request, no batching")
+                naive_rows[m, c] = load_runs(row, naive.url, paths[m], ctype[m], files[m], m, c, args)
+                rows.append(row)
+                service_rows[m, c].ratio += f"; {ratio(service_rows[m, c].median, row.median)} of naive (3)"
 
     print("4. bare Starlette hello endpoint", flush=True)
     hello_files = files.get("lenet5") or files[models[0]]
     with servers.uvicorn_app("hello", "loadtests.baselines.hello_app:app", None, args.server_cpus,
                              log_dir=results) as hello:
-        row = Row("4", "Starlette hello endpoint (reads the body)", "-", f"{pin}, 1 uvicorn worker, same bodies "
-                  "as LeNet-5", [], unit="req/s", limit="HTTP parsing + ASGI in one Python process")
-        load_runs(row, hello.url, "/hello", "image/png", hello_files, None, args)
-        rows.append(row)
-        if "lenet5" in service_rows:
-            service_rows["lenet5"].ratio += f"; {ratio(service_rows['lenet5'].median, row.median)} of hello (4)"
+        hello_row = Row("4", "Starlette hello endpoint (reads the body)", "-",
+                        f"{pin}, 1 uvicorn worker, LeNet-5's bodies, {levels[-1]} conns", [], unit="req/s",
+                        limit="HTTP parsing + ASGI in one Python process")
+        load_runs(hello_row, hello.url, "/hello", "image/png", hello_files, None, levels[-1], args)
+        rows.append(hello_row)
+
+    headlines = []
+    for m in models:
+        top = max((service_rows[m, c] for c in levels), key=lambda r: r.median)
+        top_naive = max((naive_rows[m, c] for c in levels), key=lambda r: r.median)
+        headlines.append(f"{m}: the service at saturation ({top.setup.split(', ')[-1]}) does {top.median:.1f} img/s ="
+                         f" {ratio(top.median, best[m])} of onnxruntime in process at its best batch size "
+                         f"({best[m]:.1f} img/s) and {ratio(top.median, top_naive.median)} of the naive app at its "
+                         f"best ({top_naive.median:.1f} img/s, {top_naive.setup.split(', ')[-1]})")
+        if m == "lenet5":
+            headlines.append(f"lenet5: the service's {top.median:.1f} req/s = {ratio(top.median, hello_row.median)}"
+                             f" of the bare Starlette hello endpoint's {hello_row.median:.1f} req/s (the HTTP "
+                             "ceiling on the same core(s))")
 
     if "alexnet" in models and not args.skip_batch_cli:
         print("5. batch CLI", flush=True)
@@ -389,12 +412,16 @@ def main(argv: list[str] | None = None) -> int:
             row = Row("5", "batch CLI (convnet-classify) over a folder", "alexnet",
                       f"{pin}, {r['images']} JPEGs {w}x{h}, batch {r['batch_size']}, {r['workers']} decode threads",
                       list(r["cli_img_s"]), limit="decode threads + model on the same cores")
-            row.ratio = (f"{ratio(row.median, best['alexnet'])} of best (1); {r['ratio']:.2f}× of onnxruntime "
+            row.ratio = (f"{ratio(row.median, best['alexnet'])} of best (1); {r['ratio']:.3g}× of onnxruntime "
                          "on the same pre-decoded images (its own run)")
             rows.append(row)
+            headlines.append(f"alexnet: the batch CLI does {row.median:.1f} img/s = "
+                             f"{ratio(row.median, best['alexnet'])} of onnxruntime in process at its best batch size;"
+                             f" against onnxruntime at batch {r['batch_size']} on the same pre-decoded images in the "
+                             f"same run, {r['ratio']:.3g}×")
             print(f"  batch CLI: {row.median:.1f} img/s", flush=True)
 
-    text = render(rows, info, args, started, load_before, loadavg())
+    text = render(rows, headlines, info, args, started, load_before, loadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in rows]}, indent=2))
