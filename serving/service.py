@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import aiohttp
@@ -36,6 +39,23 @@ USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
 RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 
 
+class WorkerLifeRecord:
+    """Leaves `<tmp>/convnet-<arbiter pid>-<service>-<worker>.pid` while a worker lives. BentoML's arbiter restarts
+    a dead worker without a word; finding the file of a predecessor that never shut down cleanly means it crashed,
+    and the new worker says so in the log."""
+
+    def __init__(self, service: str) -> None:
+        index = bentoml.server_context.worker_index or 0
+        self.path = Path(tempfile.gettempdir()) / f"convnet-{os.getppid()}-{service}-{index}.pid"
+        if self.path.exists():
+            log.error("%s worker %s (pid %s) died without shutting down (crash or kill); restarted as pid %d",
+                      service, index, self.path.read_text().strip() or "?", os.getpid())
+        self.path.write_text(str(os.getpid()))
+
+    def clean_exit(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def endpoint_name(model: str) -> str:
     return "logits_" + re.sub(r"\W", "_", model)
 
@@ -52,6 +72,7 @@ class _ModelWorker:
     """Every model's onnxruntime session, loaded and warmed up by a real inference before the worker serves."""
 
     def __init__(self) -> None:
+        self.life = WorkerLifeRecord("convnet_models")
         log.info("model worker settings: %s", json.dumps(describe(CFG)))
         self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, CFG.ort_threads)
         for model in self.models.values():
@@ -61,6 +82,10 @@ class _ModelWorker:
 
     def __is_ready__(self) -> bool:
         return bool(self.models)
+
+    @bentoml.on_shutdown
+    def _clean_exit(self) -> None:
+        self.life.clean_exit()
 
     @bentoml.api
     def describe(self) -> list[dict]:
@@ -98,6 +123,7 @@ class Convnet:
     models = bentoml.depends(Models)
 
     def __init__(self) -> None:
+        self.life = WorkerLifeRecord("convnet")
         API.attach(self._infer, self._describe, Metrics())
         log.info("serving %s (default %s) on %s", ", ".join(MODEL_INFOS), API.default_model,
                  "GPU" if USES_GPU else "CPU")
@@ -110,10 +136,15 @@ class Convnet:
                 raise ServerBusy("the server is overloaded; retry shortly") from exc
             raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # the model worker is restarting
+            log.warning("model service unreachable: %r", exc)
             raise ServerBusy("the model worker is unavailable (restarting?); retry shortly") from exc
 
     async def _describe(self) -> list[dict]:
         return await self.models.to_async.describe()
+
+    @bentoml.on_shutdown
+    def _clean_exit(self) -> None:
+        self.life.clean_exit()
 
 
 Convnet.add_asgi_middleware(OpenAPIPaths, service=Convnet, paths=OPENAPI_PATHS)

@@ -81,26 +81,49 @@ def wait_ready(base_url: str, proc: subprocess.Popen | None = None, timeout: flo
     raise TimeoutError(f"{base_url} not ready after {timeout:.0f}s:\n{server_log(proc) if proc else ''}")
 
 
+def worker_pids(proc: subprocess.Popen) -> dict[str, int]:
+    """PIDs of the server's worker processes by service name ("convnet", "convnet_models", …)."""
+    import psutil
+
+    pids = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            args = child.cmdline()
+        except psutil.Error:
+            continue
+        if "_bentoml_impl.worker.service" in args:
+            name = args[args.index("--service-name") + 1] if "--service-name" in args else "?"
+            pids[f"{name}:{args[args.index('--worker-id') + 1]}" if "--worker-id" in args else name] = child.pid
+    return pids
+
+
 def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the whole process group (arbiter and workers), SIGKILL what is left after `timeout`."""
+    """SIGTERM the arbiter (it stops its workers), then SIGKILL whatever of the tree is left after `timeout`.
+
+    The workers run in process groups of their own, so the tree is collected before anything is signalled.
+    """
+    import psutil
+
     try:
-        pgid = os.getpgid(proc.pid)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # start_new_session made the arbiter a group leader
     except ProcessLookupError:
-        pgid = None
-    if pgid is not None:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for p in alive:  # workers outliving the arbiter would hold ports and memory
         try:
-            os.killpg(pgid, signal.SIGTERM)
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
+            p.kill()
+        except psutil.NoSuchProcess:
             pass
-        # Workers outliving the arbiter would hold the port: make sure the group is gone.
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
     log = getattr(proc, "log_file", None)
     if log is not None:
         log.close()

@@ -1,0 +1,326 @@
+"""The BentoML service over real HTTP: a real `bentoml serve` (conftest's `server`), real ONNX models, real images."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import imagegen
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+MNIST_SAMPLE = Path(__file__).parent / "data" / "mnist-sample"
+IMAGENET_LABELS = (Path(__file__).parent.parent / "models" / "alexnet" / "labels.txt").read_text().splitlines()
+
+
+def read_idx(path: Path) -> np.ndarray:
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def post_image(base: str, data: bytes, params: dict | None = None, content_type: str = "image/jpeg",
+               field: str = "image", filename: str = "upload") -> httpx.Response:
+    return httpx.post(f"{base}/classify", params=params, files={field: (filename, data, content_type)}, timeout=60)
+
+
+def post_raw(base: str, data: bytes, content_type: str | None, params: dict | None = None) -> httpx.Response:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    return httpx.post(f"{base}/classify", params=params, content=data, headers=headers, timeout=60)
+
+
+def assert_predictions(preds: list[dict], k: int, labels: list[str]) -> None:
+    assert len(preds) == k
+    scores = [p["score"] for p in preds]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 < s <= 1.0 for s in scores) and sum(scores) <= 1.0 + 1e-6
+    for p in preds:
+        assert p["label"] == labels[p["index"]]
+
+
+def assert_error(r: httpx.Response, status: int, code: str, detail_has: str = "") -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] == code, body
+    assert body["detail"] and detail_has.lower() in body["detail"].lower(), body
+
+
+def metric_samples(base: str, name: str) -> dict[str, float]:
+    """{labels-string: value} for one metric name in /metrics."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    out = {}
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
+        out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+# ---- health, docs, models -----------------------------------------------------------------------------------
+
+
+def test_health_endpoints(server):
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert httpx.get(f"{server}/readyz").status_code == 200
+
+
+def test_openapi_lists_our_endpoints_and_swagger_ui_is_served(server):
+    spec = httpx.get(f"{server}/docs.json").json()
+    assert {"/classify", "/classify_batch", "/models"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    index = httpx.get(f"{server}/")
+    assert index.status_code == 200 and "html" in index.headers["content-type"]
+
+
+def test_models_lists_cards_with_runtime(server):
+    body = httpx.get(f"{server}/models").json()
+    assert body["default_model"] == "alexnet"
+    cards = {c["name"]: c for c in body["models"]}
+    assert set(cards) == {"alexnet", "lenet5"}
+    assert cards["alexnet"]["num_classes"] == 1000 and cards["lenet5"]["num_classes"] == 10
+    for card in cards.values():
+        assert card["runtime"]["device"] == "cpu"  # this machine has no GPU: the CPU fallback was clean
+        assert card["runtime"]["providers"][0] == "CPUExecutionProvider"
+        assert card["version"] and card["weights"] and card["preprocessing"]["kind"] in ("imagenet", "digit")
+
+
+# ---- classification -----------------------------------------------------------------------------------------
+
+
+def test_alexnet_multipart_default_model_and_top_k(server):
+    r = post_image(server, imagegen.photo(640, 480))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "alexnet" and body["version"] and body["weights"]
+    assert_predictions(body["predictions"], 5, IMAGENET_LABELS)
+
+
+def test_alexnet_top_k_100_and_raw_body_content_types(server):
+    photo = imagegen.photo(500, 375, seed=3)
+    answers = []
+    for ctype in ("image/jpeg", "application/octet-stream", None):
+        r = post_raw(server, photo, ctype, {"model": "alexnet", "top_k": "100"})
+        assert r.status_code == 200, (ctype, r.text)
+        assert_predictions(r.json()["predictions"], 100, IMAGENET_LABELS)
+        answers.append(r.json()["predictions"])
+    multipart = post_image(server, photo, {"top_k": 100}, content_type="application/octet-stream")
+    answers.append(multipart.json()["predictions"])
+    # The same bytes give the same answer whichever way they arrive.
+    assert all([p["index"] for p in a] == [p["index"] for p in answers[0]] for a in answers)
+
+
+def test_multipart_parameters_as_form_fields_and_curl_style_parts(server):
+    r = httpx.post(f"{server}/classify", data={"model": "lenet5", "top_k": "3"},
+                   files={"image": ("one.png", imagegen.drawn_digit_one(), "image/png")})
+    assert r.status_code == 200 and r.json()["model"] == "lenet5" and len(r.json()["predictions"]) == 3
+    # A part without filename or content type (curl -F 'image=<file') is still an image.
+    boundary = "XbOuNdArY"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n").encode() \
+        + imagegen.drawn_digit_one() + f"\r\n--{boundary}--\r\n".encode()
+    r = httpx.post(f"{server}/classify?model=lenet5", content=body,
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+
+
+def test_lenet_reads_real_mnist_digits_as_png_and_jpeg(server):
+    images = read_idx(MNIST_SAMPLE / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(MNIST_SAMPLE / "t10k-labels-idx1-ubyte.gz")
+    correct = total = 0
+    for fmt, ctype in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        for start in range(0, len(images), 50):
+            chunk = range(start, min(start + 50, len(images)))
+            files = [("image", (f"{i}.{fmt.lower()}", imagegen.digit_png(images[i], fmt=fmt), ctype)) for i in chunk]
+            r = httpx.post(f"{server}/classify_batch", params={"model": "lenet5", "top_k": 1}, files=files,
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            for i, item in zip(chunk, r.json()["results"], strict=True):
+                correct += item["predictions"][0]["index"] == labels[i]
+                total += 1
+    assert total == 2 * len(images)
+    assert correct / total >= 0.98, f"{correct}/{total} correct"
+
+
+def drawn_digit(digit: int, size: int = 240) -> bytes:
+    """A digit drawn with a thick dark pen on white paper."""
+    im = Image.new("L", (size, size), 245)
+    d = ImageDraw.Draw(im)
+    w, s = size // 12, size
+    if digit == 0:
+        d.ellipse((s * 0.3, s * 0.15, s * 0.7, s * 0.85), outline=15, width=w)
+    elif digit == 7:
+        d.line((s * 0.25, s * 0.2, s * 0.75, s * 0.2), fill=15, width=w)
+        d.line((s * 0.75, s * 0.2, s * 0.42, s * 0.85), fill=15, width=w)
+    return imagegen.encode(im, "PNG")
+
+
+@pytest.mark.parametrize("digit", [0, 1, 7])
+def test_lenet_reads_a_dark_on_white_drawn_digit(server, digit):
+    data = imagegen.drawn_digit_one() if digit == 1 else drawn_digit(digit)
+    r = post_image(server, data, {"model": "lenet5", "top_k": 1}, content_type="image/png")
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["label"] == str(digit), r.json()
+
+
+def test_batch_results_in_order_with_per_item_errors(server):
+    files = [("image", ("a.jpg", imagegen.photo(320, 240, seed=1), "image/jpeg")),
+             ("image", ("junk.bin", imagegen.random_bytes(), "application/octet-stream")),
+             ("image", ("b.png", imagegen.photo(300, 300, seed=2, fmt="PNG"), "image/png")),
+             ("image", ("notes.txt", imagegen.TEXT, "text/plain")),
+             ("image", ("cut.jpg", imagegen.truncated_jpeg(), "image/jpeg"))]
+    r = httpx.post(f"{server}/classify_batch", params={"top_k": 2}, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "alexnet"
+    results = body["results"]
+    assert [x["index"] for x in results] == [0, 1, 2, 3, 4]
+    assert [x["filename"] for x in results] == ["a.jpg", "junk.bin", "b.png", "notes.txt", "cut.jpg"]
+    assert_predictions(results[0]["predictions"], 2, IMAGENET_LABELS)
+    assert_predictions(results[2]["predictions"], 2, IMAGENET_LABELS)
+    assert (results[1]["status"], results[1]["error"]) == (400, "not_an_image")
+    assert (results[3]["status"], results[3]["error"]) == (415, "unsupported_media_type")
+    assert (results[4]["status"], results[4]["error"]) == (400, "corrupt_image")
+    # The "images" field name (one per image) is accepted too.
+    r = httpx.post(f"{server}/classify_batch?model=lenet5", files=[("images", ("1.png", imagegen.drawn_digit_one(),
+                                                                                "image/png"))])
+    assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "1"
+
+
+def test_concurrent_requests_are_batched(server):
+    def hist():
+        count = sum(v for k, v in metric_samples(server, "bentoml_service_adaptive_batch_size_count").items()
+                    if 'method_name="logits_alexnet"' in k)
+        ones = sum(v for k, v in metric_samples(server, "bentoml_service_adaptive_batch_size_bucket").items()
+                   if 'method_name="logits_alexnet"' in k and 'le="1.0"' in k)
+        return count, ones
+
+    before = hist()
+    photos = [imagegen.photo(400, 300, seed=s) for s in range(4)]
+    gate = threading.Barrier(16)
+
+    def one(i: int) -> int:
+        gate.wait()
+        return post_raw(server, photos[i % 4], "image/jpeg", {"top_k": 1}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(16))) == [200] * 16
+    count, ones = hist()
+    batches, single = count - before[0], ones - before[1]
+    assert 0 < batches < 16, (before, count, ones)  # 16 requests took fewer model calls
+    assert single < batches  # at least one call carried more than one image
+
+
+def test_our_metrics_are_exported(server):
+    post_image(server, imagegen.random_bytes(), {"model": "lenet5"})
+    post_image(server, imagegen.drawn_digit_one(), {"model": "lenet5"}, content_type="image/png")
+    requests = metric_samples(server, "convnet_requests_total")
+    assert any('model="lenet5"' in k and 'outcome="ok"' in k for k in requests), requests
+    assert any('outcome="not_an_image"' in k for k in requests), requests
+    failures = metric_samples(server, "convnet_decode_failures_total")
+    assert any('error="not_an_image"' in k and v >= 1 for k, v in failures.items()), failures
+    assert sum(metric_samples(server, "convnet_preprocess_seconds_count").values()) >= 1
+    assert metric_samples(server, "bentoml_service_request_total")  # BentoML's own request counters
+
+
+# ---- bad input: always a JSON 4xx and a healthy server afterwards --------------------------------------------
+
+DECODE_CASES = [
+    ("truncated", imagegen.truncated_jpeg(), "image/jpeg", 400, "corrupt_image"),
+    ("random", imagegen.random_bytes(), "application/octet-stream", 400, "not_an_image"),
+    ("text-as-image", imagegen.TEXT, "image/png", 400, "not_an_image"),
+    ("html-as-image", imagegen.HTML, "image/jpeg", 400, "not_an_image"),
+    ("zero-bytes", b"", "image/jpeg", 400, "not_an_image"),
+    ("targa", imagegen.off_allowlist_image(), "image/x-tga", 400, "unsupported_format"),
+    ("huge-dimensions", imagegen.huge_dimension_png(), "image/png", 413, "image_too_large"),
+    ("text", imagegen.TEXT, "text/plain", 415, "unsupported_media_type"),
+    ("html", imagegen.HTML, "text/html", 415, "unsupported_media_type"),
+    ("json", b'{"image": "cat.jpg"}', "application/json", 415, "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize("name,data,ctype,status,code", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_bad_uploads_multipart_and_raw(server, name, data, ctype, status, code):
+    assert_error(post_image(server, data, {"model": "lenet5"}, content_type=ctype), status, code)
+    assert_error(post_raw(server, data, ctype, {"model": "lenet5"}), status, code)
+
+
+ODD_BUT_VALID = [
+    ("one-pixel", imagegen.tiny_png(), "image/png"),
+    ("16-bit", imagegen.sixteen_bit_png(), "image/png"),
+    ("cmyk", imagegen.cmyk_jpeg(), "image/jpeg"),
+    ("animated-gif", imagegen.animated_gif(), "image/gif"),
+    ("palette-alpha", imagegen.palette_alpha_png(), "image/png"),
+    ("float-tiff", imagegen.float_tiff(), "image/tiff"),
+    ("png-labelled-jpeg", imagegen.photo(300, 200, fmt="PNG"), "image/jpeg"),  # wrong type: content decides
+    ("no-type", imagegen.photo(300, 200), ""),
+]
+
+
+@pytest.mark.parametrize("name,data,ctype", ODD_BUT_VALID, ids=[c[0] for c in ODD_BUT_VALID])
+@pytest.mark.parametrize("model", ["lenet5", "alexnet"])
+def test_odd_but_valid_images_are_classified(server, name, data, ctype, model):
+    files = {"image": ("x.jpg", data, ctype)} if ctype else {"image": ("x", data)}
+    r = httpx.post(f"{server}/classify", params={"model": model, "top_k": 1}, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_exif_rotation_is_applied(server):
+    rotated = imagegen.exif_rotated_jpeg()
+    upright = imagegen.encode(Image.open(io.BytesIO(rotated)).transpose(Image.Transpose.ROTATE_270),
+                              "JPEG", quality=95)
+    a = post_image(server, rotated, {"top_k": 3}).json()["predictions"]
+    b = post_image(server, upright, {"top_k": 3}).json()["predictions"]
+    assert [p["index"] for p in a] == [p["index"] for p in b]
+    assert a[0]["score"] == pytest.approx(b[0]["score"], rel=0.05)
+
+
+@pytest.mark.parametrize("params,field,status,code,detail", [
+    ({"model": "resnet"}, "image", 422, "unknown_model", "resnet"),
+    ({"top_k": "0"}, "image", 422, "bad_parameter", "top_k"),
+    ({"top_k": "101"}, "image", 422, "bad_parameter", "top_k"),
+    ({"top_k": "five"}, "image", 422, "bad_parameter", "top_k"),
+    ({"topk": "3"}, "image", 422, "bad_parameter", "topk"),
+    ({}, "file", 422, "bad_parameter", "'file'"),
+])
+def test_bad_parameters(server, params, field, status, code, detail):
+    r = post_image(server, imagegen.tiny_png(), {"model": "lenet5", **params}, "image/png", field=field)
+    assert_error(r, status, code, detail)
+
+
+def test_missing_image_and_malformed_multipart(server):
+    assert_error(httpx.post(f"{server}/classify", data={"model": "lenet5"}, files={"top_k": (None, "3")}),
+                 422, "missing_image")
+    bad = b"--XX\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc"  # no closing boundary
+    r = httpx.post(f"{server}/classify", content=bad, headers={"Content-Type": "multipart/form-data; boundary=XX"})
+    assert_error(r, 400, "bad_request", "multipart")
+    assert_error(post_raw(server, b"model=alexnet", "application/x-www-form-urlencoded"), 415,
+                 "unsupported_media_type", "curl")
+    assert_error(httpx.post(f"{server}/classify_batch", content=imagegen.tiny_png(),
+                            headers={"Content-Type": "image/png"}), 415, "unsupported_media_type")
+
+
+def test_oversized_bodies_are_refused_with_413(server):
+    big = imagegen.random_bytes(21 * 1024 * 1024)  # default limit 20 MiB
+    assert_error(post_raw(server, big, "image/jpeg"), 413, "body_too_large", "limit")
+    assert_error(post_image(server, big), 413, "body_too_large", "limit")
+
+    def chunks():  # no Content-Length: Transfer-Encoding: chunked
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+
+    r = httpx.post(f"{server}/classify", content=chunks(), headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert_error(r, 413, "body_too_large", "stopped reading")
+
+
+def test_server_still_healthy_after_bad_input(server):
+    for data, ctype in ((imagegen.random_bytes(), "image/jpeg"), (imagegen.huge_dimension_png(), "image/png"),
+                        (b"", "")):
+        post_raw(server, data, ctype or None)
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    r = post_image(server, imagegen.drawn_digit_one(), {"model": "lenet5"}, content_type="image/png")
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "1"
