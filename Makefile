@@ -57,6 +57,11 @@ alexnet-official: setup
 	$(if $(DOWNLOAD),$(PY) -m training.import_weights --download "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt,$(PY) -m training.import_weights "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt)
 	$(PY) -m training.export --checkpoint runs/alexnet/imported.pt
 
+# --- the service (docs/service.md) -----------------------------------------------------------------------------------
+# Every model in models/ on 127.0.0.1:$(PORT); tunables are CONVNET_* variables or a TOML file in CONVNET_CONFIG.
+serve: models
+	$(VENV)/bin/bentoml serve serving.service:Convnet --host 127.0.0.1 --port $(PORT)
+
 # --- tests ---------------------------------------------------------------------------------------------------------
 # The whole suite, container test included (it needs buildah/podman/runc/debootstrap: installed here when missing).
 # pytest's exit 5 ("no tests collected") is a failure, not a pass.
