@@ -9,8 +9,9 @@ or with plain Locust against a running service (web UI on :8089, or headless as 
     locust -f loadtests/locustfile.py --host http://127.0.0.1:3000 --headless -u 8 -r 4 -t 60s \\
         --csv results/run --html results/run.html [--models alexnet,lenet5] [--think-time 0.5]
 
-Traffic mix (task weights): AlexNet photos as multipart uploads and as raw bodies (JPEG mostly, some PNG with
-alpha), LeNet-5 MNIST digits both ways, and a small share of `classify_batch` calls. The images come from
+Traffic mix (`MIX` below, weights 5:4:3:3:1:1): AlexNet photos as multipart uploads (JPEG, some PNG with alpha)
+and as raw JPEG bodies, LeNet-5 MNIST digits both ways, and a small share of `classify_batch` calls for each model
+(2-4 photos, 4-8 digits); with --models only the named models' share is kept. The images come from
 `loadtests.images.build_pool` (deterministic: every Locust process sends the same pool). Every response is
 validated (status, JSON shape, number of predictions, score order), so a fast wrong answer counts as a failure.
 """
@@ -29,7 +30,18 @@ from loadtests.images import DEFAULT_SEED, PoolImage, build_pool, for_model
 TOP_K = {"alexnet": 5, "lenet5": 3}
 BATCH_SIZES = {"alexnet": (2, 4), "lenet5": (4, 8)}
 
+# The traffic mix: (weight, model, kind). Kinds for models not under test are dropped, the rest keep their ratios.
+MIX: tuple[tuple[int, str, str], ...] = (
+    (5, "alexnet", "multipart"),
+    (4, "alexnet", "raw"),  # JPEG only: a client posting a file straight from disk or a camera
+    (3, "lenet5", "multipart"),
+    (3, "lenet5", "raw"),
+    (1, "alexnet", "batch"),
+    (1, "lenet5", "batch"),
+)
+
 POOL: dict[str, list[PoolImage]] = {}
+ACTIVE_MIX: list[tuple[int, str, str]] = []
 
 
 @events.init_command_line_parser.add_listener
@@ -53,6 +65,7 @@ def _build_pool(environment, **_kwargs) -> None:
     POOL.clear()
     for model in models:
         POOL[model] = for_model(pool, model)
+    ACTIVE_MIX[:] = [entry for entry in MIX if entry[1] in POOL]
 
 
 def multipart(parts: list[tuple[str, PoolImage]]) -> tuple[bytes, str]:
@@ -78,9 +91,7 @@ class ServiceUser(FastHttpUser):
         return random.uniform(0.0, think) if think > 0 else 0.0
 
     def _classify(self, model: str, raw: bool, jpeg_only: bool = False) -> None:
-        images = POOL.get(model)
-        if not images:
-            return
+        images = POOL[model]
         if jpeg_only:
             images = [p for p in images if p.content_type == "image/jpeg"] or images
         image = random.choice(images)
@@ -102,25 +113,15 @@ class ServiceUser(FastHttpUser):
             if problem:
                 resp.failure(problem)
 
-    @task(5)
-    def alexnet_multipart(self) -> None:
-        self._classify("alexnet", raw=False)
+    @task
+    def one_request(self) -> None:
+        _, model, kind = random.choices(ACTIVE_MIX, weights=[w for w, _, _ in ACTIVE_MIX])[0]
+        if kind == "batch":
+            self._classify_batch(model)
+        else:
+            self._classify(model, raw=kind == "raw", jpeg_only=model == "alexnet" and kind == "raw")
 
-    @task(4)
-    def alexnet_raw_jpeg(self) -> None:
-        self._classify("alexnet", raw=True, jpeg_only=True)
-
-    @task(3)
-    def lenet_multipart(self) -> None:
-        self._classify("lenet5", raw=False)
-
-    @task(3)
-    def lenet_raw(self) -> None:
-        self._classify("lenet5", raw=True)
-
-    @task(1)
-    def classify_batch(self) -> None:
-        model = random.choice(list(POOL))
+    def _classify_batch(self, model: str) -> None:
         lo, hi = BATCH_SIZES[model]
         images = random.sample(POOL[model], min(len(POOL[model]), random.randint(lo, hi)))
         k = TOP_K[model]
