@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from imagegen import digit_png, photo
 from PIL import Image
 
 from serving.preprocess import DIGIT, IMAGENET, preprocess_bytes
@@ -151,9 +151,7 @@ def test_mnist_dataset_is_the_serving_preprocessing(tmp_path):
     raw, raw_labels = load_mnist(SAMPLE, "test")
     assert labels.tolist() == raw_labels[:20].tolist()
     for i in (0, 7, 19):  # what an uploaded PNG of the digit becomes in the service
-        buf = io.BytesIO()
-        Image.fromarray(raw[i], "L").save(buf, "PNG")
-        np.testing.assert_array_equal(images[i].numpy(), preprocess_bytes(buf.getvalue(), DIGIT))
+        np.testing.assert_array_equal(images[i].numpy(), preprocess_bytes(digit_png(raw[i]), DIGIT))
 
 
 def test_digit_cache_is_reused_and_keyed_by_content(tmp_path):
@@ -172,15 +170,13 @@ def test_digit_cache_is_reused_and_keyed_by_content(tmp_path):
 
 
 def make_image_folder(root: Path, classes: dict[str, list[tuple[int, int]]]) -> None:
-    """Real JPEGs with a smooth gradient + noise, so crops and flips are distinguishable."""
-    rng = np.random.default_rng(1)
+    """`root/<wnid>/<wnid>_<k>.JPEG`: real photo-like JPEGs of the given sizes."""
+    seed = 0
     for wnid, sizes in classes.items():
         (root / wnid).mkdir(parents=True)
         for k, (w, h) in enumerate(sizes):
-            ys, xs = np.mgrid[0:h, 0:w]
-            a = np.stack([xs * 255 // max(w - 1, 1), ys * 255 // max(h - 1, 1), (xs + ys) % 256], -1)
-            a = np.clip(a + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(a, "RGB").save(root / wnid / f"{wnid}_{k}.JPEG", quality=90)
+            seed += 1
+            (root / wnid / f"{wnid}_{k}.JPEG").write_bytes(photo(w, h, seed=seed))
 
 
 @pytest.fixture
