@@ -122,3 +122,10 @@ wrk:
 
 bench: setup models wrk
 	$(PY) -m loadtests.bench $(BENCH_ARGS)
+
+# make batch-bench: the batch CLI against onnxruntime in-process (AlexNet, 500x375 JPEGs) and its peak RSS at 1k vs
+# 10k inputs (LeNet-5); numbers in docs/batch.md. BATCH_BENCH_ARGS e.g. "throughput --images 1024 --rounds 5".
+BATCH_BENCH_ARGS ?= all --json results/batch_bench.json
+.PHONY: batch-bench
+batch-bench: setup models
+	$(PY) -m loadtests.batch_bench $(BATCH_BENCH_ARGS)

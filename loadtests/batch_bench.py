@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,15 +67,22 @@ def link_folder(folder: Path, sources: list[Path], count: int) -> Path:
     return folder
 
 
-def ort_throughput(model_dir: Path, arrays: list[np.ndarray], batch_size: int, threads: int) -> float:
-    """Images/s of onnxruntime alone on pre-decoded uint8 batches: the ceiling the CLI is measured against."""
+def ort_throughput(model_dir: Path, arrays: list[np.ndarray], batch_size: int, threads: int) -> tuple[float, float]:
+    """(images/s, CPU ms/image) of onnxruntime alone on pre-decoded uint8 batches: the ceiling the CLI is
+    measured against."""
     model = load_model(model_dir, device="cpu", threads=threads, verify_hash=False)
     batches = [stack_batch(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
     model.logits(batches[0])  # warm-up, as the CLI's first batch is part of its pipeline but allocation isn't
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)), time.perf_counter()
     for b in batches:
         model.logits(b)
-    return len(arrays) / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    cpu = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)) - cpu0
+    return len(arrays) / wall, 1000 * cpu / len(arrays)
+
+
+def _cpu_seconds(usage) -> float:
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_cli(inputs: list[str], model: str, batch_size: int, workers: int, threads: int, out_dir: Path,
@@ -95,13 +103,14 @@ def run_cli(inputs: list[str], model: str, batch_size: int, workers: int, thread
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{stderr.decode(errors='replace')}")
     summary = json.loads(summary_path.read_text())
-    summary.update(exit_status=proc.returncode, outer_wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024)
+    summary.update(exit_status=proc.returncode, outer_wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024,
+                   cpu_s=_cpu_seconds(usage))
     return summary
 
 
 def bench_throughput(model: str = "alexnet", images: int = 512, batch_size: int = 32, workers: int = 2,
                      threads: int = 0, rounds: int = 3, work_dir: Path | None = None,
-                     models_dir: Path = DEFAULT_MODELS_DIR, env: dict[str, str] | None = None) -> dict:
+                     models_dir: Path = DEFAULT_MODELS_DIR, decode_nice: int | None = None) -> dict:
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="batch-bench-"))
     photos = make_photo_folder(work_dir / "photos", images)
     model_dir = Path(models_dir) / model
@@ -110,23 +119,32 @@ def bench_throughput(model: str = "alexnet", images: int = 512, batch_size: int 
 
     recipe = Recipe.from_dict(model_card["preprocessing"])
     arrays = [preprocess_bytes(p.read_bytes(), recipe) for p in photos]
-    ort_rates, cli_rates, cli_walls, rss = [], [], [], []
+    ort_rates, cli_rates, cli_walls, rss, ort_cpu, cli_cpu = [], [], [], [], [], []
     for r in range(rounds):
-        ort_rates.append(ort_throughput(model_dir, arrays, batch_size, threads))
+        rate, cpu_ms = ort_throughput(model_dir, arrays, batch_size, threads)
+        ort_rates.append(rate)
+        ort_cpu.append(cpu_ms)
+        nice = [] if decode_nice is None else ["--decode-nice", str(decode_nice)]
         s = run_cli([str(work_dir / "photos")], model, batch_size, workers, threads, work_dir / f"cli-{r}",
-                    ["--models-dir", str(models_dir)], env)
+                    ["--models-dir", str(models_dir), *nice])
         if s["processed"] != images or s["failed"]:
             raise RuntimeError(f"CLI processed {s['processed']} with {s['failed']} failures, expected {images}")
         cli_rates.append(s["images_per_s"])
         cli_walls.append(s["wall_s"])
         rss.append(s["peak_rss_mib"])
-        print(f"  round {r + 1}/{rounds}: onnxruntime {ort_rates[-1]:.1f} img/s, CLI {cli_rates[-1]:.1f} img/s "
-              f"(ratio {cli_rates[-1] / ort_rates[-1]:.3f})", file=sys.stderr)
+        cli_cpu.append(1000 * s["pipeline_cpu_s"] / images)
+        print(f"  round {r + 1}/{rounds}: onnxruntime {ort_rates[-1]:.1f} img/s ({ort_cpu[-1]:.1f} CPU ms/img), "
+              f"CLI {cli_rates[-1]:.1f} img/s ({cli_cpu[-1]:.1f} CPU ms/img), "
+              f"ratio {cli_rates[-1] / ort_rates[-1]:.3f}", file=sys.stderr)
     ort_med, cli_med = statistics.median(ort_rates), statistics.median(cli_rates)
     return {"model": model, "images": images, "image_size": list(PHOTO_SIZE), "batch_size": batch_size,
             "workers": workers, "threads": threads, "rounds": rounds, "onnxruntime_img_s": ort_rates,
             "cli_img_s": cli_rates, "cli_wall_s": cli_walls, "cli_peak_rss_mib": rss,
             "onnxruntime_median_img_s": ort_med, "cli_median_img_s": cli_med, "ratio": cli_med / ort_med,
+            "ratio_of_best": max(cli_rates) / max(ort_rates),
+            "pair_ratios": [c / o for c, o in zip(cli_rates, ort_rates, strict=True)],
+            "onnxruntime_cpu_ms_per_img": ort_cpu, "cli_cpu_ms_per_img": cli_cpu,
+            "decode_nice": decode_nice,
             "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg()}
 
 
@@ -156,7 +174,12 @@ def report(results: dict) -> str:
                      f"median of {t['rounds']}):")
         lines.append(f"  onnxruntime in-process on pre-decoded arrays: {t['onnxruntime_median_img_s']:.1f} img/s")
         lines.append(f"  convnet-classify over the folder:             {t['cli_median_img_s']:.1f} img/s")
-        lines.append(f"  ratio: {t['ratio']:.3f} (target >= 0.90)")
+        lines.append(f"  ratio of medians: {t['ratio']:.3f}, of bests: {t['ratio_of_best']:.3f}, per round: "
+                     f"{', '.join(f'{x:.3f}' for x in t['pair_ratios'])} (target >= 0.90)")
+        lines.append(f"  CPU ms/img: onnxruntime {statistics.median(t['onnxruntime_cpu_ms_per_img']):.1f}, "
+                     f"CLI {statistics.median(t['cli_cpu_ms_per_img']):.1f} (pipeline only, like onnxruntime's)")
+        lines.append(f"  load average at the end: {', '.join(f'{x:.2f}' for x in t['loadavg_at_end'])} on "
+                     f"{t['cpu_count']} CPUs")
     r = results.get("rss")
     if r:
         lines.append(f"peak RSS ({r['model']}, batch {r['batch_size']}):")
@@ -174,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--decode-nice", type=int, default=None, help="passed to the CLI (default: the CLI's default)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--counts", default="1000,10000")
     p.add_argument("--work-dir", type=Path, default=None, help="where images are written (default: a temp dir)")
@@ -183,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     if args.what in ("throughput", "all"):
         results["throughput"] = bench_throughput(args.model or "alexnet", args.images, args.batch_size, args.workers,
-                                                 args.threads, args.rounds, args.work_dir, args.models_dir)
+                                                 args.threads, args.rounds, args.work_dir, args.models_dir,
+                                                 args.decode_nice)
     if args.what in ("rss", "all"):
         counts = tuple(int(c) for c in args.counts.split(","))
         results["rss"] = bench_rss(args.model or "lenet5", counts, batch_size=args.batch_size, workers=args.workers,

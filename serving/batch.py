@@ -43,6 +43,9 @@ from serving.runtime import DEVICES, DeviceUnavailable
 PROG = "convnet-classify"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EVAL_K = 5  # --eval needs the top 5 whatever --top-k asks to print
+# Decode threads run this much nicer than onnxruntime's (see _nice_current_thread); measured with
+# loadtests/batch_bench.py, see docs/batch.md.
+DEFAULT_DECODE_NICE = 0
 FSYNC_INTERVAL_S = 1.0  # a power cut loses at most this much finished work; a killed process loses none
 USAGE_EPILOG = """\
 inputs: files, directories (walked recursively for image extensions), glob patterns ('**' recurses), @list.txt
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode threads (with --url: concurrent requests); default: the CPU count")
     p.add_argument("--threads", type=_non_negative_int, default=0,
                    help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per core)")
+    p.add_argument("--decode-nice", type=int, choices=range(0, 20), default=DEFAULT_DECODE_NICE, metavar="0-19",
+                   help="scheduling niceness added to decode threads so they yield the CPU to onnxruntime "
+                   f"(default {DEFAULT_DECODE_NICE})")
     p.add_argument("--device", choices=DEVICES, default="auto", help="execution device (default auto)")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N inputs of the listing")
     p.add_argument("--resume", action="store_true",
@@ -465,6 +471,8 @@ class RunStats:
     skipped: int = 0
     started: float = field(default_factory=time.perf_counter)
     pipeline_start: float = 0.0
+    cpu_start: float = 0.0
+    cpu_end: float = 0.0
     pipeline_end: float = 0.0
     interrupted: bool = False
     stopped_early: bool = False
@@ -523,7 +531,7 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
                               initargs=(decode_nice,) if decode_nice else ())
     feeder = threading.Thread(target=feed, args=(paths, lambda p: pool.submit(backend.prepare, p), pending, stop),
                               name="feeder", daemon=True)
-    stats.pipeline_start = time.perf_counter()
+    stats.pipeline_start, stats.cpu_start = time.perf_counter(), time.process_time()
     feeder.start()
     finished = False
     try:
@@ -555,7 +563,7 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
-        stats.pipeline_end = time.perf_counter()
+        stats.pipeline_end, stats.cpu_end = time.perf_counter(), time.process_time()
         stop.set()
         pool.shutdown(wait=not stats.interrupted, cancel_futures=True)
         # Drain so a feeder blocked on a full queue sees the stop flag and exits.
@@ -708,7 +716,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         paths = _filtered(iter_inputs(args.inputs, stdin), done, args.limit, stats)
         run_pipeline(paths, backend, writer, k=args.top_k, batch_size=args.batch_size,
                      workers=args.workers, fail_fast=args.fail_fast, evaluator=evaluator, stats=stats,
-                     progress=bar, decode_nice=0 if args.url else DECODE_NICE)
+                     progress=bar, decode_nice=0 if args.url else args.decode_nice)
     finally:
         if bar is not None:
             bar.close()
@@ -720,8 +728,10 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     summary = {
         "processed": stats.processed, "failed": stats.failed, "skipped": stats.skipped,
         "images_per_s": stats.processed / pipeline_s, "pipeline_s": pipeline_s,
+        "pipeline_cpu_s": stats.cpu_end - stats.cpu_start,
         "wall_s": time.perf_counter() - stats.started, "model": backend.name, "version": backend.version,
         "device": device, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+        "decode_nice": args.decode_nice,
         "output": args.output, "format": fmt, "interrupted": stats.interrupted, "stopped_early": stats.stopped_early,
     }
     if evaluator is not None:
@@ -732,10 +742,6 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     if stats.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_SOME_FAILED if stats.failed else EXIT_OK
-
-
-# Niceness added to decode threads (see _nice_current_thread); 0 turns it off. Tuned by loadtests/batch_bench.py.
-DECODE_NICE = int(os.environ.get("CONVNET_BATCH_DECODE_NICE", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:
