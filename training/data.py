@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -172,9 +171,9 @@ def cached_digit_inputs(images: np.ndarray, cache_dir: str | os.PathLike | None,
             return cached
     out = digit_inputs(images, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
-        np.save(f, out, allow_pickle=False)
-    os.replace(f.name, path)  # atomic: concurrent ranks never read half a file
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, out, allow_pickle=False)
+    os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
     return out
 
 

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,9 +265,9 @@ def evaluate(net: nn.Module, tail: nn.Module, loader, device: torch.device, d: D
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-        torch.save(state, f)
-    os.replace(f.name, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -372,7 +371,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             train_set.epoch = epoch
         distort = augmenter(args, epoch, d.rank)
         model.train()
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device: no host sync per step on a GPU.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         t0 = time.perf_counter()
         bar = tqdm(train_loader, total=2 if args.dry_run else steps_per_epoch, disable=not d.main or args.no_progress,
                    desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", mininterval=1.0 if sys.stderr.isatty()
@@ -386,23 +388,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(tail(images))
                 loss = criterion(logits, labels)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.item() * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
             if step % 20 == 0:
-                rate = seen * d.world / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{rate:.0f}")
+                running = loss_sum.item() / seen
+                if not math.isfinite(running):
+                    raise SystemExit(f"error: the loss is {running} at epoch {epoch + 1} step {step}; lower --lr")
+                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{seen * d.world / (time.perf_counter() - t0):.0f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
-        loss_sum, correct, seen = all_sum([loss_sum, correct, seen], device, d)
-        val = evaluate(model, tail, val_loader, device, d, use_amp, max_batches=1 if args.dry_run else None)
+        loss_sum, correct, seen = all_sum([loss_sum.item(), float(correct.item()), seen], device, d)
+        val = evaluate(net, tail, val_loader, device, d, use_amp, max_batches=1 if args.dry_run else None)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, **val,
                    "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 2),
                    "epoch_seconds": round(time.perf_counter() - t0, 2),
