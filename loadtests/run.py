@@ -37,6 +37,7 @@ from loadtests.slo import Slo, Stats, check, misses_table, read_stats, stats_tab
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 STATS_PREFIX = "locust"  # → locust_stats.csv, locust_failures.csv, locust_exceptions.csv, locust_stats_history.csv
+FINAL_STATS = f"{STATS_PREFIX}_final_stats.csv"  # written by the locustfile at exit: the exact end-of-run numbers
 MAX_RUN_SECONDS = 4 * 3600
 
 
@@ -88,7 +89,7 @@ def run_locust(host: str, users: int, spawn_rate: float, seconds: int, out_dir: 
         # Bounded even if Locust hangs: its run time, its stop timeout, and start-up slack.
         proc = subprocess.run(servers.pinned(cmd, cpus), cwd=servers.REPO_ROOT, env=servers.base_env(),
                               stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 90)
-    stats_csv = out_dir / f"{STATS_PREFIX}_stats.csv"
+    stats_csv = out_dir / FINAL_STATS
     if proc.returncode != 0 or not stats_csv.is_file():
         tail = (out_dir / "locust.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"locust exited with {proc.returncode} (log: {out_dir / 'locust.log'}):\n{tail}")
@@ -100,7 +101,7 @@ def report_single(stats: dict[str, Stats], slo: Slo, out_dir: Path, verdict_file
     misses = check(stats["Aggregated"], slo)
     (out_dir / verdict_file).write_text(json.dumps({"slo": asdict(slo), "aggregated": asdict(stats["Aggregated"]),
                                                   "misses": [asdict(m) for m in misses]}, indent=2) + "\n")
-    print(f"\nresults: {out_dir}  (locust_stats.csv, locust_failures.csv, report.html, {verdict_file})")
+    print(f"\nresults: {out_dir}  ({FINAL_STATS}, locust_failures.csv, report.html, {verdict_file})")
     if misses:
         print("\nSLO MISSED\n" + misses_table(misses))
         return 1
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     slo = Slo(args.max_failure_ratio, args.p95_ms, args.p99_ms, args.min_rps)
     if args.check:
-        stats_csv = args.check / f"{STATS_PREFIX}_stats.csv"
+        stats_csv = args.check / FINAL_STATS
         if not stats_csv.is_file():
             parser.error(f"{stats_csv} does not exist")
         return report_single(read_stats(stats_csv), slo, args.check, verdict_file="slo-check.json")

@@ -43,7 +43,9 @@ def test_smoke_load_passes_with_zero_failures(smoke):
     proc, results = smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all SLOs met" in proc.stdout
-    with open(results / "locust_stats.csv", newline="") as f:
+    for name in ("locust_stats.csv", "locust_failures.csv", "locust_stats_history.csv", "report.html"):
+        assert (results / name).stat().st_size > 0, name
+    with open(results / "locust_final_stats.csv", newline="") as f:  # the exact end-of-run numbers
         rows = {row["Name"]: row for row in csv.DictReader(f)}
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 20
