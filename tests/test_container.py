@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import imagegen  # noqa: E402
 from serverproc import free_port  # noqa: E402
-from test_deploy import TELEMETRY_OFF, build_bento  # noqa: E402
+from test_deploy import TELEMETRY_OFF, build_bento, split_args  # noqa: E402
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -66,12 +67,11 @@ def image(tmp_path_factory) -> Iterator[str]:
         podman("rmi", "-f", tag, check=False)
 
 
-@pytest.fixture(scope="module")
-def container(image: str) -> Iterator[tuple[str, str]]:
-    """(name, base URL) of the image running detached on a free 127.0.0.1 port; always stopped and removed."""
-    port = free_port()
+@contextmanager
+def running(image: str, port: int, args: list[str]) -> Iterator[tuple[str, str]]:
+    """(name, base URL) of the image running detached with `args`, ready; always stopped and removed."""
     name = f"convnet-serving-test-{port}"
-    podman("run", "-d", "--name", name, "--network", "host", image, "--host", "127.0.0.1", "--port", str(port))
+    podman("run", "-d", "--name", name, "--network", "host", image, *args)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(name, base)
@@ -79,6 +79,21 @@ def container(image: str) -> Iterator[tuple[str, str]]:
     finally:
         podman("stop", "-t", "10", name, check=False, timeout=60)
         podman("rm", "-f", name, check=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def container(image: str) -> Iterator[tuple[str, str]]:
+    """The image as `make container-run` starts it: both services in one container, on a free 127.0.0.1 port."""
+    port = free_port()
+    with running(image, port, ["--host", "127.0.0.1", "--port", str(port)]) as started:
+        yield started
+
+
+def on_local_port(args: list[str], port: int) -> list[str]:
+    """A manifest's container args with the pod port swapped for a free host port (host networking here)."""
+    args = list(args)
+    args[args.index("--port") + 1] = str(port)
+    return [*args, "--host", "127.0.0.1"]
 
 
 def wait_ready(name: str, base: str) -> None:
@@ -147,3 +162,24 @@ def test_image_has_no_torch_and_runs_as_non_root(container, image):
     assert user not in ("", "0", "root")
     env = dict(line.split("=", 1) for line in podman("exec", name, "env").stdout.splitlines() if "=" in line)
     assert TELEMETRY_OFF.items() <= env.items()
+
+
+def test_split_deployment_from_the_manifests(image):
+    """deploy/kubernetes/split/ for real: a model container and an API container started with the manifests' args
+    (the model Service's DNS name swapped for 127.0.0.1), the API answering through the model container."""
+    models_port, api_port = free_port(), free_port()
+    models_args = on_local_port(split_args("convnet-models"), models_port)
+    api_args = on_local_port(split_args("convnet-api"), api_port)
+    depends = api_args.index("--depends") + 1
+    api_args[depends] = api_args[depends].replace("convnet-models:3000", f"127.0.0.1:{models_port}")
+    data = imagegen.drawn_digit_one()
+    with running(image, models_port, models_args) as (models_name, _), running(image, api_port, api_args) as (_, api):
+        r = httpx.post(f"{api}/classify", params={"model": "lenet5", "top_k": "1"},
+                       files={"image": ("one.png", data, "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == expected_top("lenet5", data, 1)[0]["label"]
+        r = httpx.post(f"{api}/classify", files={"image": ("broken.jpg", imagegen.truncated_jpeg(), "image/jpeg")},
+                       timeout=60)
+        assert r.status_code == 400 and r.json()["error"] == "corrupt_image"
+        logs = podman("logs", models_name)
+        assert "/logits_lenet5" in logs.stdout + logs.stderr  # the inference ran in the model container

@@ -110,13 +110,17 @@ def test_pinned_requirements_match_the_venv():
 # --- Kubernetes -----------------------------------------------------------------------------------------------------
 
 def manifests() -> dict[str, list[dict]]:
-    docs = {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(K8S_DIR.rglob("*.yaml"))}
+    docs = {p.relative_to(K8S_DIR).as_posix(): [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted(K8S_DIR.rglob("*.yaml"))}
     assert docs, f"no manifests under {K8S_DIR}"
     return docs
 
 
 def resources(kind: str) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d for docs in manifests().values() for d in docs if d["kind"] == kind}
+    found = [d for docs in manifests().values() for d in docs if d["kind"] == kind]
+    names = [d["metadata"]["name"] for d in found]
+    assert len(names) == len(set(names)), f"two {kind}s share a name: {sorted(names)}"
+    return dict(zip(names, found, strict=True))
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(K8S_DIR).as_posix() for p in K8S_DIR.rglob("*.yaml")))
@@ -155,6 +159,8 @@ def test_deployments_probe_the_service_and_request_resources():
             assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
             assert c["livenessProbe"]["httpGet"]["path"] == "/livez", name
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                if probe not in c:
+                    continue
                 port = c[probe]["httpGet"]["port"]
                 assert port in ports or port in ports.values(), f"{name}: {probe} on unknown port {port}"
             assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
@@ -168,22 +174,56 @@ def test_deployments_probe_the_service_and_request_resources():
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
 
 
-def test_service_and_autoscaler_point_at_the_deployments():
+def selected(selector: dict[str, str]) -> list[str]:
+    """Names of the Deployments whose pods a label selector picks."""
+    return [n for n, d in resources("Deployment").items()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+
+
+def test_services_and_autoscalers_point_at_deployments():
     deployments = resources("Deployment")
-    service = resources("Service")["convnet-serving"]
-    selector = service["spec"]["selector"]
-    matched = [n for n, d in deployments.items()
-               if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
-    assert "convnet-serving" in matched and "convnet-serving-gpu" in matched
-    for port in service["spec"]["ports"]:
-        for name in matched:
-            assert port["targetPort"] in {p["name"] for p in containers_of(deployments[name])[0]["ports"]}
-    hpa = resources("HorizontalPodAutoscaler")["convnet-serving"]
-    assert hpa["apiVersion"] == "autoscaling/v2"
-    target = hpa["spec"]["scaleTargetRef"]
-    assert target["kind"] == "Deployment" and target["name"] in deployments
-    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    metric = hpa["spec"]["metrics"][0]["resource"]
-    assert metric["name"] == "cpu" and metric["target"]["type"] == "Utilization"
-    # Utilisation is relative to the CPU request: without one the HPA cannot compute it.
-    assert "cpu" in containers_of(deployments[target["name"]])[0]["resources"]["requests"]
+    services = resources("Service")
+    assert sorted(selected(services["convnet-serving"]["spec"]["selector"])) == ["convnet-serving",
+                                                                                 "convnet-serving-gpu"]
+    for name, service in services.items():
+        matched = selected(service["spec"]["selector"])
+        assert matched, f"Service {name} selects no Deployment's pods"
+        for port in service["spec"]["ports"]:
+            for dep in matched:
+                assert port["targetPort"] in {p["name"] for p in containers_of(deployments[dep])[0]["ports"]}
+    hpas = resources("HorizontalPodAutoscaler")
+    assert {"convnet-serving", "convnet-api", "convnet-models"} <= hpas.keys()
+    for hpa in hpas.values():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment" and target["name"] in deployments
+        assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        metric = hpa["spec"]["metrics"][0]["resource"]
+        assert metric["name"] == "cpu" and metric["target"]["type"] == "Utilization"
+        # Utilisation is relative to the CPU request: without one the HPA cannot compute it.
+        assert "cpu" in containers_of(deployments[target["name"]])[0]["resources"]["requests"]
+
+
+def split_args(deployment: str) -> list[str]:
+    return containers_of(resources("Deployment")[deployment])[0]["args"]
+
+
+def test_split_deployment_wires_api_to_models(bento):
+    """The API pods name the model Service (right port) as their `convnet_models` dependency, the model pods serve
+    exactly that BentoML service, and only API pods may reach them (service-to-service calls carry pickles)."""
+    _, bento_dir = bento
+    services_in_bento = {s["name"] for s in yaml.safe_load((bento_dir / "bento.yaml").read_text())["services"]}
+    models_args = split_args("convnet-models")
+    assert models_args[:3] == ["start-http-server", "--service-name", "convnet_models"]
+    assert "convnet_models" in services_in_bento
+    api_args = split_args("convnet-api")
+    depends = api_args[api_args.index("--depends") + 1]
+    dep_name, url = depends.split("=", 1)
+    assert dep_name in services_in_bento
+    models_service = resources("Service")["convnet-models"]
+    assert url == f"http://convnet-models:{models_service['spec']['ports'][0]['port']}"
+    assert selected(models_service["spec"]["selector"]) == ["convnet-models"]
+    policy = resources("NetworkPolicy")["convnet-models-from-api-only"]
+    assert selected(policy["spec"]["podSelector"]["matchLabels"]) == ["convnet-models"]
+    sources = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert [selected(s) for s in sources] == [["convnet-api"]]
