@@ -566,8 +566,10 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
         stats.pipeline_end, stats.cpu_end = time.perf_counter(), time.process_time()
         stop.set()
         pool.shutdown(wait=not stats.interrupted, cancel_futures=True)
-        # Drain so a feeder blocked on a full queue sees the stop flag and exits.
-        while feeder.is_alive():
+        # Drain so a feeder blocked on a full queue sees the stop flag and exits. One blocked reading stdin can't be
+        # woken; it is a daemon thread, so after a moment we leave it behind.
+        deadline = time.monotonic() + 2.0
+        while feeder.is_alive() and time.monotonic() < deadline:
             try:
                 pending.get(timeout=0.05)
             except queue.Empty:

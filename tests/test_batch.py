@@ -260,6 +260,27 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_output(digits: Path, 
     assert f"0 processed, 0 failed, {len(paths)} skipped" in r.stderr
 
 
+def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.batch", "-", "--model", LENET, "--batch-size", "4",
+                             "-o", str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+    try:
+        proc.stdin.write("\n".join(digit_files(digits, 6)[:10]) + "\n")  # two full batches and a half
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 8) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # while it waits on stdin for the rest of the third batch
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert [rec["path"] for rec in read_jsonl(out)] == digit_files(digits, 6)[:8]
+
+
 def test_resume_refuses_an_output_from_another_model(digits: Path, tmp_path: Path):
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"path": "x.png", "model": "alexnet", "version": "1", "predictions": []}) + "\n")
