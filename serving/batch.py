@@ -23,6 +23,7 @@ import io
 import json
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -634,10 +635,11 @@ def _open_output(args: argparse.Namespace, fmt: str, k: int) -> tuple[RecordWrit
         f = open(args.output, "ab" if args.resume else "wb", buffering=0)  # noqa: SIM115 (closed by main)
     except OSError as e:
         raise UsageError(f"cannot write {args.output}: {e}") from None
+    durable = stat.S_ISREG(os.fstat(f.fileno()).st_mode)  # fsync means nothing (or fails) on /dev/null, pipes
     if fmt == "csv":
-        writer = CsvWriter(f, True, k, write_header=not existing.has_header)
+        writer = CsvWriter(f, durable, k, write_header=not existing.has_header)
     else:
-        writer = JsonlWriter(f, True)
+        writer = JsonlWriter(f, durable)
     return writer, existing.done, f
 
 
