@@ -227,3 +227,24 @@ def test_split_deployment_wires_api_to_models(bento):
     assert selected(policy["spec"]["podSelector"]["matchLabels"]) == ["convnet-models"]
     sources = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
     assert [selected(s) for s in sources] == [["convnet-api"]]
+
+
+def test_bentocloud_config_names_real_services_and_fields(bento):
+    """deploy/bentocloud.yaml: per-service settings for services that exist, with keys BentoML's client knows
+    (its schema ignores unknown keys, so a misspelt one would be silently dropped)."""
+    import attrs
+    from bentoml._internal.cloud.deployment import DeploymentConfigParameters
+    from bentoml._internal.cloud.schemas.modelschemas import DeploymentServiceConfig, DeploymentTargetHPAConf
+
+    _, bento_dir = bento
+    services_in_bento = {s["name"] for s in yaml.safe_load((bento_dir / "bento.yaml").read_text())["services"]}
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "bentocloud.yaml").read_text())
+    assert set(config) <= {f.name for f in attrs.fields(DeploymentConfigParameters)} | {"services"}
+    assert set(config["services"]) == services_in_bento
+    service_fields = {f.name for f in attrs.fields(DeploymentServiceConfig)}
+    scaling_fields = {f.name for f in attrs.fields(DeploymentTargetHPAConf)}
+    for name, svc in config["services"].items():
+        assert set(svc) <= service_fields, name
+        scaling = svc["scaling"]
+        assert set(scaling) <= scaling_fields and scaling["min_replicas"] <= scaling["max_replicas"], name
+    assert TELEMETRY_OFF.items() <= {e["name"]: e["value"] for e in config["envs"]}.items()
