@@ -178,6 +178,7 @@ def test_fail_fast_stops_at_the_first_failure(digits: Path, tmp_path: Path):
     (["--model", LENET, "--top-k", "0"], "must be at least 1"),
     (["--model", LENET, "--top-k", "11"], "more than lenet5's 10 classes"),
     (["--model", LENET, "--device", "gpu"], "invalid choice"),
+    (["--model", LENET, "--url", "http://127.0.0.1:9"], "cannot reach the service"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, digits: Path):
     r = cli(str(digits / "0"), *args)
@@ -355,3 +356,5 @@ def test_records_equal_the_service_answers_locally_and_with_url(server: str, dig
             else:
                 assert answer.status_code == 200 and (body["model"], body["version"]) == (model, rec["version"])
                 assert_same_predictions(body["predictions"], rec["predictions"])
+    r = cli(str(bad), "--model", "no-such-model", "--url", server)
+    assert r.returncode == 2 and "does not serve 'no-such-model'" in r.stderr
