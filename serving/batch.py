@@ -543,8 +543,8 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
                 if fut is _END:
                     finished = True
                     break
-                if isinstance(fut, BaseException):
-                    raise fut
+                if isinstance(fut, BaseException):  # listing failed mid-run (a list file vanished, stdin broke)
+                    raise InputSpecError(f"listing the inputs failed: {type(fut).__name__}: {fut}") from fut
                 chunk.append((path, fut))
             if not chunk:
                 break

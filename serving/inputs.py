@@ -8,6 +8,7 @@ interrupted run be resumed and compared with an uninterrupted one.
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 import stat
 import sys
@@ -109,6 +110,11 @@ def _list_file_lines(stream: IO[str]) -> Iterator[str]:
             yield line
 
 
+def _stdin_paths() -> IO[str]:
+    """stdin decoded the way the OS decodes file names, so any path bytes round-trip (not strict UTF-8)."""
+    return io.TextIOWrapper(sys.stdin.buffer, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+
+
 def check_specs(specs: list[str]) -> None:
     """Fail fast on arguments that can't be listed, before a long run starts and produces half an output."""
     if specs.count(STDIN) > 1:
@@ -129,7 +135,7 @@ def expand(spec: str, stdin: IO[str] | None = None, nested: bool = False) -> Ite
     yielded as is, so a missing file becomes an `unreadable_input` record rather than disappearing.
     """
     if not nested and spec == STDIN:
-        for line in _list_file_lines(stdin if stdin is not None else sys.stdin):
+        for line in _list_file_lines(stdin if stdin is not None else _stdin_paths()):
             yield from expand(line, nested=True)
     elif not nested and spec.startswith("@") and spec != "@":
         with open(spec[1:], encoding="utf-8", errors="surrogateescape") as f:
