@@ -32,6 +32,7 @@ class ServiceConfig:
     max_latency_ms: int = 10_000  # a request queued longer than this is shed with 503 server_busy
     model_workers: int = 1  # processes each holding every model; on a small CPU box one with all cores wins
     ort_threads: int = 0  # onnxruntime intra-op threads per model worker; 0 = one per physical core
+    ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
     # The request-facing service.
     api_workers: int = 1
     decode_threads: int = 2  # Pillow decodes in this many threads (it releases the GIL)
@@ -46,7 +47,7 @@ class ServiceConfig:
         if self.device not in DEVICES:
             raise ValueError(f"CONVNET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
         for f in fields(self):
-            if f.type == "int" and getattr(self, f.name) < (0 if f.name == "ort_threads" else 1):
+            if f.type == "int" and getattr(self, f.name) < (0 if f.name in ("ort_threads", "ort_spinning") else 1):
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "
                                  f"not {getattr(self, f.name)!r}")
 

@@ -131,7 +131,8 @@ class ServedModel:
         self.logits(np.zeros((1, r.size, r.size, r.channels), dtype=np.uint8))
 
 
-def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_hash: bool = True) -> ServedModel:
+def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_hash: bool = True,
+               session_config: dict[str, str] | None = None) -> ServedModel:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -143,7 +144,8 @@ def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_h
         if actual != card.onnx["sha256"]:
             raise ModelRepositoryError(f"{onnx_path} sha256 {actual[:12]}… does not match its card "
                                        f"({card.onnx['sha256'][:12]}…): rebuild with `make models`")
-    session = OnnxModel(onnx_path, device=device, threads=threads, trt_cache_dir=model_dir / "trt_cache")
+    session = OnnxModel(onnx_path, device=device, threads=threads, trt_cache_dir=model_dir / "trt_cache",
+                        session_config=session_config)
     model = ServedModel(card, read_labels(model_dir, card), card.recipe, session)
     model.load_seconds = time.perf_counter() - t0
     log.info("loaded model %s v%s (%s weights) on %s in %.2fs", card.name, card.version, card.weights,
@@ -152,7 +154,8 @@ def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_h
 
 
 def load_repository(models_dir: Path = DEFAULT_MODELS_DIR, names: list[str] | None = None, device: str = "auto",
-                    threads: int = 0, verify_hash: bool = True) -> dict[str, ServedModel]:
+                    threads: int = 0, verify_hash: bool = True,
+                    session_config: dict[str, str] | None = None) -> dict[str, ServedModel]:
     """Load the named models (default: every model with a card) from a repository folder."""
     dirs = {p.name: p for p in discover(models_dir)}
     if names:
@@ -162,7 +165,7 @@ def load_repository(models_dir: Path = DEFAULT_MODELS_DIR, names: list[str] | No
         dirs = {n: dirs[n] for n in names}
     if not dirs:
         raise ModelRepositoryError(f"no models under {models_dir}: run `make models`")
-    return {name: load_model(d, device, threads, verify_hash) for name, d in dirs.items()}
+    return {name: load_model(d, device, threads, verify_hash, session_config) for name, d in dirs.items()}
 
 
 def get_model(models: dict[str, ServedModel], name: str) -> ServedModel:

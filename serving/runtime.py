@@ -69,13 +69,15 @@ class OnnxModel:
     """One onnxruntime session over one ONNX file, taking a uint8 NHWC batch and returning float32 logits."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int = 0,
-                 trt_cache_dir: Path | None = None):
+                 trt_cache_dir: Path | None = None, session_config: dict[str, str] | None = None):
         self.path = Path(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads  # 0 = onnxruntime's choice (one per physical core)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            opts.add_session_config_entry(key, value)
         candidates = candidate_providers(device)
         providers = [(p, _provider_options(p, trt_cache_dir)) for p in candidates]
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)

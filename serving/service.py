@@ -74,7 +74,8 @@ class _ModelWorker:
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet_models")
         log.info("model worker settings: %s", json.dumps(describe(CFG)))
-        self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, CFG.ort_threads)
+        self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, CFG.ort_threads,
+                                      session_config={"session.intra_op.allow_spinning": str(CFG.ort_spinning)})
         for model in self.models.values():
             model.warm_up()
             log.info("model %s ready on %s (providers %s)", model.name, model.session.device,
@@ -95,6 +96,7 @@ class _ModelWorker:
 Models = bentoml.service(
     name="convnet_models", workers=CFG.model_workers, threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
+    logging={"access": {"enabled": False}},  # the front service logs every request already
 )(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in MODEL_INFOS}))
 
 API = ClassifierAPI(CFG, MODEL_INFOS)
