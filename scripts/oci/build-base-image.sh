@@ -21,6 +21,10 @@ rootfs="$OCI_HOME/rootfs-$suite"
 # The host's CA bundle: package installs inside image builds go through the same TLS-inspecting egress as the host.
 ca_bundle="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 
+# One builder at a time (a test run and `make container` may both get here); the second finds the image built.
+exec 9>"$OCI_HOME/base-image.lock"
+flock 9
+
 old_id="$(buildah images --quiet "$image" 2>/dev/null || true)"
 if [[ "${REBUILD_BASE:-0}" != 1 && -n "$old_id" ]]; then
     echo "base image $image already built (REBUILD_BASE=1 to rebuild)"
