@@ -59,7 +59,7 @@ alexnet-official: setup
 
 # Train LeNet-5 on MNIST (docs/training.md: <= 0.8% test error, a few minutes on 2 CPU cores), then export best.pt
 # to models/lenet5 (the exporter re-measures the error through the serving preprocessing and writes the card).
-LENET_TRAIN_ARGS ?= --epochs 20 --batch-size 64 --lr 0.05 --lr-scheduler onecycle --weight-decay 5e-4 --distort --seed 0
+LENET_TRAIN_ARGS ?= --epochs 20 --batch-size 64 --lr 0.05 --lr-scheduler onecycle --weight-decay 5e-4 --distort --threads 1 --seed 0
 train-lenet: setup
 	$(PY) -m training.train --model lenet5 --data-dir $(MNIST_DIR) --output-dir runs/lenet5 $(LENET_TRAIN_ARGS)
 	$(PY) -m training.export --checkpoint runs/lenet5/best.pt --mnist-dir $(MNIST_DIR)

@@ -55,7 +55,7 @@ def test_short_run_learns(short_run):
     assert log[-1]["val_top1"] > 70.0  # 10% is chance; 500 training digits, 5 epochs
     assert all(m["val_images"] == 300 and m["val_split"] == "test" for m in log)
     assert all(0 <= m["val_top1"] <= m["val_top5"] <= 100 for m in log)
-    assert abs(log[-1]["val_error"] - (100 - log[-1]["val_top1"])) < 1e-9
+    assert abs(log[-1]["val_error"] - (100 - log[-1]["val_top1"])) < 1e-3
 
 
 def test_checkpoints_load_with_weights_only_and_rebuild_the_net(short_run):
