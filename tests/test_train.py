@@ -114,11 +114,14 @@ def test_resume_is_exact(tmp_path):
     assert not torch.equal(c["model"]["features.0.weight"], a["model"]["features.0.weight"])
 
 
-def test_resume_refuses_another_architecture(short_run, tmp_path):
+def test_resume_refuses_another_architecture_or_schedule(short_run, tmp_path):
     args = parse_args(lenet_args(tmp_path / "x", "--epochs", "6", "--activation", "tanh",
                                  "--resume", str(short_run / "checkpoint.pt")))
     with pytest.raises(SystemExit, match="activation='relu'"):
         train(args)
+    longer = parse_args(lenet_args(tmp_path / "y", "--epochs", "8", "--resume", str(short_run / "checkpoint.pt")))
+    with pytest.raises(SystemExit, match="onecycle schedule spans 5 epochs; resume with --epochs 5"):
+        train(longer)
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):

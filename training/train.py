@@ -335,6 +335,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if saved.get(key) != (num_classes if key == "num_classes" else getattr(args, key)):
                 raise SystemExit(f"error: {args.resume} was trained with {key}={saved.get(key)!r}; "
                                  f"this run has {getattr(args, key, num_classes)!r}")
+        if args.lr_scheduler != "step" and saved.get("epochs") != args.epochs:
+            # OneCycle and cosine are laid out over the whole run; the saved schedule would end at the old length.
+            raise SystemExit(f"error: {args.resume}'s {args.lr_scheduler} schedule spans {saved.get('epochs')} epochs; "
+                             f"resume with --epochs {saved.get('epochs')} (or start a new run)")
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
