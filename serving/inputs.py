@@ -42,22 +42,30 @@ def walk_images(root: str) -> Iterator[str]:
     """Image files under `root`, depth first, sorted by name in each directory; hidden entries and links to
     directories are skipped (no cycles). A subdirectory that can't be listed is yielded itself, so it becomes an
     `unreadable_input` record instead of silently vanishing."""
+    # Only the names that matter are kept (folders marked with a trailing separator), as plain strings: the one
+    # per-directory list a walk must hold in order to sort stays small even for a folder of a million images.
+    names: list[str] = []
     try:
         with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        names.append(entry.name + os.sep)
+                    elif is_image_name(entry.name) and entry.is_file():
+                        names.append(entry.name)
+                except OSError:
+                    names.append(entry.name)  # can't even stat it: let the read report why
     except OSError:
         yield root
         return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                yield from walk_images(entry.path)
-            elif is_image_name(entry.name) and entry.is_file():
-                yield entry.path
-        except OSError:
-            yield entry.path
+    names.sort()
+    for name in names:
+        if name.endswith(os.sep):
+            yield from walk_images(os.path.join(root, name[:-1]))
+        else:
+            yield os.path.join(root, name)
 
 
 def iglob_sorted(pattern: str, final: bool = True) -> Iterator[str]:
