@@ -25,7 +25,7 @@ TIMING_KEYS = {"train_seconds", "epoch_seconds", "images_per_second"}
 # One thread: these batches are tiny, and on a busy 2-core machine two OpenMP threads mostly wait for each other.
 def lenet_args(out: Path, *extra: str) -> list[str]:
     return ["--model", "lenet5", "--data-dir", str(SAMPLE), "--output-dir", str(out), "--batch-size", "32",
-            "--cache-dir", "", "--no-progress", "--threads", "1", *extra]
+            "--cache-dir", "", "--no-progress", "--threads", "1", "--val-holdout", "0", *extra]
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +172,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     tail = UInt8Input(recipe_for("lenet5").mean, recipe_for("lenet5").std)
     scores = evaluate(net, tail, batch_loader(val, ShardSampler(300, 0, 1), 64), torch.device("cpu"), Dist(), False)
     assert abs(scores["val_top1"] - log[0]["val_top1"]) < 1e-9
+
+
+def test_validation_holds_out_training_digits_and_leaves_the_test_set_unseen(tmp_path):
+    """best.pt is chosen on digits held out of the training set, so the test error the card reports is unbiased."""
+    out = tmp_path / "holdout"
+    train(parse_args(lenet_args(out, "--epochs", "1", "--lr", "0.05", "--val-holdout", "100")))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["val_split"] == "train holdout (last 100)"
+    assert metrics[-1]["val_images"] == 100  # the sample's 300 test digits were not used
