@@ -238,11 +238,6 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), **versions, "wrk": wrk_version() or "not installed"}
 
 
-def m_index(rows: list[Row], section: str) -> int:
-    """Where `section` starts in `rows` (the end if absent): keeps the table in section order."""
-    return next((i for i, r in enumerate(rows) if r.section == section), len(rows))
-
-
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.3g}×" if b else ""
 
@@ -316,6 +311,151 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+UPLOADS = {"alexnet": ("image/jpeg", "JPEG photos 320-1024 px"), "lenet5": ("image/png", "PNG digits")}
+
+
+@dataclass
+class Bench:
+    """One benchmark run: its settings, its image files, and the rows measured so far."""
+
+    args: argparse.Namespace
+    results: Path
+    models: list[str]
+    image_dirs: dict[str, Path]
+    files: dict[str, list[Path]]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)  # (1) at its best batch size, per model
+    first_half: dict[str, dict] = field(default_factory=dict)
+    service_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
+    naive_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
+    hello_row: Row | None = None
+    cli: tuple[Row, dict] | None = None
+
+    @property
+    def n_server(self) -> int:
+        return servers.cpu_count_of(self.args.server_cpus)
+
+    @property
+    def pin(self) -> str:
+        return f"{self.n_server} core(s)"
+
+    @property
+    def levels(self) -> list[int]:
+        return sorted({int(c) for c in str(self.args.connections).split(",") if c.strip()})
+
+    def in_process(self, model: str) -> dict:
+        a = self.args
+        return measure_ort(model, self.image_dirs[model], a.server_cpus, self.n_server, a.ort_seconds, a.repeats)
+
+    def in_process_first_half(self) -> None:
+        # (1) runs twice, first and last, and both halves go into its medians: on a machine whose load drifts
+        # during the run, the denominator of every ratio then spans the same period as the numerators.
+        print(f"1. onnxruntime in process on CPU(s) {self.args.server_cpus}, {self.n_server} thread(s)", flush=True)
+        self.first_half = {m: self.in_process(m) for m in self.models}
+
+    def in_process_second_half(self) -> None:
+        print("1. onnxruntime in process, second half", flush=True)
+        rows = []
+        for m in self.models:
+            first, again = self.first_half[m], self.in_process(m)
+            drift = statistics.median(again["batches"]["32"]) / statistics.median(first["batches"]["32"])
+            if not 0.8 <= drift <= 1.25:
+                self.notes.append(f"{m} in process at batch 32 ran {drift:.2f}× as fast at the end as at the start:"
+                                  " the machine's load changed during the run")
+            ort_rows = [Row("1", f"onnxruntime in process, batch {b}", m, f"{self.pin}, pre-processed uint8",
+                            first["batches"][str(b)] + again["batches"][str(b)], limit="model compute only")
+                        for b in ORT_BATCHES]
+            self.best[m] = max(r.median for r in ort_rows)
+            pipe = Row("1", "decode + preprocess + onnxruntime in process, batch 1", m,
+                       f"{self.pin}, {UPLOADS[m][1]}, 1 thread of decode", first["pipeline_b1"] + again["pipeline_b1"],
+                       limit="serial decode then compute")
+            pipe.ratio = f"{ratio(pipe.median, self.best[m])} of best (1)"
+            for r in [*ort_rows, pipe]:
+                print(f"  {m} {r.what}: {r.median:.1f} img/s", flush=True)
+            rows += [*ort_rows, pipe]
+        self.rows[0:0] = rows
+
+    def batch_cli(self) -> None:
+        print("5. batch CLI", flush=True)
+        r = measure_batch_cli(self.args.server_cpus, self.n_server, 64 if self.args.quick else 256,
+                              self.args.repeats, self.results)
+        if r is not None:
+            w, h = r["image_size"]
+            row = Row("5", "batch CLI (convnet-classify) over a folder", "alexnet",
+                      f"{self.pin}, {r['images']} JPEGs {w}x{h}, batch {r['batch_size']}, {r['workers']} decode "
+                      "threads", list(r["cli_img_s"]), limit="decode threads + model on the same cores")
+            print(f"  batch CLI: {row.median:.1f} img/s", flush=True)
+            self.cli = (row, r)
+
+    def http(self, section: str, what: str, server, model: str | None, connections: int, limit: str,
+             setup: str, path: str = "", unit: str = "img/s") -> Row:
+        m = model or "lenet5"
+        row = Row(section, what, model or "-", f"{self.pin}, {setup}, {connections} conns", [], unit=unit,
+                  limit=limit)
+        path = path or f"/classify?model={m}&top_k={TOP_K[m]}"
+        load_runs(row, server.url, path, UPLOADS[m][0], self.files[m], model, connections, self.args)
+        self.rows.append(row)
+        return row
+
+    def service(self) -> None:
+        print(f"2. the service, wrk on CPU(s) {self.args.client_cpus}, connections {self.levels}", flush=True)
+        env = {"CONVNET_ORT_THREADS": str(self.n_server), "CONVNET_DEVICE": "cpu"}
+        with servers.service(self.models, env, self.args.server_cpus, log_dir=self.results) as srv:
+            for m in self.models:
+                for c in self.levels:
+                    self.service_rows[m, c] = self.http(
+                        "2", "service (bentoml serve), raw uploads", srv, m, c, setup=UPLOADS[m][1],
+                        limit="decode + model on the server's cores, plus HTTP and BentoML's hop to the model process")
+
+    def naive(self) -> None:
+        print("3. naive Starlette baseline", flush=True)
+        env = {"NAIVE_MODELS": ",".join(self.models), "NAIVE_THREADS": str(self.n_server), "NAIVE_DEVICE": "cpu"}
+        with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", env, self.args.server_cpus,
+                                 log_dir=self.results) as naive:
+            for m in self.models:
+                for c in self.levels:
+                    self.naive_rows[m, c] = self.http(
+                        "3", "naive Starlette app, raw uploads", naive, m, c, setup="1 uvicorn worker",
+                        limit="one decode + one batch-1 call per request, no batching")
+
+    def hello(self) -> None:
+        print("4. bare Starlette hello endpoint", flush=True)
+        with servers.uvicorn_app("hello", "loadtests.baselines.hello_app:app", None, self.args.server_cpus,
+                                 log_dir=self.results) as hello:
+            self.hello_row = self.http("4", "Starlette hello endpoint (reads the body)", hello, None,
+                                       self.levels[-1], setup="1 uvicorn worker, LeNet-5's bodies", path="/hello",
+                                       unit="req/s", limit="HTTP parsing + ASGI in one Python process")
+
+    def headlines(self) -> list[str]:
+        """Fills in the ratios of (2) and (5) (now that (1) is complete) and returns the headline sentences."""
+        out = []
+        for (m, c), row in self.service_rows.items():
+            row.ratio = (f"{ratio(row.median, self.best[m])} of best (1); "
+                         f"{ratio(row.median, self.naive_rows[m, c].median)} of naive (3)")
+        for m in self.models:
+            top = max((self.service_rows[m, c] for c in self.levels), key=lambda r: r.median)
+            top_naive = max((self.naive_rows[m, c] for c in self.levels), key=lambda r: r.median)
+            out.append(f"{m}: the service at saturation ({top.setup.split(', ')[-1]}) does {top.median:.1f} img/s "
+                       f"= {ratio(top.median, self.best[m])} of onnxruntime in process at its best batch size "
+                       f"({self.best[m]:.1f} img/s) and {ratio(top.median, top_naive.median)} of the naive app at "
+                       f"its best ({top_naive.median:.1f} img/s, {top_naive.setup.split(', ')[-1]})")
+            if m == "lenet5" and self.hello_row is not None:
+                out.append(f"lenet5: the service's {top.median:.1f} req/s = "
+                           f"{ratio(top.median, self.hello_row.median)} of the bare Starlette hello endpoint's "
+                           f"{self.hello_row.median:.1f} req/s (the HTTP ceiling on the same core(s))")
+        if self.cli is not None:
+            row, r = self.cli
+            row.ratio = (f"{ratio(row.median, self.best['alexnet'])} of best (1); {r['ratio']:.3g}× of onnxruntime "
+                         "on the same pre-decoded images (its own run)")
+            self.rows.append(row)
+            out.append(f"alexnet: the batch CLI does {row.median:.1f} img/s = "
+                       f"{ratio(row.median, self.best['alexnet'])} of onnxruntime in process at its best batch size; "
+                       f"against onnxruntime at batch {r['batch_size']} on the same pre-decoded images, interleaved "
+                       f"in its own run, {r['ratio']:.3g}×")
+        return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_ort"]:
@@ -331,120 +471,30 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     results = args.results or REPO_ROOT / "results" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
     results.mkdir(parents=True, exist_ok=True)
-    n_server = servers.cpu_count_of(args.server_cpus)
     pool = build_pool(digits=32 if "lenet5" in models else 0)
-    image_dirs = {"alexnet": results / "images-alexnet", "lenet5": results / "images-lenet5"}
-    files = {m: write_pool([p for p in for_model(pool, m) if m != "alexnet" or p.content_type == "image/jpeg"],
-                           image_dirs[m]) for m in models}
-    ctype = {"alexnet": "image/jpeg", "lenet5": "image/png"}
+    image_dirs = {m: results / f"images-{m}" for m in ("alexnet", "lenet5")}
+    # Raw uploads: the photos as JPEG for AlexNet (the PNGs are for the Locust mix), the digits as PNG for LeNet-5.
+    files = {m: write_pool([p for p in for_model(pool, m) if p.content_type == UPLOADS[m][0]], image_dirs[m])
+             for m in models}
+    if "lenet5" not in files:  # the hello endpoint posts LeNet-5's bodies
+        files["lenet5"] = write_pool(for_model(build_pool(photos=0, pngs=0), "lenet5"), image_dirs["lenet5"])
+    bench = Bench(args, results, models, image_dirs, files)
     info = machine()
-    pin = f"{n_server} core(s)"
-    rows: list[Row] = []
-    best: dict[str, float] = {}
-    notes: list[str] = []
 
-    # (1) runs twice, first and last, and both halves go into its medians: on a machine whose load drifts during
-    # the ~6 minutes, the denominator of every ratio then spans the same period as the numerators.
-    print(f"1. onnxruntime in process on CPU(s) {args.server_cpus}, {n_server} thread(s) (first half)", flush=True)
-    in_process = {m: measure_ort(m, image_dirs[m], args.server_cpus, n_server, args.ort_seconds, args.repeats)
-                  for m in models}
-    server_env = {"CONVNET_ORT_THREADS": str(n_server), "CONVNET_DEVICE": "cpu"}
-    paths = {m: f"/classify?model={m}&top_k={TOP_K[m]}" for m in models}
-    uploads = {"alexnet": "JPEG photos 320-1024 px", "lenet5": "PNG digits"}
-    levels = sorted({int(c) for c in str(args.connections).split(",") if c.strip()})
-    service_rows: dict[tuple[str, int], Row] = {}
-    naive_rows: dict[tuple[str, int], Row] = {}
-    print(f"2. the service, wrk on CPU(s) {args.client_cpus}, connections {levels}", flush=True)
-    with servers.service(models, server_env, args.server_cpus, log_dir=results) as srv:
-        for m in models:
-            for c in levels:
-                row = Row("2", "service (bentoml serve), raw uploads", m, f"{pin}, {uploads[m]}, {c} conns", [],
-                          limit="decode + model on the server's cores, plus HTTP and BentoML's hop to the model "
-                                "process")
-                service_rows[m, c] = load_runs(row, srv.url, paths[m], ctype[m], files[m], m, c, args)
-                rows.append(row)
-
-    print("3. naive Starlette baseline", flush=True)
-    naive_env = {"NAIVE_MODELS": ",".join(models), "NAIVE_THREADS": str(n_server), "NAIVE_DEVICE": "cpu"}
-    with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", naive_env, args.server_cpus,
-                             log_dir=results) as naive:
-        for m in models:
-            for c in levels:
-                row = Row("3", "naive Starlette app, raw uploads", m, f"{pin}, 1 uvicorn worker, {c} conns", [],
-                          limit="one decode + one batch-1 call per request, no batching")
-                naive_rows[m, c] = load_runs(row, naive.url, paths[m], ctype[m], files[m], m, c, args)
-                rows.append(row)
-                service_rows[m, c].ratio += f"; {ratio(service_rows[m, c].median, row.median)} of naive (3)"
-
-    print("4. bare Starlette hello endpoint", flush=True)
-    hello_files = files.get("lenet5") or files[models[0]]
-    with servers.uvicorn_app("hello", "loadtests.baselines.hello_app:app", None, args.server_cpus,
-                             log_dir=results) as hello:
-        hello_row = Row("4", "Starlette hello endpoint (reads the body)", "-",
-                        f"{pin}, 1 uvicorn worker, LeNet-5's bodies, {levels[-1]} conns", [], unit="req/s",
-                        limit="HTTP parsing + ASGI in one Python process")
-        load_runs(hello_row, hello.url, "/hello", "image/png", hello_files, None, levels[-1], args)
-        rows.append(hello_row)
-
-    print("1. onnxruntime in process (second half)", flush=True)
-    for m in models:
-        again = measure_ort(m, image_dirs[m], args.server_cpus, n_server, args.ort_seconds, args.repeats)
-        first = in_process[m]
-        drift = statistics.median(again["batches"]["32"]) / statistics.median(first["batches"]["32"])
-        if not 0.8 <= drift <= 1.25:
-            notes.append(f"{m} in process at batch 32 ran {drift:.2f}× as fast at the end as at the start: the "
-                         "machine's load changed during the run")
-        ort_rows = []
-        for b in ORT_BATCHES:
-            row = Row("1", f"onnxruntime in process, batch {b}", m, f"{pin}, pre-processed uint8",
-                      first["batches"][str(b)] + again["batches"][str(b)], limit="model compute only")
-            ort_rows.append(row)
-            print(f"  {m} batch {b}: {row.median:.1f} img/s", flush=True)
-        best[m] = max(r.median for r in ort_rows)
-        pipe = Row("1", "decode + preprocess + onnxruntime in process, batch 1", m,
-                   f"{pin}, {'JPEG photos' if m == 'alexnet' else 'PNG digits'}, 1 thread of decode",
-                   first["pipeline_b1"] + again["pipeline_b1"], limit="serial decode then compute")
-        pipe.ratio = f"{ratio(pipe.median, best[m])} of best (1)"
-        print(f"  {m} decode+ORT batch 1: {pipe.median:.1f} img/s", flush=True)
-        rows[m_index(rows, "2"):m_index(rows, "2")] = [*ort_rows, pipe]
-    for row in rows:
-        if row.section == "2":
-            row.ratio = f"{ratio(row.median, best[row.model])} of best (1)" + row.ratio
-
-    headlines = []
-    for m in models:
-        top = max((service_rows[m, c] for c in levels), key=lambda r: r.median)
-        top_naive = max((naive_rows[m, c] for c in levels), key=lambda r: r.median)
-        headlines.append(f"{m}: the service at saturation ({top.setup.split(', ')[-1]}) does {top.median:.1f} img/s ="
-                         f" {ratio(top.median, best[m])} of onnxruntime in process at its best batch size "
-                         f"({best[m]:.1f} img/s) and {ratio(top.median, top_naive.median)} of the naive app at its "
-                         f"best ({top_naive.median:.1f} img/s, {top_naive.setup.split(', ')[-1]})")
-        if m == "lenet5":
-            headlines.append(f"lenet5: the service's {top.median:.1f} req/s = {ratio(top.median, hello_row.median)}"
-                             f" of the bare Starlette hello endpoint's {hello_row.median:.1f} req/s (the HTTP "
-                             "ceiling on the same core(s))")
-
+    bench.in_process_first_half()
     if "alexnet" in models and not args.skip_batch_cli:
-        print("5. batch CLI", flush=True)
-        r = measure_batch_cli(args.server_cpus, n_server, 64 if args.quick else 256, args.repeats, results)
-        if r is not None:
-            w, h = r["image_size"]
-            row = Row("5", "batch CLI (convnet-classify) over a folder", "alexnet",
-                      f"{pin}, {r['images']} JPEGs {w}x{h}, batch {r['batch_size']}, {r['workers']} decode threads",
-                      list(r["cli_img_s"]), limit="decode threads + model on the same cores")
-            row.ratio = (f"{ratio(row.median, best['alexnet'])} of best (1); {r['ratio']:.3g}× of onnxruntime "
-                         "on the same pre-decoded images (its own run)")
-            rows.append(row)
-            headlines.append(f"alexnet: the batch CLI does {row.median:.1f} img/s = "
-                             f"{ratio(row.median, best['alexnet'])} of onnxruntime in process at its best batch size;"
-                             f" against onnxruntime at batch {r['batch_size']} on the same pre-decoded images in the "
-                             f"same run, {r['ratio']:.3g}×")
-            print(f"  batch CLI: {row.median:.1f} img/s", flush=True)
+        bench.batch_cli()
+    bench.service()
+    bench.naive()
+    bench.hello()
+    bench.in_process_second_half()
+    headlines = bench.headlines()
 
-    text = render(rows, headlines, notes, info, args, started, load_before, loadavg())
+    text = render(bench.rows, headlines, bench.notes, info, args, started, load_before, loadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in rows]}, indent=2))
+    (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in bench.rows],
+                                                    "headlines": headlines}, indent=2))
     print(f"\n{text}\nwrote {args.out} (raw: {results})")
     return 0
 
