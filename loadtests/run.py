@@ -93,6 +93,10 @@ def run_locust(host: str, users: int, spawn_rate: float, seconds: int, out_dir: 
     if proc.returncode != 0 or not stats_csv.is_file():
         tail = (out_dir / "locust.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"locust exited with {proc.returncode} (log: {out_dir / 'locust.log'}):\n{tail}")
+    if "CPU usage" in (out_dir / "locust.log").read_text(errors="replace"):
+        # Locust logs this when its own process was saturated: the numbers then measure the client, not the server.
+        print(f"WARNING: Locust's CPU was saturated during this run ({out_dir / 'locust.log'}): the load generator, "
+              "not the service, may have been the limit; pin it apart (--locust-cpus) or use fewer users", flush=True)
     return read_stats(stats_csv)
 
 
