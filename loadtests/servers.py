@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +141,7 @@ def running(name: str, cmd: list[str], port: int, ready_path: str, env: dict[str
 
 
 def service(models: list[str] | None = None, env: dict[str, str] | None = None, cpus: str | None = None,
-            log_dir: Path | None = None, port: int | None = None) -> contextmanager:
+            log_dir: Path | None = None, port: int | None = None) -> AbstractContextManager[Server]:
     """The product: `bentoml serve serving.service:Convnet`, ready when /readyz says so."""
     port = port or free_port()
     extra = dict(env or {})
@@ -153,7 +153,7 @@ def service(models: list[str] | None = None, env: dict[str, str] | None = None, 
 
 
 def uvicorn_app(name: str, target: str, env: dict[str, str] | None = None, cpus: str | None = None,
-                log_dir: Path | None = None, ready_path: str = "/healthz") -> contextmanager:
+                log_dir: Path | None = None, ready_path: str = "/healthz") -> AbstractContextManager[Server]:
     """A plain ASGI app (the baselines) under one uvicorn worker."""
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
