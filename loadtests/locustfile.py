@@ -62,8 +62,8 @@ def _build_pool(environment, **_kwargs) -> None:
     opts = environment.parsed_options
     models = [m for m in (opts.models if opts else "alexnet,lenet5").split(",") if m]
     unknown = set(models) - set(TOP_K)
-    if unknown:
-        raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {sorted(TOP_K)}")
+    if unknown or not models:
+        raise SystemExit(f"--models: unknown {sorted(unknown) or 'empty list'}; known: {sorted(TOP_K)}")
     seed = opts.pool_seed if opts else DEFAULT_SEED
     photos = "alexnet" in models
     pool = build_pool(seed=seed, photos=16 if photos else 0, pngs=4 if photos else 0,
