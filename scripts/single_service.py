@@ -14,6 +14,7 @@ from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics
 from serving.service import (
     CFG,
     MODEL_INFOS,
+    MODEL_WORKERS,
     RUNNER_CONNECTION,
     USES_GPU,
     OpenAPIPaths,
@@ -41,7 +42,7 @@ async def _describe(self) -> list[dict]:
 _namespace = {endpoint_name(n): _logits_endpoint(n) for n in MODEL_INFOS}
 _namespace.update(__init__=_init, _infer=_infer, _describe=_describe)
 ConvnetSingle = bentoml.asgi_app(API.app(), path="/")(bentoml.service(
-    name="convnet_single", workers=CFG.model_workers, threads=1, traffic={"timeout": CFG.timeout_s},
+    name="convnet_single", workers=MODEL_WORKERS, threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
 )(type("ConvnetSingle", (_ModelWorker,), _namespace)))
 ConvnetSingle.add_asgi_middleware(OpenAPIPaths, service=ConvnetSingle, paths=OPENAPI_PATHS)

@@ -30,8 +30,8 @@ class ServiceConfig:
     # Adaptive batching of the model service (BentoML's CorkDispatcher, one per model).
     max_batch_size: int = 32
     max_latency_ms: int = 10_000  # a request queued longer than this is shed with 503 server_busy
-    model_workers: int = 1  # processes each holding every model; on a small CPU box one with all cores wins
-    ort_threads: int = 0  # onnxruntime intra-op threads per model worker; 0 = one per physical core
+    model_workers: int = 0  # processes each holding every model; 0 = auto: 1 on a GPU, else one per CPU up to 4
+    ort_threads: int = 0  # onnxruntime intra-op threads per model worker; 0 = auto: CPUs / model workers
     ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
     # The request-facing service.
     api_workers: int = 1
@@ -46,8 +46,9 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"CONVNET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        zero_ok = ("model_workers", "ort_threads", "ort_spinning")  # 0 means "automatic" or "off"
         for f in fields(self):
-            if f.type == "int" and getattr(self, f.name) < (0 if f.name in ("ort_threads", "ort_spinning") else 1):
+            if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "
                                  f"not {getattr(self, f.name)!r}")
 
@@ -83,6 +84,25 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
         if raw is not None and raw != "":
             values[name] = _coerce(name, kind, raw)
     return ServiceConfig(**values)
+
+
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def model_parallelism(cfg: ServiceConfig, uses_gpu: bool, cpus: int | None = None) -> tuple[int, int]:
+    """(model workers, onnxruntime threads per worker) with the automatic values filled in.
+
+    On CPU, several single-threaded workers beat one worker with many threads: no intra-op synchronisation, and
+    each worker's batches run while the others' fill (measured in docs/service.md). A GPU wants one worker.
+    """
+    cpus = cpus or usable_cpus()
+    workers = cfg.model_workers or (1 if uses_gpu else min(cpus, 4))
+    threads = cfg.ort_threads or max(1, cpus // workers)
+    return workers, threads
 
 
 def describe(cfg: ServiceConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import BadParameter, BodyTooLarge, ClientError, MissingImage, UnsupportedMediaType
 
@@ -50,12 +50,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"the request body is {size:,} bytes, over the {limit:,}-byte limit")
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise BodyTooLarge(f"the request body exceeds the {limit:,}-byte limit (stopped reading at "
-                               f"{received:,} bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise BodyTooLarge(f"the request body exceeds the {limit:,}-byte limit (stopped reading at "
+                                   f"{received:,} bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody will read the answer; still a client's doing, not a server error
+        raise ClientError(f"the client disconnected after sending {received:,} bytes of the body") from None
     return b"".join(chunks)
 
 

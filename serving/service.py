@@ -24,7 +24,7 @@ from bentoml.validators import DType
 from starlette.responses import JSONResponse
 
 from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
-from serving.config import describe, load_config
+from serving.config import describe, load_config, model_parallelism
 from serving.errors import ServerBusy
 from serving.registry import load_repository
 from serving.runtime import candidate_providers
@@ -35,6 +35,7 @@ log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the 
 CFG = load_config()
 MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
+MODEL_WORKERS, ORT_THREADS = model_parallelism(CFG, USES_GPU)
 # The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
 RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 
@@ -73,8 +74,9 @@ class _ModelWorker:
 
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet_models")
-        log.info("model worker settings: %s", json.dumps(describe(CFG)))
-        self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, CFG.ort_threads,
+        log.info("model worker settings: %s (%d workers x %d onnxruntime threads)", json.dumps(describe(CFG)),
+                 MODEL_WORKERS, ORT_THREADS)
+        self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, ORT_THREADS,
                                       session_config={"session.intra_op.allow_spinning": str(CFG.ort_spinning)})
         for model in self.models.values():
             model.warm_up()
@@ -94,7 +96,7 @@ class _ModelWorker:
 
 
 Models = bentoml.service(
-    name="convnet_models", workers=CFG.model_workers, threads=1, traffic={"timeout": CFG.timeout_s},
+    name="convnet_models", workers=MODEL_WORKERS, threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
     logging={"access": {"enabled": False}},  # the front service logs every request already
 )(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in MODEL_INFOS}))
