@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 # serving/__init__.py has already turned telemetry off: it runs before any serving.* module.
 import onnxruntime as ort
 
@@ -36,6 +37,15 @@ def _gpu_driver_present() -> bool:
         return False
 
 
+def _preload_cuda_libraries() -> None:
+    # CUDA/cuDNN may come from pip wheels (nvidia-*; the GPU image does this) rather than the system: onnxruntime
+    # finds those only once preloaded. Where they are missing the CUDA provider fails to start and we fall back.
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # noqa: BLE001 - any failure here just means "no pip CUDA"
+        log.debug("onnxruntime.preload_dlls: %s", e)
+
+
 def candidate_providers(device: str = "auto") -> list[str]:
     """Execution providers to try, best first, for a requested device."""
     if device not in DEVICES:
@@ -46,9 +56,11 @@ def candidate_providers(device: str = "auto") -> list[str]:
     if device == "auto":
         if not _gpu_driver_present():
             return ["CPUExecutionProvider"]
+        _preload_cuda_libraries()
         wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
         return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
     provider = _PROVIDER_OF[device]
+    _preload_cuda_libraries()
     if provider not in available or not _gpu_driver_present():
         raise DeviceUnavailable(
             f"device {device!r} requested but {provider} is not usable here "
