@@ -30,11 +30,11 @@ MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 def exported(tmp_path_factory):
     """A seeded LeNet-5 with dropout, exported into a scratch repository."""
     models_dir = tmp_path_factory.mktemp("models")
-    (models_dir / "lenet5").mkdir()
-    shutil.copy(DEFAULT_MODELS_DIR / "lenet5" / "labels.txt", models_dir / "lenet5" / "labels.txt")
     torch.manual_seed(0)
     net = build_model("lenet5", dropout=0.3)
     card, report = export_to_repository(net, "lenet5", "trained", models_dir, metrics={"note": "seeded"})
+    shipped_labels = (DEFAULT_MODELS_DIR / "lenet5" / "labels.txt").read_text()
+    assert (models_dir / "lenet5" / "labels.txt").read_text() == shipped_labels  # copied into the fresh repository
     return models_dir / "lenet5", net, card, report
 
 

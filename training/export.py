@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import io
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -244,6 +245,10 @@ def export_to_repository(net: nn.Module, name: str, weights: str, models_dir: Pa
                      "official weights (see README) for a real classifier." if weights == "untrained-demo" else ""),
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+    for name_file in ("labels.txt", "wnids.txt"):  # a fresh repository gets the project's class lists
+        shipped = DEFAULT_MODELS_DIR / name / name_file
+        if not (model_dir / name_file).exists() and shipped.exists() and model_dir.resolve() != shipped.parent:
+            shutil.copyfile(shipped, model_dir / name_file)
     read_labels(model_dir, card)  # fail now, not at serving time, if labels and classes disagree
     write_card(card, model_dir)
     (model_dir / "config.pbtxt").write_text(triton_config(card))
@@ -270,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         net, ckpt = load_checkpoint(args.checkpoint)
         name = ckpt["args"]["model"]
         weights = ckpt["args"].get("weights", "trained")
-        metrics = {k: v for k, v in ckpt.get("metrics", {}).items() if not isinstance(v, torch.Tensor)}
+        metrics = dict(ckpt.get("metrics", {}))
+        if "dataset" not in metrics:  # a training log, not a measurement of the model: keep it apart
+            metrics = {"training": metrics}
         source = f"{args.checkpoint} (sha256 {sha256_file(args.checkpoint)[:16]}…, epoch {ckpt.get('epoch')})"
     else:
         torch.manual_seed(args.seed)
