@@ -139,7 +139,8 @@ def main() -> int:
         # On a shared, busy machine wall-clock rates swing with the neighbours; CPU time per image does not: the
         # throughput ratio a dedicated machine would see is the ratio of CPU cost per image.
         r["cpu_efficiency_vs_ort_best"] = round(ort[best][1] / r["server_cpu_ms_per_image"], 3)
-        report[name] = {k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+        report[name] = {k: round(v, 3 if k.startswith(("vs_", "cpu_eff")) else 1) if isinstance(v, float) else v
+                        for k, v in r.items()}
         print(name, report[name], flush=True)
     report["loadavg_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
