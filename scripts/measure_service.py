@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from serverproc import free_port, start_server, stop_server, wait_ready  # noqa: E402
+from serverproc import free_port, start_server, stop_server, wait_ready, worker_pids  # noqa: E402
 
 from loadtests.images import photo_jpegs  # noqa: E402
 from serving.preprocess import IMAGENET, preprocess_bytes  # noqa: E402
@@ -52,19 +52,26 @@ def ort_throughput(models_dir: Path, jpegs: list[bytes], batch_sizes: list[int],
     return out
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User+system CPU time of a process and all its descendants (the arbiter and every worker)."""
+def cpu_seconds_by_process(pid: int) -> dict[str, float]:
+    """User+system CPU time of the server's processes: the arbiter and each worker ("convnet_models:1", …)."""
     import psutil
 
-    total = 0.0
+    names = {p: n for n, p in worker_pids(_Proc(pid)).items()}
+    out: dict[str, float] = {}
     root = psutil.Process(pid)
     for p in [root, *root.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
         except psutil.Error:
-            pass
-    return total
+            continue
+        key = "arbiter" if p.pid == pid else names.get(p.pid, "other")
+        out[key] = out.get(key, 0.0) + t.user + t.system
+    return out
+
+
+class _Proc:  # the little of subprocess.Popen that serverproc.worker_pids uses
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
 
 async def http_throughput(base: str, jpegs: list[bytes], concurrency: int, seconds: float, warmup: float,
@@ -90,13 +97,15 @@ async def http_throughput(base: str, jpegs: list[bytes], concurrency: int, secon
     deadline = start + warmup + seconds
     tasks = [asyncio.create_task(client(i, deadline)) for i in range(concurrency)]
     await asyncio.sleep(warmup)
-    measuring, t0, cpu0, client0 = True, time.perf_counter(), tree_cpu_seconds(server_pid), time.process_time()
+    measuring, t0, cpu0, client0 = True, time.perf_counter(), cpu_seconds_by_process(server_pid), time.process_time()
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
-    server_cpu, client_cpu = tree_cpu_seconds(server_pid) - cpu0, time.process_time() - client0
+    cpu1, client_cpu = cpu_seconds_by_process(server_pid), time.process_time() - client0
+    per_process = {k: (v - cpu0.get(k, 0.0)) / max(counts["ok"], 1) * 1000 for k, v in cpu1.items()}
     lat = np.array(latencies) * 1000
     return {"images_per_s": counts["ok"] / elapsed, "non_200": counts["other"],
-            "server_cpu_ms_per_image": server_cpu / max(counts["ok"], 1) * 1000,
+            "server_cpu_ms_per_image": sum(per_process.values()),
+            "cpu_ms_per_image_by_process": {k: round(v, 1) for k, v in sorted(per_process.items())},
             "client_cpu_ms_per_image": client_cpu / max(counts["ok"], 1) * 1000,
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else None}
