@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import imagegen
 import pytest
 from PIL import Image
-from serverproc import free_port, server_log, start_server, stop_server, worker_pids
+from serverproc import free_port, server_log, start_server, stop_server, wait_ready, worker_pids
 
 from serving.config import ServiceConfig, load_config, model_parallelism
 
@@ -114,3 +115,31 @@ def test_config_layers(tmp_path):
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         load_config({"CONVNET_CONFIG": str(toml)})
+
+
+def test_overload_is_shed_with_503_json_and_the_service_recovers():
+    # A 1 ms queueing budget: requests that would wait longer for AlexNet are shed by BentoML's dispatcher.
+    env = {"CONVNET_MAX_LATENCY_MS": "1", "CONVNET_MODEL_WORKERS": "1", "CONVNET_MODELS": "alexnet"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(port, env=env)
+    try:
+        wait_ready(base, proc)
+        photo = imagegen.photo(400, 300)
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(f"{base}/classify", params={"top_k": 1}, content=photo,
+                              headers={"Content-Type": "image/jpeg"}, timeout=60)
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(48)))
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) <= {200, 503}, statuses
+        assert 503 in statuses and 200 in statuses, statuses
+        for r in answers:
+            if r.status_code == 503:
+                assert r.json()["error"] == "server_busy"
+        assert 200 in [one(0).status_code for _ in range(5)]  # alone again, it answers
+        assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        stop_server(proc)
