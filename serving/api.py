@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.config import ServiceConfig
-from serving.errors import BadParameter, ClientError, CorruptImage, error_body
+from serving.errors import BadParameter, ClientError, CorruptImage, ModelRepositoryError, UnknownModel, error_body
 from serving.http import Part, check_image_type, int_param, read_upload
 from serving.preprocess import Recipe, preprocess_bytes
 from serving.registry import ModelCard, discover, read_card, read_labels
@@ -62,8 +62,6 @@ def read_models(models_dir: Path, names: tuple[str, ...] | list[str] = ()) -> di
         infos[card.name] = ModelInfo(card, read_labels(d, card), card.recipe)
     missing = sorted(set(names) - set(infos))
     if missing or not infos:
-        from serving.errors import ModelRepositoryError
-
         raise ModelRepositoryError(f"no card for {missing or 'any model'} under {models_dir}: run `make models`")
     return infos
 
@@ -166,8 +164,6 @@ class ClassifierAPI:
     # ---- helpers ---------------------------------------------------------------------------------------------
 
     def _model(self, params: dict[str, str]) -> ModelInfo:
-        from serving.errors import UnknownModel
-
         name = params.get("model") or self.default_model
         if name not in self.models:
             raise UnknownModel(f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}")
