@@ -40,7 +40,7 @@ async def _describe(self) -> list[dict]:
 
 
 _namespace = {endpoint_name(n): _logits_endpoint(n) for n in MODEL_INFOS}
-_namespace.update(__init__=_init, _infer=_infer, _describe=_describe)
+_namespace.update(__init__=_init, _infer=_infer, _describe=_describe, served=list(MODEL_INFOS))
 ConvnetSingle = bentoml.asgi_app(API.app(), path="/")(bentoml.service(
     name="convnet_single", workers=MODEL_WORKERS, threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,

@@ -9,6 +9,7 @@ Tunables: serving/config.py (CONVNET_* variables or a TOML file named by CONVNET
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse
 from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
 from serving.config import describe, load_config, model_parallelism
 from serving.errors import ServerBusy
-from serving.registry import load_repository
+from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
 log = logging.getLogger("convnet_serving")
@@ -36,6 +37,9 @@ CFG = load_config()
 MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
 MODEL_WORKERS, ORT_THREADS = model_parallelism(CFG, USES_GPU)
+INLINE = [n for n, info in MODEL_INFOS.items() if info.card.parameters < CFG.inline_max_params]
+BATCHED = [n for n in MODEL_INFOS if n not in INLINE]
+NO_SPIN = {"session.intra_op.allow_spinning": str(CFG.ort_spinning)}
 # The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
 RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 
@@ -57,6 +61,20 @@ class WorkerLifeRecord:
         self.path.unlink(missing_ok=True)
 
 
+def load_warm(names: list[str], device: str, threads: int) -> dict[str, ServedModel]:
+    """Load the named models and run one real inference on each (readiness means they answer)."""
+    models = load_repository(CFG.models_dir, names, device, threads, session_config=NO_SPIN) if names else {}
+    for model in models.values():
+        model.warm_up()
+        log.info("model %s ready on %s (providers %s)", model.name, model.session.device, model.session.providers)
+    return models
+
+
+def with_placement(card: dict, placement: str) -> dict:
+    card["runtime"]["placement"] = placement
+    return card
+
+
 def endpoint_name(model: str) -> str:
     return "logits_" + re.sub(r"\W", "_", model)
 
@@ -70,21 +88,18 @@ def _logits_endpoint(model: str) -> bentoml.api:
 
 
 class _ModelWorker:
-    """Every model's onnxruntime session, loaded and warmed up by a real inference before the worker serves."""
+    """Every batched model's onnxruntime session, loaded and warmed up by a real inference before the worker serves."""
+
+    served = BATCHED
 
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet_models")
         log.info("model worker settings: %s (%d workers x %d onnxruntime threads)", json.dumps(describe(CFG)),
                  MODEL_WORKERS, ORT_THREADS)
-        self.models = load_repository(CFG.models_dir, list(MODEL_INFOS), CFG.device, ORT_THREADS,
-                                      session_config={"session.intra_op.allow_spinning": str(CFG.ort_spinning)})
-        for model in self.models.values():
-            model.warm_up()
-            log.info("model %s ready on %s (providers %s)", model.name, model.session.device,
-                     model.session.providers)
+        self.models = load_warm(self.served, CFG.device, ORT_THREADS)
 
     def __is_ready__(self) -> bool:
-        return bool(self.models)
+        return True  # only reachable once __init__ has loaded and warmed up every model
 
     @bentoml.on_shutdown
     def _clean_exit(self) -> None:
@@ -92,14 +107,14 @@ class _ModelWorker:
 
     @bentoml.api
     def describe(self) -> list[dict]:
-        return [m.describe() for m in self.models.values()]
+        return [with_placement(m.describe(), "model service, adaptive batching") for m in self.models.values()]
 
 
 Models = bentoml.service(
     name="convnet_models", workers=MODEL_WORKERS, threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
     logging={"access": {"enabled": False}},  # the front service logs every request already
-)(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in MODEL_INFOS}))
+)(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in BATCHED}))
 
 API = ClassifierAPI(CFG, MODEL_INFOS)
 
@@ -128,11 +143,15 @@ class Convnet:
 
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet")
+        self.inline = load_warm(INLINE, "cpu", 1)
         API.attach(self._infer, self._describe, Metrics())
-        log.info("serving %s (default %s) on %s", ", ".join(MODEL_INFOS), API.default_model,
-                 "GPU" if USES_GPU else "CPU")
+        log.info("serving %s (default %s); batched in the model service on %s: %s; inline: %s",
+                 ", ".join(MODEL_INFOS), API.default_model, "GPU" if USES_GPU else "CPU", BATCHED or "none",
+                 INLINE or "none")
 
     async def _infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        if model in self.inline:
+            return await asyncio.get_running_loop().run_in_executor(API.pool, self.inline[model].logits, batch)
         try:
             return await getattr(self.models.to_async, endpoint_name(model))(batch)
         except bentoml.exceptions.BentoMLException as exc:
@@ -144,7 +163,9 @@ class Convnet:
             raise ServerBusy("the model worker is unavailable (restarting?); retry shortly") from exc
 
     async def _describe(self) -> list[dict]:
-        return await self.models.to_async.describe()
+        batched = await self.models.to_async.describe() if BATCHED else []
+        inline = [with_placement(m.describe(), "front service, inline") for m in self.inline.values()]
+        return sorted(batched + inline, key=lambda card: card["name"])
 
     @bentoml.on_shutdown
     def _clean_exit(self) -> None:

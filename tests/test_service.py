@@ -88,6 +88,9 @@ def test_models_lists_cards_with_runtime(server):
         assert card["runtime"]["device"] == "cpu"  # this machine has no GPU: the CPU fallback was clean
         assert card["runtime"]["providers"][0] == "CPUExecutionProvider"
         assert card["version"] and card["weights"] and card["preprocessing"]["kind"] in ("imagenet", "digit")
+    # AlexNet goes through BentoML's adaptive batching; LeNet-5 (61k parameters) runs inline in the front.
+    assert cards["alexnet"]["runtime"]["placement"] == "model service, adaptive batching"
+    assert cards["lenet5"]["runtime"]["placement"] == "front service, inline"
 
 
 # ---- classification -----------------------------------------------------------------------------------------
