@@ -6,6 +6,7 @@ Torch-free and importable on its own: the service tests, the load tests and the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,12 +50,19 @@ def start_server(port: int, env: dict[str, str] | None = None, models: list[str]
         fd, name = tempfile.mkstemp(prefix=f"convnet-serve-{port}-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
+    env = dict(env or {})
+    home = None
+    if "BENTOML_HOME" not in env:
+        # Every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts: servers sharing a home
+        # wipe each other's metrics. A home of its own per server (removed by stop_server) keeps /metrics honest.
+        home = env["BENTOML_HOME"] = tempfile.mkdtemp(prefix=f"convnet-bentoml-home-{port}-")
     log = open(log_path, "wb")  # noqa: SIM115 (handed to the child; closed in stop_server)
     cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port),
            "--working-dir", str(REPO_ROOT)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(env, models), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     proc.log_path = log_path  # type: ignore[attr-defined]
+    proc.bentoml_home = home  # type: ignore[attr-defined]
     proc.log_file = log  # type: ignore[attr-defined]
     return proc
 
@@ -127,6 +135,8 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     log = getattr(proc, "log_file", None)
     if log is not None:
         log.close()
+    if getattr(proc, "bentoml_home", None):
+        shutil.rmtree(proc.bentoml_home, ignore_errors=True)
 
 
 def started_server(env: dict[str, str] | None = None, models: list[str] | None = None):
