@@ -143,5 +143,7 @@ def test_in_process_onnxruntime_measurement(tmp_path):
     write_pool(for_model(build_pool(photos=0, pngs=0, digits=4), "lenet5"), tmp_path)
     r = measure_ort("lenet5", tmp_path, cpus=None, threads=1, seconds=0.2, repeats=2)
     assert set(r["batches"]) == {"1", "8", "32"}
-    assert all(len(v) == 2 and min(v) > 0 for v in r["batches"].values())
-    assert len(r["pipeline_b1"]) == 2 and min(r["pipeline_b1"]) > 0
+    assert set(r["batches_cpu"]) == {"1", "8", "32"}
+    for key in ("batches", "batches_cpu"):
+        assert all(len(v) == 2 and min(v) > 0 for v in r[key].values())
+    assert len(r["pipeline_b1"]) == len(r["pipeline_b1_cpu"]) == 2 and min(r["pipeline_b1_cpu"]) > 0
