@@ -43,6 +43,8 @@ REPO_ROOT = servers.REPO_ROOT
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
 BATCH_BENCH = Path(__file__).resolve().parent / "batch_bench.py"
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
+# Everything from this line to the end of the report is written by people and kept when the report is regenerated.
+NOTES_MARKER = "<!-- Notes: everything below this line is kept when `make bench` rewrites this file. -->"
 ORT_BATCHES = (1, 8, 32)
 TOP_K = {"alexnet": 5, "lenet5": 3}
 
@@ -304,6 +306,16 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
     return "\n".join(lines)
 
 
+def write_report(path: Path, section: str, append: bool) -> None:
+    """Write the generated report (or add a section to it), keeping the hand-written notes after NOTES_MARKER."""
+    old = path.read_text() if path.is_file() else ""
+    body, marker, notes = old.partition(NOTES_MARKER)
+    text = (body.rstrip("\n") + "\n\n" + section) if append and body.strip() else section
+    if marker:
+        text = text.rstrip("\n") + "\n\n" + marker + notes
+    path.write_text(text)
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -515,9 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 
     text = render(bench.rows, headlines, bench.notes, info, args, started, load_before, loadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.append and args.out.is_file():
-        text = args.out.read_text().rstrip("\n") + "\n\n" + text
-    args.out.write_text(text)
+    write_report(args.out, text, args.append)
     (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in bench.rows],
                                                     "headlines": headlines}, indent=2))
     print(f"\n{text}\nwrote {args.out} (raw: {results})")

@@ -147,3 +147,16 @@ def test_in_process_onnxruntime_measurement(tmp_path):
     for key in ("batches", "batches_cpu"):
         assert all(len(v) == 2 and min(v) > 0 for v in r[key].values())
     assert len(r["pipeline_b1"]) == len(r["pipeline_b1_cpu"]) == 2 and min(r["pipeline_b1_cpu"]) > 0
+
+
+def test_regenerated_report_keeps_hand_written_notes(tmp_path):
+    from loadtests.bench import NOTES_MARKER, write_report
+
+    report = tmp_path / "benchmarks.md"
+    write_report(report, "# Benchmarks\n\n## pinned\n| 1 |\n", append=False)
+    write_report(report, "## unpinned\n| 2 |\n", append=True)
+    report.write_text(report.read_text() + f"\n{NOTES_MARKER}\n\nwhat the numbers mean\n")
+    write_report(report, "# Benchmarks\n\n## pinned, re-run\n| 3 |\n", append=False)
+    text = report.read_text()
+    assert "re-run" in text and "| 1 |" not in text and "| 2 |" not in text
+    assert text.index(NOTES_MARKER) > text.index("| 3 |") and text.endswith("what the numbers mean\n")
