@@ -108,7 +108,7 @@ test-container: models container-tools
 # --- load tests and benchmarks (docs/loadtests.md) ------------------------------------------------------------------
 # make loadtest: the service started on a free 127.0.0.1 port, Locust for a bounded time, SLOs checked (exit 1 on a
 # miss); LOADTEST_ARGS replaces the defaults, e.g. LOADTEST_ARGS="--sweep 1,2,4,8,16,32,64 --step-time 20s".
-# make bench: every number in docs/benchmarks.md in one run (~6-9 min on 2 cores); needs wrk (apt-get install wrk).
+# make bench: every number in docs/benchmarks.md in one run (~6.5 min on 2 cores); needs wrk (apt-get install wrk).
 LOADTEST_ARGS ?= --users 8 --run-time 60s --max-failure-ratio 0
 BENCH_ARGS ?=
 .PHONY: loadtest bench wrk
