@@ -87,11 +87,8 @@ def read_labels(model_dir: Path, card: ModelCard) -> list[str]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def discover(models_dir: Path = DEFAULT_MODELS_DIR) -> list[Path]:

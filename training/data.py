@@ -281,11 +281,8 @@ def batch_loader(dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sa
 
 
 def md5_file(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download_mnist(dest: str | os.PathLike, mirrors: Sequence[str] = MNIST_MIRRORS,

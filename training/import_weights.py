@@ -10,7 +10,6 @@ It must match our AlexNet exactly (strict=True); a mismatch names the missing, u
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from serving.registry import sha256_file
 from training.models import AlexNet
 
 OFFICIAL_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
@@ -62,21 +62,13 @@ def to_alexnet(state: dict[str, torch.Tensor], num_classes: int = 1000) -> AlexN
     return net
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_official(dest: Path, url: str = OFFICIAL_URL) -> Path:
     """Fetch the official file and verify its hash before it replaces anything (users with a network only)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
         with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - fixed https URL, opt-in
             shutil.copyfileobj(r, tmp)
-    digest = sha256_of(Path(tmp.name))
+    digest = sha256_file(Path(tmp.name))
     if not digest.startswith(OFFICIAL_SHA256_PREFIX):
         Path(tmp.name).unlink()
         raise WeightsMismatch(f"downloaded file sha256 {digest[:16]}… does not start with {OFFICIAL_SHA256_PREFIX}")
@@ -87,7 +79,7 @@ def download_official(dest: Path, url: str = OFFICIAL_URL) -> Path:
 def import_weights(path: Path, output: Path = DEFAULT_OUTPUT) -> Path:
     state = read_state_dict(path)
     net = to_alexnet(state)
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     official = digest.startswith(OFFICIAL_SHA256_PREFIX)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": net.state_dict(), "epoch": 0,
