@@ -17,6 +17,7 @@ writer appends whole lines with one write per batch, so a crash or Ctrl-C leaves
 
 from __future__ import annotations
 
+import abc
 import argparse
 import csv
 import io
@@ -300,7 +301,7 @@ def record_error(path: str, model: str, version: str | None, exc: BaseException)
     return {"path": path, "model": model, "version": version, **body}
 
 
-class RecordWriter:
+class RecordWriter(abc.ABC):
     """Appends whole records: each batch is encoded first and written with one write, then flushed."""
 
     def __init__(self, stream: IO[bytes], fsync: bool):
@@ -308,8 +309,9 @@ class RecordWriter:
         self.fsync = fsync
         self._last_sync = time.monotonic()
 
+    @abc.abstractmethod
     def encode(self, records: list[dict[str, Any]]) -> bytes:
-        raise NotImplementedError
+        """The records as bytes in the output format (JSONL lines, CSV rows)."""
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
