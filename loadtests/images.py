@@ -13,14 +13,14 @@ benchmark run) sends the same traffic without shipping image files. The pool mix
 
 from __future__ import annotations
 
-import gzip
 import io
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from training.mnist import load_mnist
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "mnist-sample"
@@ -111,32 +111,9 @@ def photo_pngs(rng: np.random.Generator, count: int) -> list[PoolImage]:
 # MNIST digits
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (raw or .gz) as a uint8 array: images (N, rows, cols) or labels (N,).
-
-    Only for the committed sample: `training.data` has the validating reader used for training, but that module
-    imports torch, which the load generator (and a serving-only install) must not need.
-    """
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
-        raise ValueError(f"{path} is not a uint8 IDX file of labels or images")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims}, found {data.size} bytes of data")
-    return data.reshape(dims)
-
-
 def mnist_sample(sample_dir: Path = MNIST_SAMPLE_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """The committed test-split sample (falls back to the train split): (images N×28×28, labels N)."""
-    for split in ("t10k", "train"):
-        images, labels = sample_dir / f"{split}-images-idx3-ubyte.gz", sample_dir / f"{split}-labels-idx1-ubyte.gz"
-        if images.is_file() and labels.is_file():
-            return read_idx(images), read_idx(labels)
-    raise FileNotFoundError(f"no MNIST IDX sample (t10k-/train-images-idx3-ubyte.gz + labels) in {sample_dir}")
+    """The committed test-split sample: (images N×28×28, labels N), read by the project's one IDX reader."""
+    return load_mnist(sample_dir, "test")
 
 
 def digit_images(rng: np.random.Generator, count: int, sample_dir: Path = MNIST_SAMPLE_DIR) -> list[PoolImage]:

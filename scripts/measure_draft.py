@@ -11,7 +11,6 @@ Same bytes through the service's preprocessing with and without draft:
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import sys
@@ -27,16 +26,11 @@ sys.path.insert(0, str(REPO))
 from loadtests.images import photo_like  # noqa: E402
 from serving.preprocess import decode, preprocess_bytes, preprocess_image  # noqa: E402
 from serving.registry import DEFAULT_MODELS_DIR, load_model  # noqa: E402
+from training.mnist import load_mnist  # noqa: E402
 
 
 def without_draft(data: bytes, recipe) -> np.ndarray:
     return preprocess_image(decode(data, None), recipe)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes())
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3]))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
 
 
 def jpeg(im: Image.Image, quality: int = 90) -> bytes:
@@ -62,8 +56,8 @@ def main() -> int:
     report = {}
 
     lenet = load_model(args.models_dir / "lenet5", device="cpu", verify_hash=False)
-    images = read_idx(args.mnist / "t10k-images-idx3-ubyte.gz")[: args.digits]
-    labels = read_idx(args.mnist / "t10k-labels-idx1-ubyte.gz")[: args.digits]
+    images, labels = load_mnist(args.mnist, "test")
+    images, labels = images[: args.digits], labels[: args.digits]
     big = [jpeg(Image.fromarray(255 - a).resize((args.digit_side, args.digit_side), Image.Resampling.BICUBIC))
            for a in images]
     drafted, t_draft = timed(lambda d: preprocess_bytes(d, lenet.recipe), big)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import re
 import threading
@@ -11,19 +10,13 @@ from pathlib import Path
 
 import httpx
 import imagegen
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from training.mnist import load_mnist
+
 MNIST_SAMPLE = Path(__file__).parent / "data" / "mnist-sample"
 IMAGENET_LABELS = (Path(__file__).parent.parent / "models" / "alexnet" / "labels.txt").read_text().splitlines()
-
-
-def read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def post_image(base: str, data: bytes, params: dict | None = None, content_type: str = "image/jpeg",
@@ -132,8 +125,7 @@ def test_multipart_parameters_as_form_fields_and_curl_style_parts(server):
 
 
 def test_lenet_reads_real_mnist_digits_as_png_and_jpeg(server):
-    images = read_idx(MNIST_SAMPLE / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(MNIST_SAMPLE / "t10k-labels-idx1-ubyte.gz")
+    images, labels = load_mnist(MNIST_SAMPLE, "test")
     correct = total = 0
     for fmt, ctype in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
         for start in range(0, len(images), 50):
