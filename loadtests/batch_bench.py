@@ -32,7 +32,7 @@ import numpy as np
 
 from loadtests.images import DEFAULT_SEED, encode_jpeg, photo_like
 from serving.preprocess import preprocess_bytes, stack_batch
-from serving.registry import DEFAULT_MODELS_DIR, load_model
+from serving.registry import DEFAULT_MODELS_DIR, load_model, read_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTO_SIZE = (500, 375)
@@ -114,10 +114,7 @@ def bench_throughput(model: str = "alexnet", images: int = 512, batch_size: int 
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="batch-bench-"))
     photos = make_photo_folder(work_dir / "photos", images)
     model_dir = Path(models_dir) / model
-    model_card = json.loads((model_dir / "model.json").read_text())
-    from serving.preprocess import Recipe
-
-    recipe = Recipe.from_dict(model_card["preprocessing"])
+    recipe = read_card(model_dir).recipe
     arrays = [preprocess_bytes(p.read_bytes(), recipe) for p in photos]
     ort_rates, cli_rates, cli_walls, rss, ort_cpu, cli_cpu = [], [], [], [], [], []
     for r in range(rounds):

@@ -39,7 +39,7 @@ import numpy as np
 from serving.errors import ClientError, CorruptImage, ModelRepositoryError, error_body
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
 from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess_bytes, stack_batch
-from serving.registry import CARD_FILE, DEFAULT_MODELS_DIR, ServedModel, load_model
+from serving.registry import CARD_FILE, DEFAULT_MODELS_DIR, ServedModel, discover, load_model, read_card, read_labels
 from serving.runtime import DEVICES, DeviceUnavailable
 
 PROG = "convnet-classify"
@@ -432,8 +432,7 @@ class Evaluator:
     def for_model(cls, model_dir: Path | None) -> Evaluator:
         index: dict[str, int] = {}
         if model_dir is not None:
-            card = json.loads((model_dir / CARD_FILE).read_text())
-            labels = (model_dir / card.get("labels_file", "labels.txt")).read_text().splitlines()
+            labels = read_labels(model_dir, read_card(model_dir))
             index.update({label: i for i, label in enumerate(labels)})
             wnids = model_dir / "wnids.txt"
             if wnids.is_file():
@@ -648,7 +647,7 @@ def _open_output(args: argparse.Namespace, fmt: str, k: int) -> tuple[RecordWrit
 def _load_local(args: argparse.Namespace) -> tuple[LocalBackend, Path]:
     model_dir = Path(args.models_dir) / args.model
     if not (model_dir / CARD_FILE).is_file():
-        have = sorted(p.parent.name for p in Path(args.models_dir).glob(f"*/{CARD_FILE}"))
+        have = [d.name for d in discover(Path(args.models_dir))]
         raise UsageError(f"unknown model {args.model!r}; the repository {args.models_dir} has: "
                          f"{', '.join(have) or 'nothing (run `make models`)'}")
     try:
