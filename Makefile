@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := true
 export ORT_DISABLE_TELEMETRY := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup models serve test lint train-lenet clean help
+.PHONY: setup lock models serve test lint train-lenet clean help
 
 help:
 	@echo "make serve        build the default models if missing and serve them on 127.0.0.1:$(PORT)"
@@ -17,16 +17,46 @@ help:
 	@echo "make models       build models/ (LeNet-5 is shipped; AlexNet's ONNX is built here)"
 	@echo "make train-lenet  train LeNet-5 on MNIST (MNIST_DIR=...) and export it to models/lenet5"
 	@echo "make lint         ruff"
+	@echo "make lock         re-resolve uv.lock on purpose and re-export deploy/requirements.*.txt"
 	@echo "make loadtest     start the service, run Locust for 60 s, fail on any error (LOADTEST_ARGS=...)"
 	@echo "make bench        measure onnxruntime, the service and the baselines; writes docs/benchmarks.md"
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade "pip>=25.1"
-	$(VENV)/bin/pip install -q -e . --group training --group load --group dev
+# Dependencies: uv.lock pins every package of every group (versions and hashes); `make setup` installs exactly that
+# and stops if pyproject.toml has changed without `make lock`. uv itself is pinned and bootstrapped with pip.
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+# The machine's CA bundle (a TLS-intercepting proxy may sit in front of the package index).
+export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+SYNC_ARGS := --frozen --extra gpu
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	@$(UV) lock --check -q || { echo >&2; echo "uv.lock does not match pyproject.toml: run \`make lock\` (it re-resolves on" \
+	  "purpose and rewrites deploy/requirements.*.txt), then commit both." >&2; exit 1; }
+	$(UV) sync $(SYNC_ARGS)
 	touch $@
 
 setup: $(STAMP)
+
+# Re-resolve on purpose (new or upgraded dependency), then export the images' requirements from the same lock.
+# Image files carry exact versions without hashes: BentoML appends its own unhashed bentoml pin to them.
+# The lock's platform marker is dropped: an image built for another platform then fails on a missing wheel, loudly.
+EXPORT := $(UV) export --frozen --no-hashes --no-default-groups --no-emit-project --no-header
+NO_MARKER := sed "s/ ; platform_machine == 'x86_64' and sys_platform == 'linux'//"
+lock: | $(UV)
+	$(UV) lock
+	@{ echo "# Exported from uv.lock by \`make lock\` (cpu extra: onnxruntime CPU build). Do not edit by hand."; \
+	  $(EXPORT) --extra cpu | $(NO_MARKER); } > deploy/requirements.cpu.txt
+	@{ echo "# Exported from uv.lock by \`make lock\` (cuda extra: onnxruntime-gpu with CUDA/cuDNN wheels). Do not edit."; \
+	  $(EXPORT) --extra cuda | $(NO_MARKER); } > deploy/requirements.gpu.txt
+	$(UV) sync $(SYNC_ARGS)
+	touch $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,17 +1,21 @@
-"""Deployment artifacts: both bentos build and hold what the image needs (and nothing it must not), the pinned
-requirements match the venv the tests run in, and the Kubernetes manifests validate against the Kubernetes schemas
-and agree with each other and with the service (probes, ports, labels, GPU resources)."""
+"""Deployment artifacts: both bentos build and hold what the image needs (and nothing it must not); pyproject.toml,
+uv.lock, the images' requirements and the venv the tests run in all agree; and the Kubernetes manifests validate
+against the Kubernetes schemas and agree with each other and with the service (probes, ports, labels, GPU resources)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from serving.registry import DEFAULT_MODELS_DIR, discover, read_card
 
@@ -82,8 +86,10 @@ def test_bento_requirements_are_pinned_without_torch(bento):
     if variant == "cpu":
         assert reqs["onnxruntime"] == f"onnxruntime=={runtime}" and "onnxruntime-gpu" not in reqs
     else:
-        assert reqs["onnxruntime-gpu"] == f"onnxruntime-gpu[cuda,cudnn]=={runtime}" and "onnxruntime" not in reqs
-    unpinned = [line for name, line in reqs.items() if "==" not in line and not name.startswith("nvidia-")]
+        assert reqs["onnxruntime-gpu"] == f"onnxruntime-gpu=={runtime}" and "onnxruntime" not in reqs
+        # the cuda extra, flattened by the export: CUDA and cuDNN come as wheels, only the driver from the host
+        assert {"nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-cuda-runtime"} <= set(reqs)
+    unpinned = [line for line in reqs.values() if "==" not in line]
     assert not unpinned, f"unpinned requirements: {unpinned}"
 
 
@@ -100,11 +106,66 @@ def test_bento_image_settings(bento):
         assert "nvidia/cu13/lib" in envs["LD_LIBRARY_PATH"] and envs["CONVNET_DEVICE"] == "auto"
 
 
-def test_pinned_requirements_match_the_venv():
-    """deploy/requirements.*.txt are regenerated from the venv: a dependency bump must regenerate them."""
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "oci" / "lock_requirements.py"), "--check"],
-                         capture_output=True, text=True, timeout=60)
+UV = REPO_ROOT / ".tools" / "bin" / "uv"  # pinned and bootstrapped by `make setup`
+
+
+# The lock is for x86-64 Linux (pyproject's tool.uv.environments); the images' files drop that marker, so a build for
+# another platform fails loudly on a missing wheel instead of silently installing nothing.
+TORCH_CPU_WHEEL_SHA256 = "6746dbcbeb526eb61330b76b41ff1b4eb848951103a892eeb080dfa2b264667b"  # torch-2.13.0+cpu, cp311
+LOCK_MARKER = " ; platform_machine == 'x86_64' and sys_platform == 'linux'"
+
+
+def uv(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(UV), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_OFFLINE": "1"})
+
+
+def test_lock_matches_pyproject():
+    """pyproject.toml ↔ uv.lock: a dependency changed without `make lock` fails here (and `make setup` refuses)."""
+    out = uv("lock", "--check")
     assert out.returncode == 0, out.stderr
+    lock = tomllib.loads((REPO_ROOT / "uv.lock").read_text())
+    locked = {p["name"]: p for p in lock["package"]}
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    declared = [*project["project"]["dependencies"], *(r for rs in project["project"]["optional-dependencies"].values()
+                                                        for r in rs),
+                *(r for rs in project["dependency-groups"].values() for r in rs)]
+    for line in declared:
+        req = Requirement(line)
+        (pin,) = req.specifier  # every direct dependency is pinned with ==
+        assert pin.operator == "==", line
+        name = canonicalize_name(req.name)
+        assert pin.contains(locked[name]["version"]), f"{name}: pyproject {pin}, lock {locked[name]['version']}"
+    makefile_uv = next(ln.split(":=")[1].strip() for ln in (REPO_ROOT / "Makefile").read_text().splitlines()
+                       if ln.startswith("UV_VERSION :="))
+    assert locked["uv"]["version"] == makefile_uv, "the bootstrapped uv and the venv's (bentoml build) must agree"
+    # Exact versions and hashes for everything an index serves. uv records no hash for a local file, and the one
+    # local file is torch's CPU wheel (tool.uv.index "torch-cpu"): its sha256 is checked here instead.
+    for pkg in lock["package"]:
+        if pkg["name"] == "torch":
+            (wheel,) = pkg["wheels"]
+            with open(wheel["path"], "rb") as fh:
+                assert hashlib.file_digest(fh, "sha256").hexdigest() == TORCH_CPU_WHEEL_SHA256, wheel["path"]
+        elif "registry" in pkg["source"]:
+            files = pkg.get("wheels", []) + ([pkg["sdist"]] if "sdist" in pkg else [])
+            assert files and all(f["hash"].startswith("sha256:") for f in files), pkg["name"]
+
+
+@pytest.mark.parametrize("variant,extra", [("cpu", "cpu"), ("gpu", "cuda")])
+def test_image_requirements_are_exported_from_the_lock(variant, extra):
+    """deploy/requirements.*.txt ↔ uv.lock: the images install what the lock says, rewritten only by `make lock`."""
+    out = uv("export", "--frozen", "--no-hashes", "--no-default-groups", "--no-emit-project", "--no-header",
+             "--extra", extra)
+    assert out.returncode == 0, out.stderr
+    committed = (REPO_ROOT / "deploy" / f"requirements.{variant}.txt").read_text()
+    exported = out.stdout.replace(LOCK_MARKER, "")  # as the Makefile's `lock` target writes them
+    assert committed.split("\n", 1)[1] == exported, f"deploy/requirements.{variant}.txt is stale: run `make lock`"
+
+
+def test_venv_is_exactly_the_lock():
+    """The venv the tests run in ↔ uv.lock (nothing missing, nothing extra, no other version)."""
+    out = uv("sync", "--frozen", "--extra", "gpu", "--check")
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------------------------
