@@ -10,7 +10,7 @@ from __future__ import annotations
 import bentoml
 import numpy as np
 
-from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics
+from serving.api import ClassifierAPI, Metrics
 from serving.service import (
     CFG,
     MODEL_INFOS,
@@ -45,4 +45,4 @@ ConvnetSingle = bentoml.asgi_app(API.app(), path="/")(bentoml.service(
     name="convnet_single", workers=MODEL_WORKERS, threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
 )(type("ConvnetSingle", (_ModelWorker,), _namespace)))
-ConvnetSingle.add_asgi_middleware(OpenAPIPaths, service=ConvnetSingle, paths=OPENAPI_PATHS)
+ConvnetSingle.add_asgi_middleware(OpenAPIPaths, service=ConvnetSingle, paths=API.openapi_paths())

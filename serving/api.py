@@ -20,14 +20,16 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.config import ServiceConfig
 from serving.errors import BadParameter, ClientError, CorruptImage, ModelRepositoryError, UnknownModel, error_body
-from serving.http import Part, check_image_type, int_param, read_upload
-from serving.preprocess import Recipe, preprocess_bytes
+from serving.http import Part, Upload, check_image_type, int_param, read_upload
+from serving.limits import RequestLimits
+from serving.preprocess import ALLOWED_FORMATS, Recipe, preprocess_bytes
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
 
@@ -97,12 +99,17 @@ class ClassifierAPI:
         """Wire in inference once the serving worker exists (the app itself is built at import time)."""
         self.infer, self.describe, self.metrics = infer, describe, metrics
 
+    def openapi_paths(self) -> dict[str, Any]:
+        return openapi_paths(list(self.models), self.default_model, self.cfg.max_top_k, self.cfg.max_batch_images)
+
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/classify", self.classify, methods=["POST"]),
             Route("/classify_batch", self.classify_batch, methods=["POST"]),
             Route("/models", self.list_models, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_exception})
+        ], exception_handlers={HTTPException: self._http_exception}, middleware=[Middleware(
+            RequestLimits, max_requests=self.cfg.max_concurrent_requests, body_timeout_s=self.cfg.body_timeout_s,
+            retry_after_s=self.cfg.retry_after_s)])
 
     # ---- endpoints -------------------------------------------------------------------------------------------
 
@@ -110,9 +117,8 @@ class ClassifierAPI:
         model_name = "-"
         try:
             upload = await read_upload(request, self.cfg.max_body_bytes, known_params=PARAMS)
-            model = self._model(upload.params)
+            model, k = self._options(upload)
             model_name = model.name
-            k = self._top_k(upload.params)
             if len(upload.images) > 1:
                 raise BadParameter(f"/classify takes one image, got {len(upload.images)}: use /classify_batch")
             x = await self._preprocess(model, upload.images[0])
@@ -127,9 +133,8 @@ class ClassifierAPI:
         model_name = "-"
         try:
             upload = await read_upload(request, self.cfg.max_body_bytes, known_params=PARAMS, allow_raw=False)
-            model = self._model(upload.params)
+            model, k = self._options(upload)
             model_name = model.name
-            k = self._top_k(upload.params)
             if len(upload.images) > self.cfg.max_batch_images:
                 raise BadParameter(f"{len(upload.images)} images in one request; the limit is "
                                    f"{self.cfg.max_batch_images}")
@@ -163,8 +168,13 @@ class ClassifierAPI:
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
+    def _options(self, upload: Upload) -> tuple[ModelInfo, int]:
+        """(model, top_k) of a request; a bad query value is refused even when a form field overrides it."""
+        self._model(upload.query), self._top_k(upload.query)
+        return self._model(upload.params), self._top_k(upload.params)
+
     def _model(self, params: dict[str, str]) -> ModelInfo:
-        name = params.get("model") or self.default_model
+        name = params.get("model", self.default_model)  # given but empty is a mistake, not "the default"
         if name not in self.models:
             raise UnknownModel(f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}")
         return self.models[name]
@@ -207,13 +217,16 @@ class ClassifierAPI:
         if not isinstance(exc, ClientError):
             log.error("%s failed", endpoint, exc_info=exc)
         self._count(endpoint, model, body["error"])
-        return JSONResponse(body, status_code=status)
+        retry = {"Retry-After": str(self.cfg.retry_after_s)} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=retry)
 
     async def _http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", 500)
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        # Starlette's 405 carries the Allow header RFC 9110 §15.5.6 requires: keep it.
         return JSONResponse({"error": code, "detail": f"{request.method} {request.url.path}: "
-                             f"{getattr(exc, 'detail', '')}"}, status_code=status)
+                             f"{getattr(exc, 'detail', '')}"}, status_code=status,
+                            headers=getattr(exc, "headers", None))
 
 
 # ---- OpenAPI (BentoML's /docs.json lists only @bentoml.api methods; the service merges these in) ---------------
@@ -224,14 +237,6 @@ _PREDICTION = {"type": "object", "properties": {"index": {"type": "integer"}, "l
                                                 "score": {"type": "number", "description": "softmax probability"}}}
 _HEADER = {"model": {"type": "string"}, "version": {"type": "string"},
            "weights": {"type": "string", "description": "trained, imagenet1k-official or untrained-demo"}}
-_QUERY = [
-    {"name": "model", "in": "query", "schema": {"type": "string", "default": "alexnet"},
-     "description": "served model name (GET /models); may also be a multipart field"},
-    {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
-     "description": "number of classes to return; may also be a multipart field"},
-]
-
-
 def _json(schema: dict) -> dict:
     return {"content": {"application/json": {"schema": schema}}}
 
@@ -240,40 +245,54 @@ def _errors(*codes: int) -> dict:
     meaning = {400: "not an image / corrupt / truncated / unsupported format or mode",
                413: "body over the size limit, or image over the pixel cap", 415: "content type cannot be an image",
                422: "bad parameter: unknown model, top_k out of range, wrong or missing field",
-               503: "overloaded or model worker restarting: retry"}
+               408: "the request's headers or body arrived too slowly (the connection is closed)",
+               503: "overloaded or model worker restarting: retry after the Retry-After header's seconds"}
     return {str(c): {"description": meaning[c], **_json(_ERROR)} for c in codes}
 
 
-OPENAPI_PATHS: dict[str, Any] = {
-    "/classify": {"post": {
-        "tags": ["Service APIs"], "operationId": "classify",
-        "summary": "Classify one image (multipart field `image`, or the raw image as the body)",
-        "parameters": _QUERY,
-        "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "string", "format": "binary"}, "model": {"type": "string"},
-                "top_k": {"type": "integer"}}}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-        "responses": {"200": {"description": "top-k classes, best first", **_json(
-            {"type": "object", "properties": {**_HEADER, "predictions": {"type": "array", "items": _PREDICTION}}})},
-            **_errors(400, 413, 415, 422, 503)}}},
-    "/classify_batch": {"post": {
-        "tags": ["Service APIs"], "operationId": "classify_batch",
-        "summary": "Classify several images (repeat the multipart field `image`); one result or error per image",
-        "parameters": _QUERY,
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["image"], "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "model": {"type": "string"}, "top_k": {"type": "integer"}}}}}},
-        "responses": {"200": {"description": "results in upload order", **_json({"type": "object", "properties": {
-            **_HEADER, "results": {"type": "array", "items": {"type": "object", "properties": {
-                "index": {"type": "integer"}, "filename": {"type": "string", "nullable": True},
-                "predictions": {"type": "array", "items": _PREDICTION},
-                "error": {"type": "string"}, "detail": {"type": "string"}, "status": {"type": "integer"}}}}}})},
-            **_errors(400, 413, 415, 422, 503)}}},
-    "/models": {"get": {
-        "tags": ["Service APIs"], "operationId": "models", "summary": "Cards of the served models, with runtime info",
-        "responses": {"200": {"description": "model cards", **_json({"type": "object", "properties": {
-            "default_model": {"type": "string"}, "models": {"type": "array", "items": {"type": "object"}}}})}}}},
-}
+def openapi_paths(models: list[str], default_model: str, max_top_k: int, max_batch_images: int) -> dict[str, Any]:
+    """Our paths for /docs.json, exact enough that every request valid under them is answered 200 (schemathesis
+    checks it in tests/test_fuzz.py): the served models as an enum, top_k's real bounds, at least one image."""
+    model = {"type": "string", "enum": sorted(models), "default": default_model}
+    top_k = {"type": "integer", "minimum": 1, "maximum": max_top_k, "default": 5}
+    query = [{"name": "model", "in": "query", "schema": model,
+              "description": "served model name (GET /models); may also be a multipart field"},
+             {"name": "top_k", "in": "query", "schema": top_k,
+              "description": "number of classes to return; may also be a multipart field"}]
+    image = {"type": "string", "format": "binary", "description": f"an image ({', '.join(ALLOWED_FORMATS)})"}
+    errors = _errors(400, 408, 413, 415, 422, 503)
+    return {
+        "/classify": {"post": {
+            "tags": ["Service APIs"], "operationId": "classify",
+            "summary": "Classify one image (multipart field `image`, or the raw image as the body)",
+            "parameters": query,
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {
+                    "type": "object", "required": ["image"], "additionalProperties": False,
+                    "properties": {"image": image, "model": model, "top_k": top_k}}},
+                "image/*": {"schema": image},
+                "application/octet-stream": {"schema": image}}},
+            "responses": {"200": {"description": "top-k classes, best first", **_json(
+                {"type": "object", "properties": {**_HEADER, "predictions": {"type": "array", "items": _PREDICTION}}})},
+                **errors}}},
+        "/classify_batch": {"post": {
+            "tags": ["Service APIs"], "operationId": "classify_batch",
+            "summary": "Classify several images (repeat the multipart field `image`); one result or error per image",
+            "parameters": query,
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"], "additionalProperties": False, "properties": {
+                    "image": {"type": "array", "items": image, "minItems": 1, "maxItems": max_batch_images},
+                    "model": model, "top_k": top_k}}}}},
+            "responses": {"200": {"description": "results in upload order", **_json({"type": "object", "properties": {
+                **_HEADER, "results": {"type": "array", "items": {"type": "object", "properties": {
+                    "index": {"type": "integer"}, "filename": {"type": "string", "nullable": True},
+                    "predictions": {"type": "array", "items": _PREDICTION},
+                    "error": {"type": "string"}, "detail": {"type": "string"}, "status": {"type": "integer"}}}}}})},
+                **errors}}},
+        "/models": {"get": {
+            "tags": ["Service APIs"], "operationId": "models",
+            "summary": "Cards of the served models, with runtime info",
+            "responses": {"200": {"description": "model cards", **_json({"type": "object", "properties": {
+                "default_model": {"type": "string"}, "models": {"type": "array", "items": {"type": "object"}}}})},
+                **_errors(503)}}},
+    }

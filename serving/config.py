@@ -45,6 +45,13 @@ class ServiceConfig:
     max_top_k: int = 100
     default_top_k: int = 5
     timeout_s: int = 60  # BentoML's per-request timeout for both services
+    # Slow and abusive clients, per front worker (serving/limits.py, docs/hardening.md).
+    header_timeout_s: int = 10  # the request line and headers must arrive within this (else 408, closed)
+    body_timeout_s: int = 30  # the whole body must arrive within this of the request's start (else 408, closed)
+    keepalive_timeout_s: int = 5  # an idle kept-alive connection is closed after this
+    max_connections: int = 1000  # open connections; more are answered 503 + Retry-After and closed
+    max_concurrent_requests: int = 64  # /classify* requests in progress; more are answered 503 + Retry-After
+    retry_after_s: int = 1  # the Retry-After of every 503
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

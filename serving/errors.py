@@ -71,6 +71,13 @@ class UnreadableInput(ClientError):
     code = "unreadable_input"
 
 
+class RequestTimeout(ClientError):
+    """The request's headers or body came in too slowly; the connection is closed after the answer."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class ServerBusy(ClientError):
     status = 503
     code = "server_busy"

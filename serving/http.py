@@ -78,6 +78,7 @@ class Part:
 
 def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
     """multipart/form-data body → its parts in order. Malformed or truncated bodies are a 400."""
+    # Starlette decodes header bytes as Latin-1, so this cannot fail to re-encode; a boundary is ASCII anyway.
     _, params = parse_options_header(content_type_header)
     boundary = params.get(b"boundary")
     if not boundary:
@@ -102,7 +103,9 @@ def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
         value.append(b[start:end])
 
     def on_header_end() -> None:
-        headers[b"".join(field).decode("latin-1").lower()] = b"".join(value).decode("utf-8", "replace")
+        # Latin-1 maps every byte to one character and back, so parse_options_header (which re-encodes to Latin-1)
+        # sees the raw bytes; names and filenames are then read as UTF-8 (RFC 7578 §5.1), whatever they hold.
+        headers[b"".join(field).decode("latin-1").lower()] = b"".join(value).decode("latin-1")
         field.clear()
         value.clear()
 
@@ -117,7 +120,8 @@ def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
         filename = dparams.get(b"filename")
         parts.append(Part(name.decode("utf-8", "replace"),
                           None if filename is None else filename.decode("utf-8", "replace"),
-                          media_type(headers.get("content-type")), b"".join(data)))
+                          media_type(headers.get("content-type", "").encode("latin-1").decode("utf-8", "replace")),
+                          b"".join(data)))
 
     def on_end() -> None:
         nonlocal done
@@ -139,10 +143,12 @@ def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
 
 @dataclass
 class Upload:
-    """What a request carried: its images (in order) and its parameters (query string, then form fields)."""
+    """What a request carried: its images (in order) and its parameters (query string, then form fields, which win;
+    `query` keeps the query string's own values so that they are validated even when a form field overrides them)."""
 
     images: list[Part]
     params: dict[str, str]
+    query: dict[str, str]
 
 
 async def read_upload(request: Request, limit: int, image_field: str = "image", known_params: tuple[str, ...] = (),
@@ -183,12 +189,12 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
     unknown = sorted(set(params) - set(known_params))
     if unknown:
         raise BadParameter(f"unknown parameter(s) {unknown}; accepted: {list(known_params)}")
-    return Upload(images, params)
+    return Upload(images, params, dict(request.query_params))
 
 
 def int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # absent; given but empty ("top_k=") is refused below, like any other non-integer
         return default
     try:
         value = int(raw)

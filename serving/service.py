@@ -24,9 +24,10 @@ import numpy as np
 from bentoml.validators import DType
 from starlette.responses import JSONResponse
 
-from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
+from serving.api import ClassifierAPI, Metrics, read_models
 from serving.config import describe, load_config, model_parallelism
 from serving.errors import ServerBusy
+from serving.limits import install as install_connection_limits
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
@@ -34,6 +35,7 @@ log = logging.getLogger("convnet_serving")
 log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the worker that logged it
 
 CFG = load_config()
+install_connection_limits(CFG)  # header timeout, connection cap, keep-alive: uvicorn's protocol, in every worker
 MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
 MODEL_WORKERS, ORT_THREADS = model_parallelism(CFG, USES_GPU)
@@ -172,4 +174,4 @@ class Convnet:
         self.life.clean_exit()
 
 
-Convnet.add_asgi_middleware(OpenAPIPaths, service=Convnet, paths=OPENAPI_PATHS)
+Convnet.add_asgi_middleware(OpenAPIPaths, service=Convnet, paths=API.openapi_paths())

@@ -1,0 +1,143 @@
+"""Limits on slow and abusive connections, per serving worker (docs/hardening.md).
+
+BentoML starts uvicorn (httptools) itself and passes none of uvicorn's protocol settings through, and uvicorn has
+no header-read timeout at all (its keep-alive timer only runs between requests). Two small pieces close the gap:
+
+- `GuardedHttpProtocol`, uvicorn's own HTTP protocol with a header-read deadline (408 and close), a cap on open
+  connections (503 + Retry-After and close) and our keep-alive idle timeout. Headers never reach ASGI until they
+  are complete, so this has to live at the protocol level; `install` makes it uvicorn's "auto" protocol in the
+  worker process (BentoML builds uvicorn's Config after importing the service).
+- `RequestLimits`, an ASGI middleware on our endpoints: a cap on requests in progress (503 + Retry-After) and a
+  deadline for reading the body (408 and close). Health and metrics routes are BentoML's and stay uncapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import uvicorn.config
+from starlette.responses import JSONResponse
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serving.config import ServiceConfig
+from serving.errors import RequestTimeout, ServerBusy, error_body
+
+Message = dict
+
+
+def _raw_response(status: int, reason: str, exc: Exception, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A complete HTTP/1.1 answer with our JSON error body, for the protocol level where there is no ASGI app."""
+    _, body = error_body(exc)
+    payload = json.dumps(body).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(payload)}",
+            "connection: close", *(f"{k}: {v}" for k, v in extra)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a header-read deadline and a connection cap. Settings: `install`."""
+
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 1000
+    retry_after_s: int = 1
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.keepalive_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            busy = ServerBusy(f"this worker has {self.max_connections} connections open; retry shortly")
+            transport.write(_raw_response(503, "Service Unavailable", busy,
+                                          (("retry-after", str(self.retry_after_s)),)))
+            transport.close()
+            return
+        self._arm_header_timer()  # a connection that never sends a byte is timed out too
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:  # the next request on a kept-alive connection
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:  # no answer of an earlier request is being written
+            late = RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s")
+            self.transport.write(_raw_response(408, "Request Timeout", late))
+        self.transport.close()
+
+
+def install(cfg: ServiceConfig) -> None:
+    """Make `GuardedHttpProtocol`, with `cfg`'s limits, the protocol uvicorn picks for http="auto" in this process."""
+    GuardedHttpProtocol.header_timeout_s = float(cfg.header_timeout_s)
+    GuardedHttpProtocol.keepalive_timeout_s = float(cfg.keepalive_timeout_s)
+    GuardedHttpProtocol.max_connections = cfg.max_connections
+    GuardedHttpProtocol.retry_after_s = cfg.retry_after_s
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpProtocol"
+
+
+class RequestLimits:
+    """ASGI middleware: at most `max_requests` requests in progress (then 503 + Retry-After), and the whole body
+    read within `body_timeout_s` of the request's start (else the endpoint answers 408 and the connection closes)."""
+
+    def __init__(self, app, max_requests: int, body_timeout_s: float, retry_after_s: int) -> None:
+        self.app, self.max_requests, self.body_timeout_s = app, max_requests, body_timeout_s
+        self.retry_after = str(retry_after_s)
+        self.active = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_requests:
+            status, body = error_body(ServerBusy(f"this worker already has {self.max_requests} requests in "
+                                                 "progress; retry shortly"))
+            await JSONResponse(body, status, headers={"Retry-After": self.retry_after})(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        state = {"body_done": False, "timed_out": False}
+
+        async def receive_by_deadline() -> Message:
+            if state["body_done"]:  # after the body only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                state["timed_out"] = True
+                raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+            state["body_done"] = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def send_closing(message: Message) -> None:
+            if state["timed_out"] and message["type"] == "http.response.start":  # the rest of the body is unread
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        self.active += 1
+        try:
+            await self.app(scope, receive_by_deadline, send_closing)
+        finally:
+            self.active -= 1
