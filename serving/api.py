@@ -29,7 +29,7 @@ from serving.config import ServiceConfig
 from serving.errors import BadParameter, ClientError, CorruptImage, ModelRepositoryError, UnknownModel, error_body
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
 from serving.limits import RequestLimits
-from serving.preprocess import ALLOWED_FORMATS, Recipe, preprocess_bytes
+from serving.preprocess import ALLOWED_FORMATS, DECODE_BUDGET, Recipe, preprocess_bytes
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
 
@@ -94,6 +94,7 @@ class ClassifierAPI:
         self.default_model = cfg.default_model if cfg.default_model in models else sorted(models)[0]
         # Pillow releases the GIL while decoding and resizing, so threads decode in parallel off the event loop.
         self.pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
+        DECODE_BUDGET.resize(cfg.decode_budget_pixels)
 
     def attach(self, infer: Infer, describe: Describe, metrics: Metrics | None = None) -> None:
         """Wire in inference once the serving worker exists (the app itself is built at import time)."""

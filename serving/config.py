@@ -52,6 +52,9 @@ class ServiceConfig:
     max_connections: int = 1000  # open connections; more are answered 503 + Retry-After and closed
     max_concurrent_requests: int = 64  # /classify* requests in progress; more are answered 503 + Retry-After
     retry_after_s: int = 1  # the Retry-After of every 503
+    # Pixels being decoded at once per worker, across its decode threads (serving.preprocess.PixelBudget): bounds
+    # the decoding part of a worker's memory at ~4 bytes a pixel plus conversions.
+    decode_budget_pixels: int = 40_000_000
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,13 +122,64 @@ def decode(data: bytes, recipe: Recipe | None = None, max_pixels: int = DEFAULT_
     im = open_image(data, max_pixels)
     if recipe is not None and im.format == "JPEG":
         _draft_jpeg(im, recipe)
-    try:
-        im.seek(0)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    except _DECODE_ERRORS as e:
-        raise CorruptImage(f"the {im.format} data is corrupt or truncated: {e}") from None
-    return to_8bit(im)
+    with DECODE_BUDGET.hold(im.size[0] * im.size[1]):
+        try:
+            im.seek(0)
+            im.load()
+            if recipe is not None:
+                im = _shrink(im if im.mode in _REDUCIBLE_MODES else to_8bit(im), recipe)
+            im = ImageOps.exif_transpose(im)
+        except _DECODE_ERRORS as e:
+            raise CorruptImage(f"the {im.format} data is corrupt or truncated: {e}") from None
+        return to_8bit(im)
+
+
+class PixelBudget:
+    """At most `capacity` pixels being decoded at once in this process, across its decoding threads.
+
+    A 40 MP upload costs ~160 MB decoded (Pillow keeps RGB as 4 bytes a pixel) and more while it is converted; the
+    budget makes a second large upload wait instead of doubling that, so a worker's peak is bounded by the budget,
+    not by how many large files arrive together. An image larger than the whole budget waits for all of it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = self.free = capacity
+        self._cond = threading.Condition()
+
+    def resize(self, capacity: int) -> None:
+        with self._cond:
+            self.free += capacity - self.capacity
+            self.capacity = capacity
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            n = min(pixels, self.capacity)
+            self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = PixelBudget(DEFAULT_MAX_PIXELS)
+# Modes Image.reduce averages directly; others (palette, 16-bit) are made 8-bit first.
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
+
+
+def _shrink(im: Image.Image, recipe: Recipe) -> Image.Image:
+    """What JPEG draft does, for every other format: a large picture is box-reduced by 2, 4 or 8 while its shorter
+    side stays at least what the recipe needs, before the costly steps (mode conversion, alpha, resize) see it."""
+    need = recipe.resize if recipe.kind == "imagenet" else recipe.resize * 4
+    short = min(im.size)
+    factor = 1
+    while factor < 8 and short // (factor * 2) >= need:
+        factor *= 2
+    return im if factor == 1 else im.reduce(factor)
 
 
 def _draft_jpeg(im: Image.Image, recipe: Recipe) -> None:
@@ -138,6 +192,14 @@ def _draft_jpeg(im: Image.Image, recipe: Recipe) -> None:
         im.draft("RGB" if im.mode not in ("L",) else "L", (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))))
 
 
+# 16-bit value → the same 8-bit value as rint(v * 255 / 65535), by lookup: 1 byte a pixel instead of float64's 8.
+_SIXTEEN_TO_8BIT = np.rint(np.arange(65536, dtype=np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+
+
+def _sixteen_to_8bit(im: Image.Image) -> Image.Image:
+    return Image.fromarray(_SIXTEEN_TO_8BIT[np.asarray(im)], "L")
+
+
 def to_8bit(im: Image.Image) -> Image.Image:
     """Any Pillow mode → "RGB" or "L", scaling wide modes rather than clipping them."""
     mode = im.mode
@@ -145,11 +207,11 @@ def to_8bit(im: Image.Image) -> Image.Image:
         return im
     if mode == "1":
         return im.convert("L")
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if mode.startswith("I;16"):
+        return _sixteen_to_8bit(im)
+    if mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16"):
-            hi = 65535.0
-        elif mode == "F":
+        if mode == "F":
             hi = 1.0 if a.size and np.nanmax(a) <= 1.0 else float(np.nanmax(a)) if a.size else 1.0
         else:  # 32-bit int: usually a 16-bit PNG Pillow widened; fall back to the data's own range
             peak = float(a.max()) if a.size else 0.0
