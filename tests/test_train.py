@@ -156,7 +156,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "training.train",
+    # Single node, every address explicit: the rendezvous store and the workers' store both on 127.0.0.1, port 0
+    # (bound by the kernel, nothing to race for), and no name resolution of "localhost" or the host's FQDN, which
+    # --standalone relies on for the workers' MASTER_ADDR.
+    rdzv = ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
+    proc = subprocess.run([str(torchrun), *rdzv, "--nproc_per_node=2", "-m", "training.train",
                            *lenet_args(out, "--epochs", "1", "--cache-dir", str(tmp_path / "c"))],
                           cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
