@@ -63,6 +63,7 @@ async def _normal_requests(base: str, until: float) -> list[tuple[int, float]]:
     return out
 
 
+@pytest.mark.slow
 def test_slowloris_is_closed_on_time_while_normal_requests_keep_answering(limited):
     port = int(limited.rsplit(":", 1)[1])
     header_drip = b"POST /classify HTTP/1.1\r\nHost: x\r\n"

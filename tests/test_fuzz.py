@@ -21,6 +21,7 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 FUZZ_SECONDS = 60  # schemathesis' own budget for the run; the test's hard limit is above it
 
 
+@pytest.mark.slow
 def test_schemathesis_all_checks_find_nothing(server, tmp_path):
     cmd = [str(SCHEMATHESIS), "run", f"{server}/docs.json", "--checks", "all", "--max-examples", "30",
            "--seed", "1", "--max-time", str(FUZZ_SECONDS), "--workers", "1", "--no-color",

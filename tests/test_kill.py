@@ -61,6 +61,7 @@ def _ready(base: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{}, MODEL_SERVICE_ENV], ids=["default", "model-service"])
 def test_sigkill_each_worker_under_load(env):
     with started_server(env=env, models=["lenet5"]) as (base, proc), Load(base) as load:

@@ -22,6 +22,7 @@ PEAK_BOUND_MIB = 768  # per worker, any moment of any pass (docs/hardening.md: m
 GROWTH_SLACK_MIB = 32  # after the first pass, RSS may wobble by this much, never climb
 
 
+@pytest.mark.slow
 def test_ten_passes_of_large_images_keep_every_worker_bounded_and_flat():
     h = memload.measure(passes=10, concurrency=4)
     for statuses in h["statuses"]:

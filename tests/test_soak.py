@@ -3,11 +3,14 @@ capacity measured first; every answer the expected one, and no worker's RSS clim
 
 from __future__ import annotations
 
+import pytest
+
 from loadtests.soak import run
 
 RSS_SLACK_MIB = 64
 
 
+@pytest.mark.slow
 def test_thirty_second_soak_has_no_unexpected_status_and_flat_rss():
     capacity, rate, windows = run(duration=30, window=10, probe_seconds=5)
     assert capacity > 0 and len(windows) >= 3
