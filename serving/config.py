@@ -45,10 +45,15 @@ class ServiceConfig:
     max_top_k: int = 100
     default_top_k: int = 5
     timeout_s: int = 60  # BentoML's per-request timeout for both services
+    # API keys (docs/keys.md): a file of hashed keys; empty = off. /metrics stays open unless metrics_auth = "key".
+    api_keys_file: str = ""
+    metrics_auth: str = "open"  # open | key
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"CONVNET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.metrics_auth not in ("open", "key"):
+            raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
         zero_ok = ("model_workers", "ort_threads", "ort_spinning", "inline_max_params")  # 0 means "automatic" or "off"
         for f in fields(self):
             if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):

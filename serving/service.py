@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
 from serving.config import describe, load_config, model_parallelism
 from serving.errors import ServerBusy
+from serving.keys import install as install_api_keys
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
@@ -173,3 +174,4 @@ class Convnet:
 
 
 Convnet.add_asgi_middleware(OpenAPIPaths, service=Convnet, paths=OPENAPI_PATHS)
+install_api_keys(Convnet, CFG.api_keys_file, CFG.metrics_auth)  # off unless CONVNET_API_KEYS_FILE is set
