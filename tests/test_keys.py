@@ -128,8 +128,9 @@ def classify(base: str, headers: dict[str, str] | None = None) -> httpx.Response
 def test_protected_endpoints_need_a_key(keyed):
     base, _, keys, _ = keyed
     batch = {"files": [("image", ("a.png", DIGIT_7, "image/png"))]}
-    for headers, invalid in (({}, False), (bearer("cnv_not-a-key"), True), (bearer(keys["alice"] + "x"), True),
-                             ({"Authorization": f"Basic {keys['alice']}"}, False), ({"Authorization": "Bearer"}, False)):
+    cases = [({}, False), (bearer("cnv_not-a-key"), True), (bearer(keys["alice"] + "x"), True),
+             ({"Authorization": f"Basic {keys['alice']}"}, False), ({"Authorization": "Bearer"}, False)]
+    for headers, invalid in cases:
         assert_unauthorized(classify(base, headers), invalid)
         assert_unauthorized(httpx.post(f"{base}/classify_batch", headers=headers, timeout=60, **batch), invalid)
         assert_unauthorized(httpx.get(f"{base}/models", headers=headers, timeout=10), invalid)
