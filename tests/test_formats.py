@@ -61,12 +61,13 @@ def oversized_header(fmt: str, width: int, height: int) -> bytes:
     return data
 
 
-def ten_bit(fmt: str, tmp_path: Path) -> bytes:
-    """A 10-bit grey ramp 0..max over 64 columns."""
+def ten_bit(fmt: str, tmp_path: Path, grey: bool = False) -> bytes:
+    """A 10-bit grey ramp 0..max over 64 columns (HEIF `grey`: one channel, which Pillow gets as I;16)."""
     ramp = np.linspace(0, 65535, 64).round().astype(np.uint16)
     if fmt == "HEIF":
-        rgb = np.ascontiguousarray(np.broadcast_to(ramp[None, :, None], (32, 64, 3)))
-        heif = pillow_heif.from_bytes(mode="RGB;16", size=(64, 32), data=rgb.tobytes())
+        channels = 1 if grey else 3
+        pixels = np.ascontiguousarray(np.broadcast_to(ramp[None, :, None], (32, 64, channels)))
+        heif = pillow_heif.from_bytes(mode="L;16" if grey else "RGB;16", size=(64, 32), data=pixels.tobytes())
         buf = io.BytesIO()
         heif.save(buf, quality=-1)  # lossless; pillow-heif writes 16-bit input as 10-bit
         return buf.getvalue()
@@ -132,9 +133,10 @@ def test_orientation_is_honoured(fmt):
     assert out[-3, 30, 2] > 200 and out[-3, 30, 0] < 50
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_ten_bit_is_scaled_not_clipped(fmt, tmp_path):
-    data = ten_bit(fmt, tmp_path)
+@pytest.mark.parametrize(("fmt", "grey"), [("AVIF", False), ("HEIF", False), ("HEIF", True)])
+def test_ten_bit_is_scaled_not_clipped(fmt, grey, tmp_path):
+    """Colour: libavif/libheif hand over 8-bit, scaled; HEIF grey arrives as I;16 and to_8bit scales it."""
+    data = ten_bit(fmt, tmp_path, grey)
     assert bit_depth(fmt, data) == 10
     row = np.asarray(decode(data).convert("L"), np.float64)[16]
     expected = np.linspace(0, 255, 64)
