@@ -47,6 +47,7 @@ log = logging.getLogger("convnet_serving")
 SERVER_NAME = "convnet-serving"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "onnxruntime_onnx"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_INPUT = "image_bytes"
 DATATYPES = {"uint8": "UINT8", "float32": "FP32"}  # card dtype → the protocol's datatype name
@@ -408,7 +409,8 @@ class V2Protocol:
             routes += [Route(prefix, self.model_metadata, methods=["GET"]),
                        Route(prefix + "/ready", self.model_ready, methods=["GET"]),
                        Route(prefix + "/infer", self.infer, methods=["POST"])]
-        return [*routes, Route("/v2/{rest:path}", self.unsupported)]  # any other /v2 path or method
+        # Any other /v2 path or method: a 404 that says what this server does not speak.
+        return [*routes, Route("/v2/{rest:path}", self.unsupported, methods=ALL_METHODS)]
 
     async def server_metadata(self, request: Request) -> JSONResponse:
         return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
