@@ -111,7 +111,7 @@ def requests_for(model: str, jpeg: bytes, n: int) -> dict[str, tuple[str, bytes,
     tensor = InferInput("image", list(pixels.shape), "UINT8").set_data_from_numpy(pixels)
     out: dict[str, tuple[str, bytes, dict[str, str], float]] = {}
     if n == 1:  # /classify takes one image per request
-        out["classify"] = (f"/classify?model={model}", jpeg, {"Content-Type": "image/jpeg"}, 0.0)
+        out["classify"] = (f"/classify?model={model}", jpeg, {"Content-Type": "application/octet-stream"}, 0.0)
     out["v2-bytes"] = (infer, *v2_body([encoded]), 0.0)
     out["v2-uint8"] = (infer, *v2_body([tensor]), decode_s)
     return out
