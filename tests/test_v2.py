@@ -426,3 +426,23 @@ def test_fuzzed_binary_framing_is_always_4xx_or_a_real_answer(server, header_len
 def test_server_still_serves_v2_after_the_abuse(server):
     assert client(server).is_server_ready()
     assert int(np.argmax(client(server).infer("lenet5", [bytes_input([DIGIT], True)]).as_numpy("logits"))) == 7
+
+
+def test_cost_measurement_runs_all_three_paths_and_reads_server_cpu(server):
+    """loadtests/v2_cost.measure, what `make bench` calls: real requests, real CPU seconds from /proc."""
+    import psutil
+
+    from loadtests.v2_cost import measure, process_tree
+
+    port = int(server.rsplit(":", 1)[1])
+    listening = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+    # `bentoml serve --port <port>`, the arbiter: the listening worker's ancestor that started it all
+    arbiter = next(a.pid for p in listening for a in psutil.Process(p).parents()
+                   if "serve" in (cmd := a.cmdline()) and "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port))
+    assert len(process_tree(arbiter)) >= 2
+    costs = {c.variant: c for c in measure(server, arbiter, "alexnet", EXAMPLES / "grace_hopper.jpg", requests=3,
+                                           warmup=1)}
+    assert set(costs) == {"classify", "v2-bytes", "v2-uint8"}
+    assert all(c.images == 3 and c.latency_ms_per_image_median > 0 for c in costs.values())
+    assert sum(c.server_cpu_ms_per_image for c in costs.values()) > 0  # AlexNet inference is tens of ms per image
+    assert costs["v2-uint8"].client_decode_ms_per_image > 0
