@@ -40,6 +40,7 @@ from serving.http import Part, check_image_type, int_param, read_upload
 from serving.preprocess import Recipe, preprocess_bytes
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
+from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
 log = logging.getLogger("convnet_serving")
 
@@ -156,6 +157,7 @@ class ClassifierAPI:
             Route("/classify_batch", self.classify_batch, methods=["POST"]),
             Route("/models", self.list_models, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
+            *V2Protocol(self).routes(),  # the Open Inference Protocol (KServe v2 / Triton REST): serving/v2.py
         ], exception_handlers={HTTPException: self._http_exception})
 
     # ---- endpoints -------------------------------------------------------------------------------------------
@@ -336,4 +338,5 @@ OPENAPI_PATHS: dict[str, Any] = {
         "tags": ["Service APIs"], "operationId": "models", "summary": "Cards of the served models, with runtime info",
         "responses": {"200": {"description": "model cards", **_json({"type": "object", "properties": {
             "default_model": {"type": "string"}, "models": {"type": "array", "items": {"type": "object"}}}})}}}},
+    **V2_OPENAPI_PATHS,
 }
