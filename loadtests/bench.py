@@ -17,6 +17,8 @@ What it measures, all on the same machine, each run bounded and repeated (median
    multipart uploads (LitServe reads form or JSON bodies, not raw ones).
 4. a bare Starlette "hello" endpoint (loadtests/baselines/hello_app.py): the HTTP ceiling for LeNet-5's requests/s.
 5. the batch CLI over a folder of JPEGs (loadtests/batch_bench.py, owned by the batch CLI).
+6. the Open Inference Protocol (loadtests/v2_cost.py): server CPU per image of /classify vs v2 with encoded images
+   (BYTES) vs v2 with the model's own uint8 tensor (decoded by the client), on the same service.
 
 The load generator is wrk (C, epoll; `apt-get install wrk`) with loadtests/wrk_post.lua: one thread pinned to the
 client cores, far lighter than Python generators, so on a 2-core box the server keeps its core to itself. wrk is a
@@ -42,12 +44,13 @@ from pathlib import Path
 
 import httpx
 
-from loadtests import servers
+from loadtests import servers, v2_cost
 from loadtests.contract import check_predictions
 from loadtests.images import build_pool, for_model, write_pool
 
 LITSERVE_VERSION = version("litserve")
 REPO_ROOT = servers.REPO_ROOT
+V2_IMAGES = {"alexnet": REPO_ROOT / "examples" / "grace_hopper.jpg", "lenet5": REPO_ROOT / "examples" / "digit-7.png"}
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
 BATCH_BENCH = Path(__file__).resolve().parent / "batch_bench.py"
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -404,6 +407,7 @@ class Bench:
     limit: dict[str, float] = field(default_factory=dict)  # (1) decode + onnxruntime at batch 32: the upload limit
     lit_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
     gc: dict[str, float] = field(default_factory=dict)  # the service's collector under load (its /metrics)
+    v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
     first_half: dict[str, dict] = field(default_factory=dict)
     service_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # raw uploads
     service_mp_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # multipart uploads
@@ -499,6 +503,12 @@ class Bench:
                         limit="as above, plus multipart parsing", multipart=True)
             self.gc = gc_under_load(srv.url)
             print(f"  garbage collector under that load: {self.gc}", flush=True)
+            print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
+            for m in self.models:
+                costs = v2_cost.measure(srv.url, srv.proc.pid, m, V2_IMAGES[m], requests=10 if self.args.quick else 60)
+                self.v2_tables.append(f"**{m}** (`{V2_IMAGES[m].relative_to(REPO_ROOT)}`, one image per request, "
+                                      f"sequential):\n\n{v2_cost.render(costs)}")
+                print(self.v2_tables[-1], flush=True)
 
     def litserve(self) -> None:
         print("3b. LitServe peer (multipart uploads)", flush=True)
@@ -621,6 +631,11 @@ def main(argv: list[str] | None = None) -> int:
     headlines = bench.headlines()
 
     text = render(bench.rows, headlines, bench.notes, info, args, started, load_before, loadavg())
+    if bench.v2_tables:
+        text += ("\n### (6) Open Inference Protocol: what the v2 path costs per image\n\n"
+                 "Server CPU (all its processes, /proc) per image; `image` sends the model's own uint8 tensor, so the "
+                 "server decodes nothing and the client pays the decode (last column).\n\n"
+                 + "\n\n".join(bench.v2_tables) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, text, args.append)
     (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in bench.rows],

@@ -186,5 +186,5 @@ def test_bench_harness_produces_every_row(tmp_path):
         assert r["errors"] == 0, r
     text = out.read_text()
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
-                   "garbage collector"):
+                   "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
         assert phrase in text, phrase
