@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,7 +160,8 @@ def test_config_layers(tmp_path):
         load_config({"CONVNET_DEVICE": "tpu"})
     with pytest.raises(ValueError, match="CONVNET_MAX_BATCH_SIZE"):
         load_config({"CONVNET_MAX_BATCH_SIZE": "0"})
-    # Automatic parallelism: single-threaded model workers on CPU (one per CPU, at most 4), one worker on a GPU.
+    # Automatic parallelism: one model worker per CPU (at most 4), the CPUs shared out as onnxruntime threads; one
+    # worker on a GPU.
     assert model_parallelism(ServiceConfig(), uses_gpu=False, cpus=2) == (2, 1)
     assert model_parallelism(ServiceConfig(), uses_gpu=False, cpus=16) == (4, 4)
     assert model_parallelism(ServiceConfig(), uses_gpu=True, cpus=16) == (1, 16)
@@ -170,28 +172,54 @@ def test_config_layers(tmp_path):
 
 
 def test_overload_is_shed_with_503_json_and_the_service_recovers():
-    # A 1 ms queueing budget: requests that would wait longer for AlexNet are shed by BentoML's dispatcher.
-    env = {"CONVNET_MAX_LATENCY_MS": "1", "CONVNET_MODEL_WORKERS": "1", "CONVNET_MODELS": "alexnet"}
+    """Shedding by construction, not by host speed: one model worker, a 1 ms queueing budget, and requests that each
+    carry a full batch of 32 AlexNet images (one model call each, far over 1 ms on any CPU or GPU). While one call
+    runs, every request queued behind it has waited longer than the budget, so BentoML's dispatcher must shed it."""
+    env = {**MODEL_SERVICE_ENV, "CONVNET_MAX_LATENCY_MS": "1", "CONVNET_MODEL_WORKERS": "1",
+           "CONVNET_MODELS": "alexnet", "CONVNET_MAX_BATCH_SIZE": "32"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(port, env=env)
     try:
         wait_ready(base, proc)
-        photo = imagegen.photo(400, 300)
+        files = [("image", (f"{i}.jpg", imagegen.photo(320, 240, seed=i), "image/jpeg")) for i in range(32)]
 
         def one(_: int) -> httpx.Response:
-            return httpx.post(f"{base}/classify", params={"top_k": 1}, content=photo,
-                              headers={"Content-Type": "image/jpeg"}, timeout=60)
+            return httpx.post(f"{base}/classify_batch", params={"top_k": 1}, files=files, timeout=120)
 
-        with ThreadPoolExecutor(24) as pool:
-            answers = list(pool.map(one, range(48)))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16)))
         statuses = [r.status_code for r in answers]
         assert set(statuses) <= {200, 503}, statuses
         assert 503 in statuses and 200 in statuses, statuses
         for r in answers:
             if r.status_code == 503:
-                assert r.json()["error"] == "server_busy"
-        assert 200 in [one(0).status_code for _ in range(5)]  # alone again, it answers
+                assert r.json() == {"error": "server_busy", "detail": "the server is overloaded; retry shortly"}
+            else:
+                assert len(r.json()["results"]) == 32
+        alone = httpx.post(f"{base}/classify", params={"top_k": 1}, content=imagegen.photo(400, 300),
+                           headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert alone.status_code == 200, alone.text  # alone again, it answers
         assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        stop_server(proc)
+
+
+def test_an_explicit_device_that_cannot_be_had_stops_the_start():
+    """CONVNET_DEVICE=cuda where no CUDA device can be used is an error at start, not a quiet CPU fallback. With
+    CUDA_VISIBLE_DEVICES empty no GPU is usable, so this holds on a GPU host too."""
+    env = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5", "CONVNET_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""}
+    port = free_port()
+    proc = start_server(port, env=env)
+    try:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        log = server_log(proc, tail=100_000)
+        assert proc.returncode not in (None, 0), f"the server did not stop:\n{log[-3000:]}"
+        assert "device 'cuda' requested but" in log, log[-3000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     finally:
         stop_server(proc)
