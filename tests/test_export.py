@@ -13,6 +13,7 @@ import torch
 
 from serving.registry import DEFAULT_MODELS_DIR, load_model, read_card, sha256_file
 from training.export import (
+    OPSET,
     ExportCheckFailed,
     check_export,
     deployable,
@@ -45,7 +46,7 @@ def test_exported_graph_has_no_dropout_and_matches_torch(exported):
     assert report.train_mode_stochastic is True  # the same torch model in train mode is not repeatable
     assert report.max_abs_diff_random <= 1e-4 and report.max_abs_diff_real <= 1e-4
     assert card.onnx["checks"]["dropout_nodes"] == 0
-    assert proto.opset_import[0].version >= 17
+    assert proto.opset_import[0].version == OPSET == card.onnx["opset"] == 18  # the opset training.export pins
 
 
 def test_exported_graph_takes_uint8_nhwc_with_dynamic_batch(exported):
