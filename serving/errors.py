@@ -71,9 +71,23 @@ class UnreadableInput(ClientError):
     code = "unreadable_input"
 
 
+class Unauthorized(ClientError):
+    """No API key, or one that is not (or no longer) in the key file, while API keys are on (serving/keys.py)."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class ServerBusy(ClientError):
     status = 503
     code = "server_busy"
+
+
+class RequestTimeout(ClientError):
+    """Not answered within the service's timeout (CONVNET_TIMEOUT_S)."""
+
+    status = 504
+    code = "timeout"
 
 
 class ModelRepositoryError(Exception):
