@@ -111,7 +111,7 @@ container-tools:
 format-tools:
 	@bash scripts/format-tools.sh
 
-test: models container-tools format-tools
+test: models container-tools format-tools wrk
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
