@@ -176,7 +176,7 @@ def to_8bit(im: Image.Image) -> Image.Image:
         out = np.clip(np.rint(a * (255.0 / max(hi, 1e-12))), 0, 255).astype(np.uint8)
         return Image.fromarray(out, "L")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
+        rgba = (im.convert("LA") if mode == "La" else im).convert("RGBA")  # Pillow has no La → RGBA conversion
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
