@@ -97,6 +97,7 @@ train-lenet: setup
 # --- the service (docs/service.md) -----------------------------------------------------------------------------------
 # Every model in models/ on 127.0.0.1:$(PORT); tunables are CONVNET_* variables or a TOML file in CONVNET_CONFIG.
 serve: models
+	@echo "Demo page (classify a photo or a drawn digit): http://127.0.0.1:$(PORT)/demo   API docs: http://127.0.0.1:$(PORT)/"
 	$(VENV)/bin/bentoml serve serving.service:Convnet --host 127.0.0.1 --port $(PORT)
 
 # --- tests ---------------------------------------------------------------------------------------------------------
@@ -107,7 +108,12 @@ PYTEST_ARGS ?=
 container-tools:
 	@bash scripts/ci-container-tools.sh
 
-test: models container-tools
+# The demo page's browser test drives Debian's Chromium with Playwright (installed here when missing).
+.PHONY: browser
+browser:
+	@bash scripts/ci-browser.sh
+
+test: models container-tools browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.config import ServiceConfig
+from serving.demo import ServerTiming, demo_routes
 from serving.errors import BadParameter, ClientError, CorruptImage, ModelRepositoryError, UnknownModel, error_body
 from serving.http import Part, check_image_type, int_param, read_upload
 from serving.preprocess import Recipe, preprocess_bytes
@@ -102,7 +104,8 @@ class ClassifierAPI:
             Route("/classify", self.classify, methods=["POST"]),
             Route("/classify_batch", self.classify_batch, methods=["POST"]),
             Route("/models", self.list_models, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_exception})
+            *demo_routes(self),  # GET /demo (the page), POST /model_input (what the model saw, as a PNG)
+        ], exception_handlers={HTTPException: self._http_exception}, middleware=[Middleware(ServerTiming)])
 
     # ---- endpoints -------------------------------------------------------------------------------------------
 

@@ -137,7 +137,8 @@ class OpenAPIPaths:
 @bentoml.asgi_app(API.app(), path="/")
 @bentoml.service(name="convnet", workers=CFG.api_workers, traffic={"timeout": CFG.timeout_s})
 class Convnet:
-    """Image classification with LeNet-5 and AlexNet: POST an image to /classify (see /docs.json)."""
+    """Image classification with LeNet-5 and AlexNet: POST an image to /classify (see /docs.json).
+    Try it in a browser: [the demo page, /demo](/demo)."""
 
     models = bentoml.depends(Models)
 
@@ -148,6 +149,7 @@ class Convnet:
         log.info("serving %s (default %s); batched in the model service on %s: %s; inline: %s",
                  ", ".join(MODEL_INFOS), API.default_model, "GPU" if USES_GPU else "CPU", BATCHED or "none",
                  INLINE or "none")
+        log.info("demo page: /demo on the address BentoML listens on (make serve prints the full URL)")
 
     async def _infer(self, model: str, batch: np.ndarray) -> np.ndarray:
         if model in self.inline:
