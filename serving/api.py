@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.config import ServiceConfig
-from serving.demo import ServerTiming, demo_routes
+from serving.demo import MODEL_INPUT_OPENAPI, ServerTiming, demo_routes
 from serving.errors import BadParameter, ClientError, CorruptImage, ModelRepositoryError, UnknownModel, error_body
 from serving.http import Part, check_image_type, int_param, read_upload
 from serving.preprocess import Recipe, preprocess_bytes
@@ -248,6 +248,7 @@ def _errors(*codes: int) -> dict:
 
 
 OPENAPI_PATHS: dict[str, Any] = {
+    "/model_input": MODEL_INPUT_OPENAPI,
     "/classify": {"post": {
         "tags": ["Service APIs"], "operationId": "classify",
         "summary": "Classify one image (multipart field `image`, or the raw image as the body)",

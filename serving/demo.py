@@ -29,6 +29,10 @@ from serving.http import read_upload
 if TYPE_CHECKING:
     from serving.api import ClassifierAPI
 
+# The OpenAPI description, which BentoML's Swagger UI at / renders first: the way from / to the page. It replaces
+# BentoML's default (a generic README whose badges make the browser fetch images from img.shields.io).
+INDEX_DESCRIPTION = ("Image classification with LeNet-5 and AlexNet (ONNX). **Try them in a browser: [the demo page, "
+                     "/demo](/demo)**: drop a photo or draw a digit. From code: `POST /classify` below.")
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE = "demo.html"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -42,6 +46,24 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",  # nothing from the page is kept, not even by the browser cache
 }
+
+
+MODEL_INPUT_OPENAPI = {"post": {
+    "tags": ["Service APIs"], "operationId": "model_input",
+    "summary": "The exact uint8 input the model gets for an image (what /classify feeds it), as a PNG",
+    "description": "224×224 RGB for AlexNet (resize + centre crop), 32×32 grayscale for LeNet-5 (MNIST-style "
+                   "normalisation). Same upload forms and errors as /classify; used by the demo page.",
+    "parameters": [{"name": "model", "in": "query", "schema": {"type": "string"},
+                    "description": "served model name (GET /models); may also be a multipart field"}],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "model": {"type": "string"}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+    "responses": {"200": {"description": "the model input, lossless",
+                          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                  "4XX": {"description": "the same JSON errors as /classify", "content": {"application/json": {
+                      "schema": {"type": "object", "properties": {"error": {"type": "string"},
+                                                                  "detail": {"type": "string"}}}}}}}}}
 
 
 def static_files(directory: Path = STATIC_DIR) -> dict[str, Path]:

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 
 from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
 from serving.config import describe, load_config, model_parallelism
+from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
@@ -129,6 +130,7 @@ class OpenAPIPaths:
         if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
             spec = self.service.openapi_spec.asdict()
             spec["paths"] = {**self.paths, **spec.get("paths", {})}
+            spec["info"]["description"] = INDEX_DESCRIPTION  # Swagger UI at / shows it first: links the demo page
             await JSONResponse(spec)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -137,8 +139,7 @@ class OpenAPIPaths:
 @bentoml.asgi_app(API.app(), path="/")
 @bentoml.service(name="convnet", workers=CFG.api_workers, traffic={"timeout": CFG.timeout_s})
 class Convnet:
-    """Image classification with LeNet-5 and AlexNet: POST an image to /classify (see /docs.json).
-    Try it in a browser: [the demo page, /demo](/demo)."""
+    """Image classification with LeNet-5 and AlexNet: POST an image to /classify (see /docs.json)."""
 
     models = bentoml.depends(Models)
 

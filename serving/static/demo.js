@@ -61,6 +61,12 @@ function serverTiming(response) {
   return match ? Number(match[1]) : null;
 }
 
+// Count every answer a panel shows (result or error), so a test or a screen reader tool can wait for the next one.
+function answered(panel, outcome) {
+  panel.dataset.state = outcome;
+  panel.dataset.answers = String(Number(panel.dataset.answers || 0) + 1);
+}
+
 // ---- drawing results ----------------------------------------------------------------------------------------
 
 function showBars(list, predictions) {
@@ -169,12 +175,12 @@ async function classifyPhoto(file) {
     showBars($("photo-bars"), result.body.predictions);
     showLatency($("photo-latency"), result);
     await paint($("photo-model-input"), result.input, $("photo-model-input-size"));
-    panel.dataset.state = "done";
+    answered(panel, "done");
   } catch (err) {
     if (seq !== state.photoSeq) return;
     $("photo-bars").replaceChildren();
     showError($("photo-error"), err);
-    panel.dataset.state = "error";
+    answered(panel, "error");
   }
 }
 
@@ -272,11 +278,11 @@ async function classifyDigit(png) {
     showBars($("digit-bars"), result.body.predictions);
     showLatency($("digit-latency"), result);
     await paint($("digit-model-input"), result.input, $("digit-model-input-size"));
-    panel.dataset.state = "done";
+    answered(panel, "done");
   } catch (err) {
     if (seq !== state.digitSeq) return;
     showError($("digit-error"), err);
-    panel.dataset.state = "error";
+    answered(panel, "error");
   }
 }
 
