@@ -204,6 +204,8 @@ function setUpPhoto() {
       classifyPhoto(file);
     }
   });
+  // A server with API keys refuses /models until a key is given: list the models again once there is one.
+  $("api-key").addEventListener("change", () => { if (!Object.keys(state.cards).length) loadModels(); });
   $("model").addEventListener("change", () => {
     showModel();
     if (input.files[0]) classifyPhoto(input.files[0]);
