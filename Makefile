@@ -128,8 +128,10 @@ IMAGE ?= convnet-serving:$(VARIANT)
 BENTOML_HOME ?= $(CURDIR)/.bentoml
 .PHONY: bento container container-run test-container
 
+# The bento carries the whole service graph (front + model service: split pods, BentoCloud, GPUs); at run time each
+# process's CONVNET_PLACEMENT decides which it uses (auto: everything in front on CPU).
 bento: setup models
-	BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
+	CONVNET_PLACEMENT=model_service BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
 
 container: bento
 	BENTOML_HOME="$(BENTOML_HOME)" BENTOML="$(CURDIR)/$(VENV)/bin/bentoml" \

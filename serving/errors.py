@@ -76,6 +76,13 @@ class ServerBusy(ClientError):
     code = "server_busy"
 
 
+class RequestTimeout(ClientError):
+    """Not answered within the service's timeout (CONVNET_TIMEOUT_S)."""
+
+    status = 504
+    code = "timeout"
+
+
 class ModelRepositoryError(Exception):
     """The model repository on disk is wrong (missing file, hash mismatch). An operator's problem, not a client's."""
 

@@ -81,9 +81,9 @@ def test_models_lists_cards_with_runtime(server):
         assert card["runtime"]["device"] == "cpu"  # this machine has no GPU: the CPU fallback was clean
         assert card["runtime"]["providers"][0] == "CPUExecutionProvider"
         assert card["version"] and card["weights"] and card["preprocessing"]["kind"] in ("imagenet", "digit")
-    # AlexNet goes through BentoML's adaptive batching; LeNet-5 (61k parameters) runs inline in the front.
-    assert cards["alexnet"]["runtime"]["placement"] == "model service, adaptive batching"
-    assert cards["lenet5"]["runtime"]["placement"] == "front service, inline"
+    # On a CPU both models run in the front worker itself (no hop), micro-batched.
+    assert cards["alexnet"]["runtime"]["placement"] == "front worker, micro-batched"
+    assert cards["lenet5"]["runtime"]["placement"] == "front worker, micro-batched"
 
 
 # ---- classification -----------------------------------------------------------------------------------------
@@ -188,10 +188,9 @@ def test_batch_results_in_order_with_per_item_errors(server):
 
 def test_concurrent_requests_are_batched(server):
     def hist():
-        count = sum(v for k, v in metric_samples(server, "bentoml_service_adaptive_batch_size_count").items()
-                    if 'method_name="logits_alexnet"' in k)
-        ones = sum(v for k, v in metric_samples(server, "bentoml_service_adaptive_batch_size_bucket").items()
-                   if 'method_name="logits_alexnet"' in k and 'le="1.0"' in k)
+        count = sum(v for k, v in metric_samples(server, "convnet_batch_size_count").items() if 'model="alexnet"' in k)
+        ones = sum(v for k, v in metric_samples(server, "convnet_batch_size_bucket").items()
+                   if 'model="alexnet"' in k and 'le="1.0"' in k)
         return count, ones
 
     before = hist()
@@ -219,7 +218,8 @@ def test_our_metrics_are_exported(server):
     failures = metric_samples(server, "convnet_decode_failures_total")
     assert any('error="not_an_image"' in k and v >= 1 for k, v in failures.items()), failures
     assert sum(metric_samples(server, "convnet_preprocess_seconds_count").values()) >= 1
-    assert metric_samples(server, "bentoml_service_request_total")  # BentoML's own request counters
+    pauses = metric_samples(server, "convnet_gc_pause_seconds_count")  # the collector's pauses, per generation
+    assert any('generation="0"' in k and v >= 1 for k, v in pauses.items()), pauses
 
 
 # ---- bad input: always a JSON 4xx and a healthy server afterwards --------------------------------------------

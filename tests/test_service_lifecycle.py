@@ -11,12 +11,12 @@ import httpx
 import imagegen
 import pytest
 from PIL import Image
-from serverproc import free_port, server_log, start_server, stop_server, wait_ready, worker_pids
+from serverproc import MODEL_SERVICE_ENV, free_port, server_log, start_server, stop_server, wait_ready, worker_pids
 
-from serving.config import ServiceConfig, load_config, model_parallelism
+from serving.config import ServiceConfig, load_config, parallelism
 
 # LeNet-5 through the model service (not inline in the front), so killing the model worker is felt.
-LIMITS = {"CONVNET_MODELS": "lenet5", "CONVNET_INLINE_MAX_PARAMS": "0", "CONVNET_MAX_BODY_BYTES": "200000",
+LIMITS = {"CONVNET_MODELS": "lenet5", **MODEL_SERVICE_ENV, "CONVNET_MAX_BODY_BYTES": "200000",
           "CONVNET_MAX_PIXELS": "250000", "CONVNET_MAX_BATCH_IMAGES": "3"}
 
 
@@ -109,10 +109,14 @@ def test_config_layers(tmp_path):
     with pytest.raises(ValueError, match="CONVNET_MAX_BATCH_SIZE"):
         load_config({"CONVNET_MAX_BATCH_SIZE": "0"})
     # Automatic parallelism: single-threaded model workers on CPU (one per CPU, at most 4), one worker on a GPU.
-    assert model_parallelism(ServiceConfig(), uses_gpu=False, cpus=2) == (2, 1)
-    assert model_parallelism(ServiceConfig(), uses_gpu=False, cpus=16) == (4, 4)
-    assert model_parallelism(ServiceConfig(), uses_gpu=True, cpus=16) == (1, 16)
-    assert model_parallelism(ServiceConfig(model_workers=1, ort_threads=3), uses_gpu=False, cpus=2) == (1, 3)
+    def workers(cfg, gpu, service, cpus):
+        w = parallelism(cfg, gpu, service, cpus)
+        return w["api_workers"], w["front_ort_threads"], w["model_workers"], w["model_ort_threads"]
+
+    assert workers(ServiceConfig(), False, False, 2) == (2, 1, 2, 1)  # CPU: inference in each front worker
+    assert workers(ServiceConfig(), False, False, 16) == (4, 4, 4, 4)
+    assert workers(ServiceConfig(), True, True, 16) == (16, 1, 1, 16)  # GPU: 16 decoding fronts, one GPU worker
+    assert workers(ServiceConfig(model_workers=1, ort_threads=3), False, True, 2) == (2, 3, 1, 3)
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         load_config({"CONVNET_CONFIG": str(toml)})
