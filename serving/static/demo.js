@@ -8,7 +8,8 @@ const DIGIT_MODEL = "lenet5";
 const PEN_WIDTH = 18; // in the 280×280 drawing: a digit drawn ~200 px tall gets MNIST's ~2 px stroke once fitted to 20 px
 
 const $ = (id) => document.getElementById(id);
-const state = { cards: {}, photoSeq: 0, digitSeq: 0 };
+// seq: the latest request per panel, so a slow answer never overwrites a newer one.
+const state = { cards: {}, seq: { photo: 0, digit: 0 } };
 
 // ---- talking to the service ---------------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ function serverTiming(response) {
   return match ? Number(match[1]) : null;
 }
 
-// Count every answer a panel shows (result or error), so a test or a screen reader tool can wait for the next one.
+// Count every answer a panel shows (result or error), so a test can wait for the next one.
 function answered(panel, outcome) {
   panel.dataset.state = outcome;
   panel.dataset.answers = String(Number(panel.dataset.answers || 0) + 1);
@@ -116,6 +117,25 @@ function showError(el, err) {
   el.hidden = !err;
 }
 
+// A panel's ("photo" or "digit") answer: bars, latency and the model's input, or the service's error.
+async function showAnswer(name, seq, pending) {
+  const el = (part) => $(`${name}-${part}`);
+  try {
+    const result = await pending;
+    if (seq !== state.seq[name]) return; // a newer request superseded this one
+    showError(el("error"), null);
+    showBars(el("bars"), result.body.predictions);
+    showLatency(el("latency"), result);
+    await paint(el("model-input"), result.input, el("model-input-size"));
+    answered($(name), "done");
+  } catch (err) {
+    if (seq !== state.seq[name]) return;
+    el("bars").replaceChildren();
+    showError(el("error"), err);
+    answered($(name), "error");
+  }
+}
+
 // ---- models and the banner ----------------------------------------------------------------------------------
 
 async function loadModels() {
@@ -154,9 +174,8 @@ function showModel() {
 
 async function classifyPhoto(file) {
   if (!file) return;
-  const panel = $("photo");
-  const seq = ++state.photoSeq;
-  panel.dataset.state = "busy";
+  const seq = ++state.seq.photo;
+  $("photo").dataset.state = "busy";
   showError($("photo-error"), null);
   $("photo-bars").replaceChildren();
   $("photo-latency").textContent = "";
@@ -169,19 +188,7 @@ async function classifyPhoto(file) {
     clearCanvas($("photo-original")); // the browser cannot show it (e.g. not an image): the service will say why
     $("photo-original-size").textContent = "(no preview)";
   }
-  try {
-    const result = await classify(file, file.name || "pasted-image", $("model").value);
-    if (seq !== state.photoSeq) return; // a newer photo superseded this one
-    showBars($("photo-bars"), result.body.predictions);
-    showLatency($("photo-latency"), result);
-    await paint($("photo-model-input"), result.input, $("photo-model-input-size"));
-    answered(panel, "done");
-  } catch (err) {
-    if (seq !== state.photoSeq) return;
-    $("photo-bars").replaceChildren();
-    showError($("photo-error"), err);
-    answered(panel, "error");
-  }
+  await showAnswer("photo", seq, classify(file, file.name || "pasted-image", $("model").value));
 }
 
 function setUpPhoto() {
@@ -258,7 +265,7 @@ function setUpDigit() {
   canvas.addEventListener("pointercancel", end);
 
   $("digit-clear").addEventListener("click", () => {
-    state.digitSeq++; // answers still in flight are for the old drawing
+    state.seq.digit++; // answers still in flight are for the old drawing
     blank();
     $("digit-bars").replaceChildren();
     $("digit-latency").textContent = "";
@@ -270,22 +277,9 @@ function setUpDigit() {
 }
 
 async function classifyDigit(png) {
-  const panel = $("digit");
-  const seq = ++state.digitSeq;
-  panel.dataset.state = "busy";
-  try {
-    const result = await classify(png, "digit.png", DIGIT_MODEL);
-    if (seq !== state.digitSeq) return;
-    showError($("digit-error"), null);
-    showBars($("digit-bars"), result.body.predictions);
-    showLatency($("digit-latency"), result);
-    await paint($("digit-model-input"), result.input, $("digit-model-input-size"));
-    answered(panel, "done");
-  } catch (err) {
-    if (seq !== state.digitSeq) return;
-    showError($("digit-error"), err);
-    answered(panel, "error");
-  }
+  const seq = ++state.seq.digit;
+  $("digit").dataset.state = "busy";
+  await showAnswer("digit", seq, classify(png, "digit.png", DIGIT_MODEL));
 }
 
 document.addEventListener("DOMContentLoaded", () => {
