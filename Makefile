@@ -104,7 +104,7 @@ serve: models
 # The whole suite, container test included (it needs buildah/podman/runc/debootstrap: installed here when missing).
 # pytest's exit 5 ("no tests collected") is a failure, not a pass.
 PYTEST_ARGS ?=
-.PHONY: container-tools
+.PHONY: container-tools format-tools
 container-tools:
 	@bash scripts/ci-container-tools.sh
 
@@ -113,7 +113,11 @@ container-tools:
 browser:
 	@bash scripts/ci-browser.sh
 
-test: models container-tools browser
+# avifenc: tests/test_formats.py writes a 10-bit AVIF with it (Pillow's AVIF encoder is 8-bit only).
+format-tools:
+	@bash scripts/format-tools.sh
+
+test: models container-tools format-tools browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

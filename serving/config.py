@@ -53,12 +53,17 @@ class ServiceConfig:
     # Per-request machinery that costs more than LeNet-5's inference (measured in docs/service.md): off by default.
     access_log: int = 0  # 1: BentoML's access log line per request (our /metrics counts every request anyway)
     tracing: int = 0  # 1: OpenTelemetry spans for the inference routes too (BentoML's tracing config applies)
+    # API keys (docs/keys.md): a file of hashed keys; empty = off. /metrics stays open unless metrics_auth = "key".
+    api_keys_file: str = ""
+    metrics_auth: str = "open"  # open | key
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"CONVNET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"CONVNET_PLACEMENT must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
+        if self.metrics_auth not in ("open", "key"):
+            raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
         zero_ok = ("model_workers", "ort_threads", "ort_spinning", "api_workers", "access_log", "tracing")
         for f in fields(self):
             if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):

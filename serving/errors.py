@@ -71,6 +71,13 @@ class UnreadableInput(ClientError):
     code = "unreadable_input"
 
 
+class Unauthorized(ClientError):
+    """No API key, or one that is not (or no longer) in the key file, while API keys are on (serving/keys.py)."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class ServerBusy(ClientError):
     status = 503
     code = "server_busy"

@@ -35,6 +35,7 @@ from serving.batcher import MicroBatcher
 from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
 from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy
+from serving.keys import install as install_api_keys
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
@@ -234,4 +235,6 @@ class Convnet:
         self.life.clean_exit()
 
 
+# Service middlewares run in the order added, the first outermost: the key check comes before the front door.
+install_api_keys(Convnet, CFG.api_keys_file, CFG.metrics_auth)  # off unless CONVNET_API_KEYS_FILE is set
 Convnet.add_asgi_middleware(FrontDoor, service=Convnet, ours=APP, paths=OPENAPI_PATHS)

@@ -46,9 +46,9 @@ def assert_error(r: httpx.Response, status: int, code: str, detail_has: str = ""
     assert body["detail"] and detail_has.lower() in body["detail"].lower(), body
 
 
-def metric_samples(base: str, name: str) -> dict[str, float]:
+def metric_samples(base: str, name: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     """{labels-string: value} for one metric name in /metrics."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+    text = httpx.get(f"{base}/metrics", headers=headers, timeout=10).text
     out = {}
     for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
         out[m.group(1) or ""] = float(m.group(2))
