@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from PIL import Image
 
 from serving.preprocess import preprocess_bytes
 from serving.registry import read_card
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serverproc import started_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "examples" / "grace_hopper.jpg"
@@ -398,3 +403,31 @@ def test_phone_width_layout_and_touch_drawing(browser, server):
         s.check_clean()
     finally:
         s.context.close()
+
+
+def test_page_on_a_server_with_api_keys(browser, tmp_path):
+    """CONVNET_API_KEYS_FILE set: the page and its files load without a key; /models is refused and the page says
+    why in the service's words; once a key is typed the models are listed and a drawn digit is answered."""
+    key_file = tmp_path / "api-keys.txt"
+    made = subprocess.run([sys.executable, "-m", "serving.keys", "--file", str(key_file), "new", "demo-page"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    with started_server(env={"CONVNET_API_KEYS_FILE": str(key_file)}, models=["lenet5"]) as (base, _):
+        refused = httpx.get(f"{base}/models", timeout=10)
+        assert refused.status_code == 401
+        s = Session(browser, base, DESKTOP)
+        s.expected_errors = [r"Failed to load resource: .* 401"]
+        try:
+            s.open()
+            assert s.page.inner_text("#models-error") == f"could not list the models: {refused.json()['detail']}"
+            s.shot("keys-refused")
+            s.page.fill("#api-key", key)
+            s.page.keyboard.press("Tab")  # the field's change event: the models are listed again, with the key
+            s.page.wait_for_selector("#model:not([disabled])")
+            assert s.page.input_value("#model") == "lenet5" and s.page.locator("#models-error").is_hidden()
+            assert s.page.locator("#digit-error").is_hidden()
+            assert s.draw(ONE) == "done" and s.bars("digit")[0][0] == "1"
+            s.check_clean()
+        finally:
+            s.context.close()

@@ -156,10 +156,10 @@ async function loadModels() {
     showError($("models-error"), new Error(`could not list the models: ${err.message}`));
   }
   showModel();
-  if (!state.cards[DIGIT_MODEL]) {
-    $("digit").dataset.state = "error";
-    showError($("digit-error"), new Error(`the digit panel needs the ${DIGIT_MODEL} model, which this server does not serve`));
-  }
+  const noDigitModel = !state.cards[DIGIT_MODEL];
+  $("digit").dataset.state = noDigitModel ? "error" : "idle";
+  showError($("digit-error"), noDigitModel
+    ? new Error(`the digit panel needs the ${DIGIT_MODEL} model, which this server does not list`) : null);
 }
 
 function showModel() {
