@@ -421,6 +421,7 @@ def test_page_on_a_server_with_api_keys(browser, tmp_path):
         try:
             s.open()
             assert s.page.inner_text("#models-error") == f"could not list the models: {refused.json()['detail']}"
+            assert s.page.locator("#digit-error").is_hidden()  # one notice, not a second misleading one
             s.shot("keys-refused")
             s.page.fill("#api-key", key)
             s.page.keyboard.press("Tab")  # the field's change event: the models are listed again, with the key

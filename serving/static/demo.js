@@ -156,7 +156,8 @@ async function loadModels() {
     showError($("models-error"), new Error(`could not list the models: ${err.message}`));
   }
   showModel();
-  const noDigitModel = !state.cards[DIGIT_MODEL];
+  // Only a listing without lenet5 says the panel cannot work; a refused listing is reported once, above.
+  const noDigitModel = Object.keys(state.cards).length > 0 && !state.cards[DIGIT_MODEL];
   $("digit").dataset.state = noDigitModel ? "error" : "idle";
   showError($("digit-error"), noDigitModel
     ? new Error(`the digit panel needs the ${DIGIT_MODEL} model, which this server does not list`) : null);
