@@ -117,7 +117,7 @@ browser:
 format-tools:
 	@bash scripts/format-tools.sh
 
-test: models container-tools format-tools browser
+test: models container-tools format-tools wrk browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

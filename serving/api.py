@@ -42,6 +42,7 @@ from serving.http import Part, check_image_type, int_param, read_upload
 from serving.preprocess import Recipe, preprocess_bytes
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
+from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
 log = logging.getLogger("convnet_serving")
 
@@ -102,18 +103,21 @@ class Metrics:
             "convnet_gc_pause_seconds", "Garbage-collector pauses in the front workers, by generation", ["generation"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5))
         self.gc_old_objects = prom.Gauge(
-            "convnet_gc_old_objects", "Objects in the oldest generation after the last full collection, per worker "
-            "(flat under steady load)", multiprocess_mode="all")
+            "convnet_gc_old_objects", "Objects in the oldest generation (not frozen at start-up) after the last "
+            "collection of generation 1 or 2, per worker: flat under steady load", multiprocess_mode="all")
         self._gc_started = 0.0
-        gc.callbacks.append(self._on_gc)
         self._render = self._renderer(prom)
+
+    def watch_gc(self) -> None:
+        """Time every collection from now on (call it after start-up, so the pauses shown are serving-time ones)."""
+        gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
             return
         self.gc_pause_seconds.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
-        if info["generation"] == 2:
+        if info["generation"] >= 1:  # what a full collection would have to scan (frozen objects excluded): cheap
             self.gc_old_objects.set(len(gc.get_objects(generation=2)))
 
     @staticmethod
@@ -155,6 +159,7 @@ class ClassifierAPI:
             Route("/classify_batch", self.classify_batch, methods=["POST"]),
             Route("/models", self.list_models, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
+            *V2Protocol(self).routes(),  # the Open Inference Protocol (KServe v2 / Triton REST): serving/v2.py
             *demo_routes(self),  # GET /demo (the page), POST /model_input (what the model saw, as a PNG)
         ], exception_handlers={HTTPException: self._http_exception}, middleware=[Middleware(ServerTiming)])
 
@@ -337,4 +342,5 @@ OPENAPI_PATHS: dict[str, Any] = {
         "tags": ["Service APIs"], "operationId": "models", "summary": "Cards of the served models, with runtime info",
         "responses": {"200": {"description": "model cards", **_json({"type": "object", "properties": {
             "default_model": {"type": "string"}, "models": {"type": "array", "items": {"type": "object"}}}})}}}},
+    **V2_OPENAPI_PATHS,
 }

@@ -54,7 +54,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a Prometheus label v
 LINE_RE = re.compile(rf"{HASH_SCHEME}:([0-9a-f]{{64}})(?:\s+(\S+))?")
 
 # Paths that never need a key: probes, API docs, the demo page. /metrics is added when metrics_auth is "open".
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/", "/docs", "/docs.json", "/demo"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready", "/", "/docs",
+                        "/docs.json", "/demo"})
 OPEN_PREFIXES = ("/demo/", "/demo.", "/static_content/")  # the demo page's files (/demo/app.js, /demo.html)
 METRICS_PATH = "/metrics"
 

@@ -207,6 +207,7 @@ class Convnet:
                          for name, model in self.front.items()}
         API.attach(self._infer, self._describe, metrics)
         settle_heap()
+        metrics.watch_gc()
         log.info("serving %s (default %s): in this worker on %s: %s; in the model service on %s: %s (%s)",
                  ", ".join(MODEL_INFOS), API.default_model, FRONT_DEVICE, IN_FRONT or "none",
                  "GPU" if USES_GPU else "CPU", IN_MODEL_SERVICE or "none", WORKERS)

@@ -80,7 +80,8 @@ def test_malformed_key_file_is_refused_without_echoing_it():
 def test_open_paths_by_setting():
     protected = RequireAPIKey(None, key_file=None, metrics_open=False)  # type: ignore[arg-type]
     default = RequireAPIKey(None, key_file=None)  # type: ignore[arg-type]
-    for path in ("/livez", "/readyz", "/healthz", "/docs.json", "/demo", "/demo/app.js", "/demo.html"):
+    for path in ("/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready", "/docs.json", "/demo",
+                 "/demo/app.js", "/demo.html"):
         assert protected.is_open(path) and default.is_open(path), path
     for path in ("/classify", "/classify_batch", "/models", "/v2/models/lenet5/infer", "/v2", "/demolish"):
         assert not default.is_open(path), path

@@ -25,6 +25,7 @@ MODEL = os.environ.get("LIT_MODEL", "alexnet")
 BATCH = int(os.environ.get("LIT_MAX_BATCH", "32"))
 TIMEOUT_S = float(os.environ.get("LIT_BATCH_TIMEOUT_S", "0.005"))
 THREADS = int(os.environ.get("LIT_THREADS", "1"))
+TOP_K = int(os.environ.get("LIT_TOP_K", "5"))
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -47,7 +48,7 @@ class ClassifierAPI(ls.LitAPI):
     def encode_response(self, logits: np.ndarray) -> dict:
         card = self.model.card
         return {"model": card.name, "version": card.version, "weights": card.weights,
-                "predictions": top_k(logits[None], 5, self.model.labels)[0]}
+                "predictions": top_k(logits[None], TOP_K, self.model.labels)[0]}
 
 
 def main() -> None:
