@@ -97,6 +97,7 @@ train-lenet: setup
 # --- the service (docs/service.md) -----------------------------------------------------------------------------------
 # Every model in models/ on 127.0.0.1:$(PORT); tunables are CONVNET_* variables or a TOML file in CONVNET_CONFIG.
 serve: models
+	@echo "Demo page (classify a photo or a drawn digit): http://127.0.0.1:$(PORT)/demo   API docs: http://127.0.0.1:$(PORT)/"
 	$(VENV)/bin/bentoml serve serving.service:Convnet --host 127.0.0.1 --port $(PORT)
 
 # --- tests ---------------------------------------------------------------------------------------------------------
@@ -107,11 +108,16 @@ PYTEST_ARGS ?=
 container-tools:
 	@bash scripts/ci-container-tools.sh
 
+# The demo page's browser test drives Debian's Chromium with Playwright (installed here when missing).
+.PHONY: browser
+browser:
+	@bash scripts/ci-browser.sh
+
 # avifenc: tests/test_formats.py writes a 10-bit AVIF with it (Pillow's AVIF encoder is 8-bit only).
 format-tools:
 	@bash scripts/format-tools.sh
 
-test: models container-tools format-tools wrk
+test: models container-tools format-tools wrk browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.config import ServiceConfig
+from serving.demo import MODEL_INPUT_OPENAPI, ServerTiming, demo_routes
 from serving.errors import (
     BadParameter,
     ClientError,
@@ -158,7 +160,8 @@ class ClassifierAPI:
             Route("/models", self.list_models, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
             *V2Protocol(self).routes(),  # the Open Inference Protocol (KServe v2 / Triton REST): serving/v2.py
-        ], exception_handlers={HTTPException: self._http_exception})
+            *demo_routes(self),  # GET /demo (the page), POST /model_input (what the model saw, as a PNG)
+        ], exception_handlers={HTTPException: self._http_exception}, middleware=[Middleware(ServerTiming)])
 
     # ---- endpoints -------------------------------------------------------------------------------------------
 
@@ -307,6 +310,7 @@ def _errors(*codes: int) -> dict:
 
 
 OPENAPI_PATHS: dict[str, Any] = {
+    "/model_input": MODEL_INPUT_OPENAPI,
     "/classify": {"post": {
         "tags": ["Service APIs"], "operationId": "classify",
         "summary": "Classify one image (multipart field `image`, or the raw image as the body)",

@@ -33,6 +33,7 @@ from serving import upstream
 from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
 from serving.batcher import MicroBatcher
 from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
+from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy
 from serving.keys import install as install_api_keys
 from serving.registry import ServedModel, load_repository
@@ -163,6 +164,7 @@ class FrontDoor:
             if path == "/docs.json" and scope["method"] == "GET":
                 spec = self.service.openapi_spec.asdict()
                 spec["paths"] = {**self.paths, **spec.get("paths", {})}
+                spec["info"]["description"] = INDEX_DESCRIPTION  # Swagger UI at / shows it first: links the demo page
                 await JSONResponse(spec)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -209,6 +211,7 @@ class Convnet:
         log.info("serving %s (default %s): in this worker on %s: %s; in the model service on %s: %s (%s)",
                  ", ".join(MODEL_INFOS), API.default_model, FRONT_DEVICE, IN_FRONT or "none",
                  "GPU" if USES_GPU else "CPU", IN_MODEL_SERVICE or "none", WORKERS)
+        log.info("demo page: /demo on the address BentoML listens on (make serve prints the full URL)")
 
     async def _infer(self, model: str, batch: np.ndarray) -> np.ndarray:
         if model in self.batchers:

@@ -69,6 +69,10 @@ def test_bento_has_service_and_model_repository(bento):
             packed, original = src / "models" / name / rel, DEFAULT_MODELS_DIR / name / rel
             assert packed.is_file(), f"{packed.relative_to(bento_dir)} is missing from the {variant} bento"
             assert packed.stat().st_size == original.stat().st_size
+    # The demo page's files (GET /demo) travel with the code.
+    for f in (REPO_ROOT / "serving" / "static").iterdir():
+        packed = src / "serving" / "static" / f.name
+        assert packed.is_file() and packed.read_bytes() == f.read_bytes(), f"{f.name}: not in the {variant} bento"
     # Serving code and models only: no training code, tests, datasets, checkpoints or engine caches.
     top = {p.name for p in src.iterdir()}
     assert {"models", "serving"} <= top <= {"models", "serving", "bentofile.yaml", "bentofile.gpu.yaml"}, top
