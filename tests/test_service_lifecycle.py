@@ -105,7 +105,7 @@ def test_readiness_limits_and_crash_recovery():
         assert r.status_code == 422 and "limit is 3" in r.json()["detail"]
 
         # SIGKILL the only model worker: the arbiter restarts it (the crash is logged), no request ever gets a 500,
-        # and answers come back. (Today a request waits for the new worker: see the xfail test below.)
+        # and answers come back (a request sent meanwhile gets 503: the test below).
         worker, pid = next((n, p) for n, p in worker_pids(proc).items() if n.split(":")[0] == "convnet_models")
         os.kill(pid, signal.SIGKILL)
         seen = poll_until_answering(base)
@@ -127,11 +127,10 @@ def test_readiness_limits_and_crash_recovery():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (reported to the lead, issue 10): while the only model worker "
-                   "restarts, BentoML's internal client waits for it (or answers its own 504 after timeout_s) instead "
-                   "of our 503 server_busy; strict, so the fix turns this into a failure until the marker goes")
 def test_503_server_busy_while_the_only_model_worker_restarts():
-    env = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5", "CONVNET_MODEL_WORKERS": "1"}
+    # A request gets max_latency_ms (+1 s for one batch's compute) from the model service, then 503.
+    env = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5", "CONVNET_MODEL_WORKERS": "1",
+           "CONVNET_MAX_LATENCY_MS": "1000"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(port, env=env)
