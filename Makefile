@@ -101,17 +101,24 @@ train-lenet: setup
 # --- the service (docs/service.md) -----------------------------------------------------------------------------------
 # Every model in models/ on 127.0.0.1:$(PORT); tunables are CONVNET_* variables or a TOML file in CONVNET_CONFIG.
 serve: models
+	@echo "Demo page (classify a photo or a drawn digit): http://127.0.0.1:$(PORT)/demo   API docs: http://127.0.0.1:$(PORT)/"
 	$(ALLOCATOR_ENV) $(VENV)/bin/bentoml serve serving.service:Convnet --host 127.0.0.1 --port $(PORT)
 
 # --- tests ---------------------------------------------------------------------------------------------------------
-# The whole suite, container test included (it needs buildah/podman/runc/debootstrap: installed here when missing).
+# The whole suite. What it drives from Debian is installed when missing (scripts/apt-tools.sh): the container test's
+# buildah/podman/runc/debootstrap, the demo page test's Chromium (driven by Playwright), avifenc (a 10-bit AVIF for
+# the format tests: Pillow's encoder is 8-bit only) and wrk (the benchmark harness test).
 # pytest's exit 5 ("no tests collected") is a failure, not a pass.
 PYTEST_ARGS ?=
-.PHONY: container-tools
+CONTAINER_TOOLS := buildah=buildah podman=podman runc=runc debootstrap=debootstrap
+.PHONY: container-tools test-tools
 container-tools:
-	@bash scripts/ci-container-tools.sh
+	@bash scripts/apt-tools.sh $(CONTAINER_TOOLS)
 
-test: models container-tools
+test-tools:
+	@bash scripts/apt-tools.sh $(CONTAINER_TOOLS) chromium=chromium avifenc=libavif-bin wrk=wrk
+
+test: models test-tools
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -126,8 +133,10 @@ IMAGE ?= convnet-serving:$(VARIANT)
 BENTOML_HOME ?= $(CURDIR)/.bentoml
 .PHONY: bento container container-run test-container
 
+# The bento carries the whole service graph (front + model service: split pods, BentoCloud, GPUs); at run time each
+# process's CONVNET_PLACEMENT decides which it uses (auto: everything in front on CPU).
 bento: setup models
-	BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
+	CONVNET_PLACEMENT=model_service BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
 
 container: bento
 	BENTOML_HOME="$(BENTOML_HOME)" BENTOML="$(CURDIR)/$(VENV)/bin/bentoml" \
@@ -159,8 +168,7 @@ soak: setup models
 	$(PY) -m loadtests.soak $(SOAK_ARGS)
 
 wrk:
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get install -y -q wrk >/dev/null; } || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	@bash scripts/apt-tools.sh wrk=wrk
 
 bench: setup models wrk
 	$(PY) -m loadtests.bench $(BENCH_ARGS)

@@ -8,7 +8,7 @@ no header-read timeout at all (its keep-alive timer only runs between requests).
   are complete, so this has to live at the protocol level; `install` makes it uvicorn's "auto" protocol in the
   worker process (BentoML builds uvicorn's Config after importing the service).
 - `RequestLimits`, an ASGI middleware on our endpoints: a cap on requests in progress (503 + Retry-After) and a
-  deadline for reading the body (408 and close). Health and metrics routes are BentoML's and stay uncapped.
+  deadline for reading the body (408 and close). Health probes and /metrics stay uncapped.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServiceConfig
-from serving.errors import RequestTimeout, ServerBusy, error_body
+from serving.errors import ClientTooSlow, ServerBusy, error_body
 
 Message = dict
 
@@ -84,7 +84,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:  # no answer of an earlier request is being written
-            late = RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s")
+            late = ClientTooSlow(f"the request headers did not arrive within {self.header_timeout_s:g} s")
             self.transport.write(_raw_response(408, "Request Timeout", late))
         self.transport.close()
 
@@ -98,6 +98,10 @@ def install(cfg: ServiceConfig) -> None:
     uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpProtocol"
 
 
+# Probes and scrapes must answer when the worker is saturated: that is when they matter.
+UNCAPPED = ("/metrics", "/v2/health", "/livez", "/readyz", "/healthz")
+
+
 class RequestLimits:
     """ASGI middleware: at most `max_requests` requests in progress (then 503 + Retry-After), and the whole body
     read within `body_timeout_s` of the request's start (else the endpoint answers 408 and the connection closes)."""
@@ -108,7 +112,7 @@ class RequestLimits:
         self.active = 0
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(UNCAPPED):
             await self.app(scope, receive, send)
             return
         if self.active >= self.max_requests:
@@ -127,7 +131,7 @@ class RequestLimits:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 state["timed_out"] = True
-                raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+                raise ClientTooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
             state["body_done"] = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 

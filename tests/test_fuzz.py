@@ -94,4 +94,4 @@ def test_spec_requires_the_image_and_bounds_every_parameter(server):
         query = {p["name"]: p["schema"] for p in op["parameters"]}
         assert query["model"]["enum"] == models == form["properties"]["model"]["enum"]
         assert (query["top_k"]["minimum"], query["top_k"]["maximum"]) == (1, 100)
-        assert {"400", "408", "413", "415", "422", "503"} <= set(op["responses"])
+        assert {"400", "408", "413", "415", "422", "503", "504"} <= set(op["responses"])
