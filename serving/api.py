@@ -9,6 +9,7 @@ adaptive batching. Every failure goes through `serving.errors.error_body`, so a 
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import logging
 import os
@@ -328,8 +329,12 @@ def openapi_paths(models: list[str], default_model: str, max_top_k: int, max_bat
               "description": "number of classes to return; may also be a multipart field"}]
     image = {"type": "string", "format": "binary", "description": f"an image ({', '.join(ALLOWED_FORMATS)})"}
     errors = _errors(400, 401, 408, 413, 415, 422, 503, 504)
+    model_input = copy.deepcopy(MODEL_INPUT_OPENAPI)  # the demo's endpoint takes the same model names
+    model_input["post"]["parameters"][0]["schema"] = model
+    model_input["post"]["requestBody"]["content"]["multipart/form-data"]["schema"].update(
+        additionalProperties=False, properties={"image": image, "model": model})
     return {
-        "/model_input": MODEL_INPUT_OPENAPI,
+        "/model_input": model_input,
         "/classify": {"post": {
             "tags": ["Service APIs"], "operationId": "classify",
             "summary": "Classify one image (multipart field `image`, or the raw image as the body)",

@@ -105,6 +105,7 @@ def demo_routes(api: ClassifierAPI) -> list[Route]:
         model_name = "-"
         try:
             upload = await read_upload(request, api.cfg.max_body_bytes, known_params=("model",))
+            api._model(upload.query)  # a bad query value is refused even when a form field overrides it
             model = api._model(upload.params)
             model_name = model.name
             if len(upload.images) > 1:

@@ -23,7 +23,6 @@ READY_TIMEOUT_S = 120.0  # generous: the CI machine has 2 cores shared by everyt
 # Server settings that put every model in the separate model-service process with BentoML's adaptive batching (the
 # GPU path), so tests exercise that path on a CPU machine too. Use it instead of naming the knob in a test.
 MODEL_SERVICE_ENV = {"CONVNET_PLACEMENT": "model_service"}
-MODEL_SERVICE_ENV = {"CONVNET_INLINE_MAX_PARAMS": "0"}
 # glibc malloc settings every deployment sets (Makefile, bentofiles, Kubernetes manifests; docs/hardening.md): without
 # them large uploads leave a front worker's RSS at ~1.4 GB instead of ~0.2 GB. Must be set where the process starts.
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
