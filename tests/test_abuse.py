@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import started_server
+from serverproc import started_server, wait_ready
 
 DIGIT = (Path(__file__).resolve().parent.parent / "examples" / "digit-7.png").read_bytes()
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEPALIVE_S = 3, 5, 2
@@ -157,12 +157,5 @@ def test_connection_cap_answers_503_with_retry_after():
         finally:
             for s in held:
                 s.close()
-        deadline = time.monotonic() + SLACK_S
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/models", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_ready(base, timeout=SLACK_S)  # the held connections are gone: new ones are served again
         assert httpx.get(f"{base}/models", timeout=10).status_code == 200
