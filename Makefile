@@ -106,17 +106,27 @@ experiments: setup
 # --- the service (docs/service.md) -----------------------------------------------------------------------------------
 # Every model in models/ on 127.0.0.1:$(PORT); tunables are CONVNET_* variables or a TOML file in CONVNET_CONFIG.
 serve: models
+	@echo "Demo page (classify a photo or a drawn digit): http://127.0.0.1:$(PORT)/demo   API docs: http://127.0.0.1:$(PORT)/"
 	$(VENV)/bin/bentoml serve serving.service:Convnet --host 127.0.0.1 --port $(PORT)
 
 # --- tests ---------------------------------------------------------------------------------------------------------
 # The whole suite, container test included (it needs buildah/podman/runc/debootstrap: installed here when missing).
 # pytest's exit 5 ("no tests collected") is a failure, not a pass.
 PYTEST_ARGS ?=
-.PHONY: container-tools
+.PHONY: container-tools format-tools
 container-tools:
 	@bash scripts/ci-container-tools.sh
 
-test: models container-tools
+# The demo page's browser test drives Debian's Chromium with Playwright (installed here when missing).
+.PHONY: browser
+browser:
+	@bash scripts/ci-browser.sh
+
+# avifenc: tests/test_formats.py writes a 10-bit AVIF with it (Pillow's AVIF encoder is 8-bit only).
+format-tools:
+	@bash scripts/format-tools.sh
+
+test: models container-tools format-tools wrk browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -131,8 +141,10 @@ IMAGE ?= convnet-serving:$(VARIANT)
 BENTOML_HOME ?= $(CURDIR)/.bentoml
 .PHONY: bento container container-run test-container
 
+# The bento carries the whole service graph (front + model service: split pods, BentoCloud, GPUs); at run time each
+# process's CONVNET_PLACEMENT decides which it uses (auto: everything in front on CPU).
 bento: setup models
-	BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
+	CONVNET_PLACEMENT=model_service BENTOML_HOME="$(BENTOML_HOME)" $(VENV)/bin/bentoml build -f $(BENTOFILE) .
 
 container: bento
 	BENTOML_HOME="$(BENTOML_HOME)" BENTOML="$(CURDIR)/$(VENV)/bin/bentoml" \

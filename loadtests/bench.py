@@ -9,13 +9,21 @@ What it measures, all on the same machine, each run bounded and repeated (median
 1. onnxruntime in process, per model, at batch 1 / 8 / 32, on pre-processed uint8 input: the model's own limit,
    pinned to the server's cores with as many intra-op threads as the server gets (the honest denominator);
    plus decode + preprocess + onnxruntime per image in one thread, the in-process limit for uploads.
-2. the service (`bentoml serve`) at saturation with real uploads: raw JPEG photos for AlexNet, PNG digits for LeNet-5.
-3. a naive Starlette app (loadtests/baselines/naive_app.py): one decode + one onnxruntime call per request.
+   The in-process limit for uploads: decode + preprocess in one thread, then onnxruntime at batch 32.
+2. the service (`bentoml serve`) at saturation with real uploads: JPEG photos for AlexNet, PNG digits for LeNet-5,
+   as raw bodies and as multipart (`curl -F`), and its garbage-collector pauses under that load (its /metrics).
+3. a naive Starlette app (loadtests/baselines/naive_app.py): one decode + one onnxruntime call per request;
+   3b. LitServe (loadtests/baselines/litserve_app.py), the peer: batch 32, 5 ms batch timeout, fast_queue, our decode,
+   multipart uploads (LitServe reads form or JSON bodies, not raw ones).
 4. a bare Starlette "hello" endpoint (loadtests/baselines/hello_app.py): the HTTP ceiling for LeNet-5's requests/s.
 5. the batch CLI over a folder of JPEGs (loadtests/batch_bench.py, owned by the batch CLI).
+6. the Open Inference Protocol (loadtests/v2_cost.py): server CPU per image of /classify vs v2 with encoded images
+   (BYTES) vs v2 with the model's own uint8 tensor (decoded by the client), on the same service.
 
 The load generator is wrk (C, epoll; `apt-get install wrk`) with loadtests/wrk_post.lua: one thread pinned to the
-client cores, far lighter than Python generators, so on a 2-core box the server keeps its core to itself.
+client cores, far lighter than Python generators, so on a 2-core box the server keeps its core to itself. wrk is a
+closed loop: its percentiles are per answered request, uncorrected for coordinated omission (wrk2 would correct them;
+it is not packaged here), so they understate the tail an open-loop client would see at the same rate.
 """
 
 from __future__ import annotations
@@ -31,21 +39,25 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
 
-from loadtests import servers
+from loadtests import servers, v2_cost
 from loadtests.contract import check_predictions
 from loadtests.images import build_pool, for_model, write_pool
 
+LITSERVE_VERSION = version("litserve")
 REPO_ROOT = servers.REPO_ROOT
+V2_IMAGES = {"alexnet": REPO_ROOT / "examples" / "grace_hopper.jpg", "lenet5": REPO_ROOT / "examples" / "digit-7.png"}
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
 BATCH_BENCH = Path(__file__).resolve().parent / "batch_bench.py"
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
 # Everything from this line to the end of the report is written by people and kept when the report is regenerated.
 NOTES_MARKER = "<!-- Notes: everything below this line is kept when `make bench` rewrites this file. -->"
 ORT_BATCHES = (1, 8, 32)
+LIMIT_BATCH = 32  # the in-process limit for uploads: decode then onnxruntime at this batch size
 TOP_K = {"alexnet": 5, "lenet5": 3}
 
 
@@ -122,6 +134,13 @@ def ort_child(argv: list[str]) -> None:
 
     runs = [rate(pipeline_step, 1) for _ in range(a.repeats)]
     out["pipeline_b1"], out["pipeline_b1_cpu"] = [r[0] for r in runs], [r[1] for r in runs]
+
+    def pipeline_batch_step() -> None:  # what a server that batches perfectly does: decode 32, one call
+        batch = [preprocess_bytes(blobs[next(cursor) % len(blobs)], model.recipe) for _ in range(LIMIT_BATCH)]
+        model.logits(stack_batch(batch))
+
+    runs = [rate(pipeline_batch_step, LIMIT_BATCH) for _ in range(a.repeats)]
+    out["pipeline_b32"], out["pipeline_b32_cpu"] = [r[0] for r in runs], [r[1] for r in runs]
     print(json.dumps(out))
 
 
@@ -129,7 +148,7 @@ def measure_ort(model: str, images: Path, cpus: str | None, threads: int, second
     cmd = [sys.executable, "-m", "loadtests.bench", "_ort", "--model", model, "--threads", str(threads),
            "--batches", ",".join(map(str, ORT_BATCHES)), "--seconds", str(seconds), "--repeats", str(repeats),
            "--images", str(images)]
-    budget = 60 + repeats * (len(ORT_BATCHES) + 1) * (seconds + 10)
+    budget = 60 + repeats * (len(ORT_BATCHES) + 2) * (seconds + 30)
     proc = subprocess.run(servers.pinned(cmd, cpus), cwd=REPO_ROOT, env=servers.base_env(), capture_output=True,
                           text=True, timeout=budget)
     if proc.returncode != 0:
@@ -149,11 +168,12 @@ def wrk_version() -> str:
 
 
 def run_wrk(url: str, path: str, content_type: str, files: list[Path], connections: int, seconds: int,
-            cpus: str | None) -> dict:
-    """One wrk run (one thread, `connections` keep-alive connections) POSTing the files in turn as raw bodies."""
+            cpus: str | None, multipart: bool = False) -> dict:
+    """One wrk run (one thread, `connections` keep-alive connections) POSTing the files in turn, as raw bodies or as
+    the multipart field `image`."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), url,
            "--", *map(str, files)]
-    env = servers.base_env({"WRK_PATH": path, "WRK_CONTENT_TYPE": content_type})
+    env = servers.base_env({"WRK_PATH": path, "WRK_CONTENT_TYPE": content_type, "WRK_MULTIPART": str(int(multipart))})
     proc = subprocess.run(servers.pinned(cmd, cpus), env=env, capture_output=True, text=True, timeout=seconds + 60)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -165,9 +185,12 @@ def run_wrk(url: str, path: str, content_type: str, files: list[Path], connectio
             "p99_ms": r["latency_us"]["p99"] / 1000, "errors": sum(e.values()), "requests": r["requests"]}
 
 
-def preflight(url: str, path: str, content_type: str, body: bytes, model: str | None) -> None:
+def preflight(url: str, path: str, content_type: str, body: bytes, model: str | None, multipart: bool = False) -> None:
     """One request before the load: a server that answers fast but wrong must not produce a benchmark number."""
-    r = httpx.post(url + path, content=body, headers={"Content-Type": content_type}, timeout=60)
+    if multipart:
+        r = httpx.post(url + path, files={"image": ("upload", body, content_type)}, timeout=60)
+    else:
+        r = httpx.post(url + path, content=body, headers={"Content-Type": content_type}, timeout=60)
     if r.status_code != 200:
         raise RuntimeError(f"pre-flight POST {path} answered {r.status_code}: {r.text[:300]}")
     if model is not None:
@@ -177,12 +200,12 @@ def preflight(url: str, path: str, content_type: str, body: bytes, model: str | 
 
 
 def load_runs(row: Row, url: str, path: str, content_type: str, files: list[Path], model: str | None,
-              connections: int, args: argparse.Namespace) -> Row:
-    preflight(url, path, content_type, files[0].read_bytes(), model)
+              connections: int, args: argparse.Namespace, multipart: bool = False) -> Row:
+    preflight(url, path, content_type, files[0].read_bytes(), model, multipart)
     # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
-    run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus)
+    run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus, multipart)
     for _ in range(args.repeats):
-        r = run_wrk(url, path, content_type, files, connections, args.duration, args.client_cpus)
+        r = run_wrk(url, path, content_type, files, connections, args.duration, args.client_cpus, multipart)
         row.runs.append(r["rate"])
         row.p50_ms.append(r["p50_ms"])
         row.p99_ms.append(r["p99_ms"])
@@ -192,6 +215,26 @@ def load_runs(row: Row, url: str, path: str, content_type: str, files: list[Path
           f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms, errors {row.errors}",
           flush=True)
     return row
+
+
+def gc_under_load(url: str) -> dict[str, float]:
+    """The service's garbage collector so far, from its /metrics: collections, the longest pause (upper bound of
+    its histogram bucket), full collections, and the oldest generation's size per worker at the end."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    buckets: dict[float, float] = {}
+    total = full = old = 0.0
+    for line in text.splitlines():
+        if line.startswith("convnet_gc_pause_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("convnet_gc_pause_seconds_count{"):
+            total += float(line.rsplit(" ", 1)[1])
+            full += float(line.rsplit(" ", 1)[1]) if 'generation="2"' in line else 0.0
+        elif line.startswith("convnet_gc_old_objects{"):
+            old = max(old, float(line.rsplit(" ", 1)[1]))
+    longest = min((b for b, n in buckets.items() if n >= total), default=float("nan"))
+    return {"collections": total, "longest_ms": longest * 1000, "full": full, "old_objects": old}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,9 +340,11 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
         runs = " / ".join(f"{x:.1f}" for x in r.runs)
         cpu, p50, p99 = (median_or_blank(v, "{:.1f}") for v in (r.per_cpu_s, r.p50_ms, r.p99_ms))
         lines.append(f"| {r.section} | {r.what} | {r.model} | {r.setup} | {r.median:.1f} {r.unit} | {runs} | {cpu} | "
-                     f"{p50} | {p99} | {r.errors if r.section in '234' else ''} | {r.ratio} | {r.limit} |")
-    lines += ["", "Ratios in the table: (2) and (5) are divided by (1) at its best batch size on the same cores,",
-              "(2) also by (3) at the same number of connections. `per CPU-s`: images per CPU second of the",
+                     f"{p50} | {p99} | {r.errors if r.section[0] in '234' else ''} | {r.ratio} | {r.limit} |")
+    lines += ["", "Ratios in the table: (2), (3b) and (5) are divided by the limit in (1) (decode + onnxruntime at",
+              f"batch {LIMIT_BATCH}, in one process, on the same cores); raw (2) also by (3), multipart (2) by (3b) at",
+              "the same number of connections. p50/p99: wrk's, uncorrected for coordinated omission.",
+              "`per CPU-s`: images per CPU second of the",
               "in-process runs (median), which contention from other processes does not lower: with 1 thread it is",
               "what that core delivers when nothing else runs.", "", "Headline ratios:", ""]
     lines += [f"- {h}" for h in headlines] + [""]
@@ -359,8 +404,13 @@ class Bench:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)  # (1) at its best batch size, per model
+    limit: dict[str, float] = field(default_factory=dict)  # (1) decode + onnxruntime at batch 32: the upload limit
+    lit_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
+    gc: dict[str, float] = field(default_factory=dict)  # the service's collector under load (its /metrics)
+    v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
     first_half: dict[str, dict] = field(default_factory=dict)
-    service_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
+    service_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # raw uploads
+    service_mp_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # multipart uploads
     naive_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
     hello_row: Row | None = None
     cli: tuple[Row, dict] | None = None
@@ -406,9 +456,15 @@ class Bench:
                        limit="serial decode then compute",
                        per_cpu_s=first["pipeline_b1_cpu"] + again["pipeline_b1_cpu"])
             pipe.ratio = f"{ratio(pipe.median, self.best[m])} of best (1)"
-            for r in [*ort_rows, pipe]:
+            limit = Row("1", f"decode + preprocess + onnxruntime in process, batch {LIMIT_BATCH}: THE LIMIT", m,
+                        f"{self.pin}, {UPLOADS[m][1]}, 1 thread of decode",
+                        first["pipeline_b32"] + again["pipeline_b32"],
+                        limit="serial decode then compute, perfectly batched",
+                        per_cpu_s=first["pipeline_b32_cpu"] + again["pipeline_b32_cpu"])
+            self.limit[m] = limit.median
+            for r in [*ort_rows, pipe, limit]:
                 print(f"  {m} {r.what}: {r.median:.1f} img/s", flush=True)
-            rows += [*ort_rows, pipe]
+            rows += [*ort_rows, pipe, limit]
         self.rows[0:0] = rows
 
     def batch_cli(self) -> None:
@@ -424,12 +480,12 @@ class Bench:
             self.cli = (row, r)
 
     def http(self, section: str, what: str, server, model: str | None, connections: int, limit: str,
-             setup: str, path: str = "", unit: str = "img/s") -> Row:
+             setup: str, path: str = "", unit: str = "img/s", multipart: bool = False) -> Row:
         m = model or "lenet5"
         row = Row(section, what, model or "-", f"{self.pin}, {setup}, {connections} conns", [], unit=unit,
                   limit=limit)
         path = path or f"/classify?model={m}&top_k={TOP_K[m]}"
-        load_runs(row, server.url, path, UPLOADS[m][0], self.files[m], model, connections, self.args)
+        load_runs(row, server.url, path, UPLOADS[m][0], self.files[m], model, connections, self.args, multipart)
         self.rows.append(row)
         return row
 
@@ -441,7 +497,30 @@ class Bench:
                 for c in self.levels:
                     self.service_rows[m, c] = self.http(
                         "2", "service (bentoml serve), raw uploads", srv, m, c, setup=UPLOADS[m][1],
-                        limit="decode + model on the server's cores, plus HTTP and BentoML's hop to the model process")
+                        limit="decode + micro-batched model in the worker, plus HTTP")
+                    self.service_mp_rows[m, c] = self.http(
+                        "2", "service (bentoml serve), multipart uploads", srv, m, c, setup=UPLOADS[m][1],
+                        limit="as above, plus multipart parsing", multipart=True)
+            self.gc = gc_under_load(srv.url)
+            print(f"  garbage collector under that load: {self.gc}", flush=True)
+            print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
+            for m in self.models:
+                costs = v2_cost.measure(srv.url, srv.proc.pid, m, V2_IMAGES[m], requests=10 if self.args.quick else 60)
+                self.v2_tables.append(f"**{m}** (`{V2_IMAGES[m].relative_to(REPO_ROOT)}`, one image per request, "
+                                      f"sequential):\n\n{v2_cost.render(costs)}")
+                print(self.v2_tables[-1], flush=True)
+
+    def litserve(self) -> None:
+        print("3b. LitServe peer (multipart uploads)", flush=True)
+        for m in self.models:
+            env = {"LIT_MODEL": m, "LIT_THREADS": str(self.n_server), "LIT_TOP_K": str(TOP_K[m])}
+            with servers.python_module("litserve", "loadtests.baselines.litserve_app", env, self.args.server_cpus,
+                                       log_dir=self.results, ready_path="/health") as lit:
+                for c in self.levels:
+                    self.lit_rows[m, c] = self.http(
+                        "3b", f"LitServe {LITSERVE_VERSION}, multipart uploads", lit, m, c, path="/classify",
+                        setup="batch 32, 5 ms timeout, fast_queue, 1 worker", multipart=True,
+                        limit="decode in its single inference worker, ZeroMQ hop")
 
     def naive(self) -> None:
         print("3. naive Starlette baseline", flush=True)
@@ -466,26 +545,51 @@ class Bench:
         """Fills in the ratios of (2) and (5) (now that (1) is complete) and returns the headline sentences."""
         out = []
         for (m, c), row in self.service_rows.items():
-            row.ratio = (f"{ratio(row.median, self.best[m])} of best (1); "
+            row.ratio = (f"{ratio(row.median, self.limit[m])} of the limit (1); "
                          f"{ratio(row.median, self.naive_rows[m, c].median)} of naive (3)")
+        for (m, c), row in self.service_mp_rows.items():
+            row.ratio = (f"{ratio(row.median, self.limit[m])} of the limit (1); "
+                         f"{ratio(row.median, self.lit_rows[m, c].median)} of LitServe (3b); "
+                         f"{ratio(row.median, self.service_rows[m, c].median)} of raw")
+        for (m, _), row in self.lit_rows.items():
+            row.ratio = f"{ratio(row.median, self.limit[m])} of the limit (1)"
+        low = self.levels[0]
         for m in self.models:
             top = max((self.service_rows[m, c] for c in self.levels), key=lambda r: r.median)
+            top_mp = max((self.service_mp_rows[m, c] for c in self.levels), key=lambda r: r.median)
+            top_lit = max((self.lit_rows[m, c] for c in self.levels), key=lambda r: r.median)
             top_naive = max((self.naive_rows[m, c] for c in self.levels), key=lambda r: r.median)
-            out.append(f"{m}: the service at saturation ({top.setup.split(', ')[-1]}) does {top.median:.1f} img/s "
-                       f"= {ratio(top.median, self.best[m])} of onnxruntime in process at its best batch size "
-                       f"({self.best[m]:.1f} img/s) and {ratio(top.median, top_naive.median)} of the naive app at "
-                       f"its best ({top_naive.median:.1f} img/s, {top_naive.setup.split(', ')[-1]})")
-            if m == "lenet5" and self.hello_row is not None:
-                out.append(f"lenet5: the service's {top.median:.1f} req/s = "
-                           f"{ratio(top.median, self.hello_row.median)} of the bare Starlette hello endpoint's "
-                           f"{self.hello_row.median:.1f} req/s (the HTTP ceiling on the same core(s))")
+            out.append(f"**{m} at saturation**: the service {top.median:.1f} img/s raw, {top_mp.median:.1f} multipart "
+                       f"= **{ratio(top.median, self.limit[m])}** / {ratio(top_mp.median, self.limit[m])} of the "
+                       f"in-process limit ({self.limit[m]:.1f} img/s); **{ratio(top_mp.median, top_lit.median)} of "
+                       f"LitServe** ({top_lit.median:.1f}, multipart both); **{ratio(top.median, top_naive.median)} of "
+                       f"the naive app** ({top_naive.median:.1f}, raw both); multipart "
+                       f"{ratio(top_mp.median, top.median)} of raw")
+            tail = self.service_rows[m, low]
+            if tail.p50_ms and tail.p99_ms:
+                n50, n99 = (statistics.median(v) for v in (self.naive_rows[m, low].p50_ms,
+                                                            self.naive_rows[m, low].p99_ms))
+                out.append(f"{m} tail at {low} connections: p99/p50 = "
+                           f"{statistics.median(tail.p99_ms) / statistics.median(tail.p50_ms):.2f} "
+                           f"({median_or_blank(tail.p50_ms, '{:.1f}')} / {median_or_blank(tail.p99_ms, '{:.1f}')} ms); "
+                           f"the naive app's {n99 / n50:.2f}")
+        if self.gc:
+            out.append(f"garbage collector in the service's worker(s) over all of (2): {self.gc['collections']:.0f} "
+                       f"collections, the longest ≤ {self.gc['longest_ms']:g} ms (histogram bucket), "
+                       f"{self.gc['full']:.0f} full; oldest generation {self.gc['old_objects']:.0f} objects at the end")
+        if "lenet5" in self.models and self.hello_row is not None:
+            top = max((self.service_rows["lenet5", c] for c in self.levels), key=lambda r: r.median)
+            out.append(f"lenet5: the service's {top.median:.1f} req/s = {ratio(top.median, self.hello_row.median)} of "
+                       f"the bare Starlette hello endpoint's {self.hello_row.median:.1f} req/s (the HTTP ceiling on "
+                       "the same core(s))")
         if self.cli is not None:
             row, r = self.cli
-            row.ratio = (f"{ratio(row.median, self.best['alexnet'])} of best (1); {r['ratio']:.3g}× of onnxruntime "
-                         "on the same pre-decoded images (its own run)")
+            row.ratio = (f"{ratio(row.median, self.limit['alexnet'])} of the limit (1); {r['ratio']:.3g}× of "
+                         "onnxruntime on the same pre-decoded images (its own run)")
             self.rows.append(row)
             out.append(f"alexnet: the batch CLI does {row.median:.1f} img/s = "
-                       f"{ratio(row.median, self.best['alexnet'])} of onnxruntime in process at its best batch size; "
+                       f"**{ratio(row.median, self.limit['alexnet'])} of the in-process limit** (its images differ: "
+                       f"{r['image_size'][0]}x{r['image_size'][1]} JPEGs); "
                        f"against onnxruntime at batch {r['batch_size']} on the same pre-decoded images, interleaved "
                        f"in its own run, {r['ratio']:.3g}×")
         return out
@@ -521,11 +625,17 @@ def main(argv: list[str] | None = None) -> int:
         bench.batch_cli()
     bench.service()
     bench.naive()
+    bench.litserve()
     bench.hello()
     bench.in_process_second_half()
     headlines = bench.headlines()
 
     text = render(bench.rows, headlines, bench.notes, info, args, started, load_before, loadavg())
+    if bench.v2_tables:
+        text += ("\n### (6) Open Inference Protocol: what the v2 path costs per image\n\n"
+                 "Server CPU (all its processes, /proc) per image; `image` sends the model's own uint8 tensor, so the "
+                 "server decodes nothing and the client pays the decode (last column).\n\n"
+                 + "\n\n".join(bench.v2_tables) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, text, args.append)
     (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in bench.rows],

@@ -14,12 +14,14 @@ and as raw JPEG bodies, LeNet-5 MNIST digits both ways, and a small share of `cl
 (2-4 photos, 4-8 digits); with --models only the named models' share is kept. The images come from
 `loadtests.images.build_pool` (deterministic: every Locust process sends the same pool). Every response is
 validated (status, JSON shape, number of predictions, score order), so a fast wrong answer counts as a failure.
+A service with API keys on needs the key in $CONVNET_API_KEY.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import uuid
 
@@ -29,8 +31,11 @@ from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 from loadtests.contract import BATCH_FIELD, check_batch, check_predictions
 from loadtests.images import DEFAULT_SEED, PoolImage, build_pool, for_model
+from serving.keys import CLIENT_KEY_ENV, client_headers
 
 TOP_K = {"alexnet": 5, "lenet5": 3}
+# A service with API keys on (docs/keys.md) gets the key in $CONVNET_API_KEY on every request.
+AUTH = client_headers(os.environ.get(CLIENT_KEY_ENV))
 BATCH_SIZES = {"alexnet": (2, 4), "lenet5": (4, 8)}
 
 # The traffic mix: (weight, model, kind). Kinds for models not under test are dropped, the rest keep their ratios.
@@ -122,7 +127,7 @@ class ServiceUser(FastHttpUser):
         else:
             body, ctype = multipart([("image", image)])
         name = f"/classify {model} {'raw' if raw else 'multipart'} {image.content_type.split('/')[1]}"
-        with self.client.post(f"/classify?model={model}&top_k={k}", data=body, headers={"Content-Type": ctype},
+        with self.client.post(f"/classify?model={model}&top_k={k}", data=body, headers={"Content-Type": ctype, **AUTH},
                               name=name, catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
@@ -148,7 +153,7 @@ class ServiceUser(FastHttpUser):
         k = TOP_K[model]
         body, ctype = multipart([(BATCH_FIELD, image) for image in images])
         with self.client.post(f"/classify_batch?model={model}&top_k={k}", data=body,
-                              headers={"Content-Type": ctype}, name=f"/classify_batch {model}",
+                              headers={"Content-Type": ctype, **AUTH}, name=f"/classify_batch {model}",
                               catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")

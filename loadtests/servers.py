@@ -152,6 +152,13 @@ def service(models: list[str] | None = None, env: dict[str, str] | None = None, 
     return running("service", cmd, port, "/readyz", extra, cpus, log_dir)
 
 
+def python_module(name: str, module: str, env: dict[str, str] | None = None, cpus: str | None = None,
+                  log_dir: Path | None = None, ready_path: str = "/health") -> AbstractContextManager[Server]:
+    """A server that is a Python module taking --port (the LitServe peer)."""
+    port = free_port()
+    return running(name, [sys.executable, "-m", module, "--port", str(port)], port, ready_path, env, cpus, log_dir)
+
+
 def uvicorn_app(name: str, target: str, env: dict[str, str] | None = None, cpus: str | None = None,
                 log_dir: Path | None = None, ready_path: str = "/healthz") -> AbstractContextManager[Server]:
     """A plain ASGI app (the baselines) under one uvicorn worker."""

@@ -4,6 +4,9 @@
 -- Every thread loads all files and starts at a different one, so connections don't send in lockstep.
 local path = os.getenv("WRK_PATH") or "/"
 local content_type = os.getenv("WRK_CONTENT_TYPE") or "application/octet-stream"
+-- WRK_MULTIPART=1: each file as the multipart/form-data field "image" (what browsers and `curl -F` send)
+local multipart = os.getenv("WRK_MULTIPART") == "1"
+local boundary = "convnet-wrk-7f3a9c"
 local requests_ = {}
 local n = 0
 local thread_counter = 0
@@ -18,7 +21,14 @@ function init(args)
     local f = assert(io.open(name, "rb"))
     local body = f:read("*a")
     f:close()
-    requests_[#requests_ + 1] = wrk.format("POST", path, {["Content-Type"] = content_type}, body)
+    if multipart then
+      body = "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"image\"; filename=\"upload\"\r\n" ..
+             "Content-Type: " .. content_type .. "\r\n\r\n" .. body .. "\r\n--" .. boundary .. "--\r\n"
+      requests_[#requests_ + 1] = wrk.format("POST", path,
+        {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, body)
+    else
+      requests_[#requests_ + 1] = wrk.format("POST", path, {["Content-Type"] = content_type}, body)
+    end
   end
   if #requests_ == 0 then
     requests_[1] = wrk.format("POST", path, {["Content-Type"] = content_type}, "")

@@ -9,7 +9,9 @@ adaptive batching. Every failure goes through `serving.errors.error_body`, so a 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,16 +22,27 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.config import ServiceConfig
-from serving.errors import BadParameter, ClientError, CorruptImage, ModelRepositoryError, UnknownModel, error_body
+from serving.demo import MODEL_INPUT_OPENAPI, ServerTiming, demo_routes
+from serving.errors import (
+    BadParameter,
+    ClientError,
+    CorruptImage,
+    ModelRepositoryError,
+    ServerBusy,
+    UnknownModel,
+    error_body,
+)
 from serving.http import Part, check_image_type, int_param, read_upload
 from serving.preprocess import Recipe, preprocess_bytes
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
+from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
 log = logging.getLogger("convnet_serving")
 
@@ -67,8 +80,9 @@ def read_models(models_dir: Path, names: tuple[str, ...] | list[str] = ()) -> di
 
 
 class Metrics:
-    """Our Prometheus series, next to BentoML's own on /metrics. Created inside the worker, after BentoML has set
-    PROMETHEUS_MULTIPROC_DIR, so every worker's counts are aggregated."""
+    """Our Prometheus series, served at /metrics with BentoML's own (the model service's batching, for one) from the
+    same multiprocess registry. Created inside the worker, after BentoML has set PROMETHEUS_MULTIPROC_DIR, so every
+    worker's counts are aggregated."""
 
     def __init__(self) -> None:
         import prometheus_client as prom
@@ -81,6 +95,48 @@ class Metrics:
         self.preprocess_seconds = prom.Histogram(
             "convnet_preprocess_seconds", "Decode + resize + crop time per image", ["model"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+        self.batch_size = prom.Histogram("convnet_batch_size", "Rows per onnxruntime call of the front workers' "
+                                         "micro-batching, by model", ["model"],
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        # A worker stalled by a long collection stalls every request it holds: make the pauses visible.
+        self.gc_pause_seconds = prom.Histogram(
+            "convnet_gc_pause_seconds", "Garbage-collector pauses in the front workers, by generation", ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5))
+        self.gc_old_objects = prom.Gauge(
+            "convnet_gc_old_objects", "Objects in the oldest generation (not frozen at start-up) after the last "
+            "collection of generation 1 or 2, per worker: flat under steady load", multiprocess_mode="all")
+        self._gc_started = 0.0
+        self._render = self._renderer(prom)
+
+    def watch_gc(self) -> None:
+        """Time every collection from now on (call it after start-up, so the pauses shown are serving-time ones)."""
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        self.gc_pause_seconds.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+        if info["generation"] >= 1:  # what a full collection would have to scan (frozen objects excluded): cheap
+            self.gc_old_objects.set(len(gc.get_objects(generation=2)))
+
+    @staticmethod
+    def _renderer(prom) -> Callable[[], bytes]:
+        from prometheus_client import multiprocess
+
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return lambda: prom.generate_latest(prom.REGISTRY)
+
+        def render() -> bytes:
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return prom.generate_latest(registry)
+
+        return render
+
+    def render(self) -> bytes:
+        """The text exposition of every worker's series (reads the registry's files: call it off the event loop)."""
+        return self._render()
 
 
 class ClassifierAPI:
@@ -102,7 +158,10 @@ class ClassifierAPI:
             Route("/classify", self.classify, methods=["POST"]),
             Route("/classify_batch", self.classify_batch, methods=["POST"]),
             Route("/models", self.list_models, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_exception})
+            Route("/metrics", self.metrics_page, methods=["GET"]),
+            *V2Protocol(self).routes(),  # the Open Inference Protocol (KServe v2 / Triton REST): serving/v2.py
+            *demo_routes(self),  # GET /demo (the page), POST /model_input (what the model saw, as a PNG)
+        ], exception_handlers={HTTPException: self._http_exception}, middleware=[Middleware(ServerTiming)])
 
     # ---- endpoints -------------------------------------------------------------------------------------------
 
@@ -160,6 +219,12 @@ class ClassifierAPI:
         except Exception as exc:  # noqa: BLE001
             return self._error("models", "-", exc)
         return JSONResponse({"default_model": self.default_model, "models": described})
+
+    async def metrics_page(self, request: Request) -> Response:
+        if self.metrics is None:
+            return self._error("metrics", "-", ServerBusy("the worker is still starting; retry shortly"))
+        body = await asyncio.get_running_loop().run_in_executor(self.pool, self.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -245,6 +310,7 @@ def _errors(*codes: int) -> dict:
 
 
 OPENAPI_PATHS: dict[str, Any] = {
+    "/model_input": MODEL_INPUT_OPENAPI,
     "/classify": {"post": {
         "tags": ["Service APIs"], "operationId": "classify",
         "summary": "Classify one image (multipart field `image`, or the raw image as the body)",
@@ -276,4 +342,5 @@ OPENAPI_PATHS: dict[str, Any] = {
         "tags": ["Service APIs"], "operationId": "models", "summary": "Cards of the served models, with runtime info",
         "responses": {"200": {"description": "model cards", **_json({"type": "object", "properties": {
             "default_model": {"type": "string"}, "models": {"type": "array", "items": {"type": "object"}}}})}}}},
+    **V2_OPENAPI_PATHS,
 }

@@ -38,6 +38,7 @@ import numpy as np
 
 from serving.errors import ClientError, CorruptImage, ModelRepositoryError, error_body
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
+from serving.keys import CLIENT_KEY_ENV, client_headers
 from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess_bytes, stack_batch
 from serving.registry import CARD_FILE, DEFAULT_MODELS_DIR, ServedModel, discover, load_model, read_card, read_labels
 from serving.runtime import DEVICES, DeviceUnavailable
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=max_pixels,
                    help=f"refuse images with more pixels than this (default {max_pixels})")
     p.add_argument("--timeout", type=float, default=60.0, help="--url: seconds per request (default 60)")
+    p.add_argument("--api-key", default=os.environ.get(CLIENT_KEY_ENV) or None,
+                   help=f"--url: the service's API key, sent as 'Authorization: Bearer' (default: ${CLIENT_KEY_ENV}; "
+                   "prefer the variable: a command line is visible to other users)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar on stderr (default: when stderr is a terminal)")
     return p
@@ -191,7 +195,8 @@ class RemoteBackend:
 
     RETRIES = 4
 
-    def __init__(self, url: str, model_name: str, k: int, max_bytes: int, timeout: float, concurrency: int):
+    def __init__(self, url: str, model_name: str, k: int, max_bytes: int, timeout: float, concurrency: int,
+                 api_key: str | None = None):
         import httpx  # only --url needs it (a bentoml dependency, so always installed)
 
         self._httpx = httpx
@@ -199,8 +204,9 @@ class RemoteBackend:
         self.name, self.version = model_name, None
         self.num_classes: int | None = None
         self.k, self.max_bytes = k, max_bytes
-        self.client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency,
-                                                                         max_keepalive_connections=concurrency))
+        self.client = httpx.Client(timeout=timeout, headers=client_headers(api_key),
+                                   limits=httpx.Limits(max_connections=concurrency,
+                                                       max_keepalive_connections=concurrency))
         self._probe_models()
 
     def _probe_models(self) -> None:
@@ -211,6 +217,11 @@ class RemoteBackend:
             r = self.client.get(f"{self.url}/models")
         except httpx.HTTPError as e:
             raise UsageError(f"cannot reach the service at {self.url}: {e}") from None
+        if r.status_code == 401:  # every image would fail the same way: stop before sending any
+            sent = "authorization" in self.client.headers
+            raise UsageError(f"the service at {self.url} answered 401: " + (
+                "it refused the API key (unknown or revoked)" if sent else
+                f"it needs an API key: pass --api-key or set ${CLIENT_KEY_ENV}"))
         if r.status_code != 200:
             return
         try:
@@ -704,7 +715,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     if args.url:
         backend: LocalBackend | RemoteBackend = RemoteBackend(
             args.url, args.model, max(args.top_k, EVAL_K) if args.eval else args.top_k, args.max_bytes,
-            args.timeout, args.workers)
+            args.timeout, args.workers, args.api_key)
         local_dir = Path(args.models_dir) / args.model
         model_dir = local_dir if (local_dir / CARD_FILE).is_file() else None
         device = args.url

@@ -19,6 +19,10 @@ from serving.runtime import DEVICES
 ENV_PREFIX = "CONVNET_"
 CONFIG_FILE_ENV = "CONVNET_CONFIG"
 MIB = 1 << 20
+PLACEMENTS = ("auto", "front", "model_service")
+# With placement "auto" on a GPU, models smaller than this stay in front, on CPU: one batch-1 call of LeNet-5 costs
+# far less than the hop to the model service (0.06 ms vs ~2 ms; measured).
+SMALL_MODEL_PARAMS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -27,29 +31,40 @@ class ServiceConfig:
     models: tuple[str, ...] = ()  # empty: every model with a card under models_dir
     default_model: str = "alexnet"  # used when a request names none (falls back to the first served model)
     device: str = "auto"  # auto | cpu | cuda | tensorrt
-    # Adaptive batching of the model service (BentoML's CorkDispatcher, one per model).
+    # Where inference runs. "front": in the request-facing workers themselves, micro-batched per worker (decode and
+    # onnxruntime in one process: no hop, no tensor copies). "model_service": in a separate BentoML service with
+    # adaptive batching, fed by the front workers (one GPU process fed by many decoding CPUs). "auto": front on CPU;
+    # on a GPU, the model service for every model but the small ones (LeNet-5), which run in front on CPU.
+    placement: str = "auto"
     max_batch_size: int = 32
-    max_latency_ms: int = 10_000  # a request queued longer than this is shed with 503 server_busy
-    model_workers: int = 0  # processes each holding every model; 0 = auto: 1 on a GPU, else one per CPU up to 4
-    ort_threads: int = 0  # onnxruntime intra-op threads per model worker; 0 = auto: CPUs / model workers
+    max_latency_ms: int = 10_000  # a request queued longer than this for inference is shed with 503 server_busy
+    model_workers: int = 0  # model-service processes; 0 = auto: 1 on a GPU, else one per CPU up to 4
+    ort_threads: int = 0  # onnxruntime intra-op threads per worker; 0 = auto: CPUs / workers
     ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
-    # Models smaller than this run inside the front service, on CPU, without batching: for them one batch-1 call
-    # costs far less than the hop to the model service (LeNet-5: 0.06 ms vs ~2 ms; measured). 0 = batch every model.
-    inline_max_params: int = 1_000_000
     # The request-facing service.
-    api_workers: int = 1
-    decode_threads: int = 2  # Pillow decodes in this many threads (it releases the GIL)
+    api_workers: int = 0  # 0 = auto: one per CPU up to 4 when inference runs in front, else one per CPU up to 16
+    decode_threads: int = 2  # Pillow decodes in this many threads per worker (it releases the GIL)
     max_body_bytes: int = 20 * MIB
     max_pixels: int = 40_000_000
     max_batch_images: int = 64  # images in one /classify_batch request
     max_top_k: int = 100
     default_top_k: int = 5
-    timeout_s: int = 60  # BentoML's per-request timeout for both services
+    timeout_s: int = 60  # a request not answered by then gets 504 timeout
+    # Per-request machinery that costs more than LeNet-5's inference (measured in docs/service.md): off by default.
+    access_log: int = 0  # 1: BentoML's access log line per request (our /metrics counts every request anyway)
+    tracing: int = 0  # 1: OpenTelemetry spans for the inference routes too (BentoML's tracing config applies)
+    # API keys (docs/keys.md): a file of hashed keys; empty = off. /metrics stays open unless metrics_auth = "key".
+    api_keys_file: str = ""
+    metrics_auth: str = "open"  # open | key
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"CONVNET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
-        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "inline_max_params")  # 0 means "automatic" or "off"
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"CONVNET_PLACEMENT must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
+        if self.metrics_auth not in ("open", "key"):
+            raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
+        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "api_workers", "access_log", "tracing")
         for f in fields(self):
             if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "
@@ -96,16 +111,30 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def model_parallelism(cfg: ServiceConfig, uses_gpu: bool, cpus: int | None = None) -> tuple[int, int]:
-    """(model workers, onnxruntime threads per worker) with the automatic values filled in.
+def placement(cfg: ServiceConfig, parameters: dict[str, int], uses_gpu: bool) -> tuple[list[str], list[str]]:
+    """(models run in the front workers, models run in the model service), from the models' parameter counts."""
+    if cfg.placement == "front" or (cfg.placement == "auto" and not uses_gpu):
+        return sorted(parameters), []
+    if cfg.placement == "model_service":
+        return [], sorted(parameters)
+    small = sorted(n for n, p in parameters.items() if p < SMALL_MODEL_PARAMS)
+    return small, sorted(n for n in parameters if n not in small)
 
-    On CPU, several single-threaded workers beat one worker with many threads: no intra-op synchronisation, and
-    each worker's batches run while the others' fill (measured in docs/service.md). A GPU wants one worker.
+
+def parallelism(cfg: ServiceConfig, uses_gpu: bool, model_service: bool, cpus: int | None = None) -> dict[str, int]:
+    """Worker processes and onnxruntime threads, with the automatic values filled in.
+
+    On CPU, several single-threaded workers beat one worker with many threads: no intra-op synchronisation, each
+    worker's batches run while the others' fill, and Python's per-request work is spread over the cores. With a
+    model service (a GPU), the front workers only decode and relay, so they scale with the CPUs that decoding needs,
+    and one model worker owns the GPU.
     """
     cpus = cpus or usable_cpus()
-    workers = cfg.model_workers or (1 if uses_gpu else min(cpus, 4))
-    threads = cfg.ort_threads or max(1, cpus // workers)
-    return workers, threads
+    api = cfg.api_workers or (min(cpus, 16) if model_service else min(cpus, 4))
+    model = cfg.model_workers or (1 if uses_gpu else min(cpus, 4))
+    return {"api_workers": api, "model_workers": model,
+            "front_ort_threads": cfg.ort_threads or max(1, cpus // api),
+            "model_ort_threads": cfg.ort_threads or max(1, cpus // model)}
 
 
 def describe(cfg: ServiceConfig) -> dict[str, Any]:

@@ -65,15 +65,42 @@ class MissingImage(BadParameter):
     code = "missing_image"
 
 
+class ModelNotFound(UnknownModel):
+    """A model or version named in a URL path (the Open Inference Protocol's /v2/models/...): not found, a 404."""
+
+    status = 404
+
+
+class InvalidTensor(ClientError):
+    """An Open Inference Protocol request that breaks the protocol or the model's tensor contract: bad JSON or
+    binary framing, wrong datatype, shape or element count, a missing input, an unknown output."""
+
+    code = "invalid_tensor"
+
+
 class UnreadableInput(ClientError):
     """A batch input that could not be read as a file (missing, a directory, no permission). Batch CLI only."""
 
     code = "unreadable_input"
 
 
+class Unauthorized(ClientError):
+    """No API key, or one that is not (or no longer) in the key file, while API keys are on (serving/keys.py)."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class ServerBusy(ClientError):
     status = 503
     code = "server_busy"
+
+
+class RequestTimeout(ClientError):
+    """Not answered within the service's timeout (CONVNET_TIMEOUT_S)."""
+
+    status = 504
+    code = "timeout"
 
 
 class ModelRepositoryError(Exception):
@@ -85,3 +112,10 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
     if isinstance(exc, ClientError):
         return exc.status, exc.to_dict()
     return 500, {"error": "internal_error", "detail": "the server failed to process this request; it was logged"}
+
+
+def v2_error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """The same status as `error_body`, in the Open Inference Protocol's shape: `{"error": "<message>"}` (what
+    tritonclient raises as InferenceServerException's message)."""
+    status, body = error_body(exc)
+    return status, {"error": body["detail"]}

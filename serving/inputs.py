@@ -20,7 +20,7 @@ from serving.errors import BodyTooLarge, UnreadableInput
 # What a folder walk picks up. Files named explicitly (argument, glob, list file, stdin) are taken whatever their
 # extension: the decoder's allowlist is the judge of what is an image, not the file name.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
+                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".hif"})
 # The service's default request-body limit; the CLI reads its value from serving.config when that exists.
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 STDIN = "-"

@@ -18,12 +18,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageFile, ImageOps
 
 from serving.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedFormat, UnsupportedMode
 
 # Formats we decode. Everything else (EPS runs Ghostscript, PDF, SVG, exotic plugins) is refused before parsing.
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# AVIF is Pillow's own plugin (libavif + dav1d); HEIF/HEIC is pillow-heif's (libheif + libde265). Both parse the
+# container at open() without decoding (the size comes from the `ispe` box), both hand over 8-bit data for 10/12-bit
+# colour images (scaled by libavif/libheif), and HEIF grey comes as I;16 (scaled by to_8bit).
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF", "HEIF")
+# HEIF: the primary image only, no thumbnails, depth maps or auxiliary images decoded alongside it.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 DEFAULT_MAX_PIXELS = 40_000_000
 
 # Truncated files are errors, never silently grey-filled images.
@@ -91,6 +97,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.UnidentifiedImageError:
+        if claimed := _claimed_format(data):  # its signature says it is one of ours, but its header does not parse
+            raise CorruptImage(f"the {claimed} header is truncated or corrupt ({len(data)} bytes)") from None
         try:  # tell "a real image we don't take" apart from "not an image at all"
             other = Image.open(io.BytesIO(data))
             raise UnsupportedFormat(
@@ -108,6 +116,16 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if w * h > max_pixels:
         raise ImageTooLarge(f"the image is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:.0f} MP limit")
     return im
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The allowed format whose signature the data starts with (e.g. an AVIF `ftyp` box), if any."""
+    Image.init()
+    for fmt in ALLOWED_FORMATS:
+        accept = Image.OPEN[fmt][1] if fmt in Image.OPEN else None
+        if accept is not None and accept(data[:16]) is True:
+            return fmt
+    return None
 
 
 def decode(data: bytes, recipe: Recipe | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -158,7 +176,7 @@ def to_8bit(im: Image.Image) -> Image.Image:
         out = np.clip(np.rint(a * (255.0 / max(hi, 1e-12))), 0, 255).astype(np.uint8)
         return Image.fromarray(out, "L")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
+        rgba = (im.convert("LA") if mode == "La" else im).convert("RGBA")  # Pillow has no La → RGBA conversion
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):

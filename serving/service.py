@@ -1,15 +1,21 @@
 """The BentoML service: `bentoml serve serving.service:Convnet` (what `make serve` runs).
 
-Two services, as BentoML pairs them: `Convnet` faces clients (a Starlette app for /classify, /classify_batch and
-/models, decoding uploads in a thread pool) and calls `Models`, a separate process whose per-model `logits_<name>`
-endpoints are batchable, so BentoML's adaptive batching merges concurrent requests into one onnxruntime run. A bad
-upload is refused by `Convnet` before it reaches a batch, so it costs nobody else their answer.
-Tunables: serving/config.py (CONVNET_* variables or a TOML file named by CONVNET_CONFIG).
+The request path, top to bottom. `Convnet` mounts the Starlette app of serving/api.py (/classify, /classify_batch,
+/models, /metrics). There a request is read and checked, its image decoded in a thread pool (serving/preprocess.py),
+and the uint8 batch handed to `Convnet._infer`, which runs it where its model lives:
+- **in this worker** (every model, on CPU): a per-model MicroBatcher (serving/batcher.py) merges concurrent
+  requests into one onnxruntime call. Decoding and inference share the process: no hop, no tensor copies.
+- **in the `Models` service** (on a GPU): BentoML's adaptive batching merges every front worker's requests into one
+  GPU batch. The front workers only decode and relay, so they scale with the CPUs that decoding needs.
+A bad upload is refused before it reaches a batch, so it costs nobody else their answer.
+Tunables: serving/config.py (CONVNET_* variables or a TOML file named by CONVNET_CONFIG). Why this shape, with the
+measurements behind it: docs/service.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -24,24 +30,35 @@ import numpy as np
 from bentoml.validators import DType
 from starlette.responses import JSONResponse
 
+from serving import upstream
 from serving.api import OPENAPI_PATHS, ClassifierAPI, Metrics, read_models
-from serving.config import describe, load_config, model_parallelism
+from serving.batcher import MicroBatcher
+from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
+from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy
+from serving.keys import install as install_api_keys
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
 log = logging.getLogger("convnet_serving")
 log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the worker that logged it
+upstream.install()
 
 CFG = load_config()
 MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
-MODEL_WORKERS, ORT_THREADS = model_parallelism(CFG, USES_GPU)
-INLINE = [n for n, info in MODEL_INFOS.items() if info.card.parameters < CFG.inline_max_params]
-BATCHED = [n for n in MODEL_INFOS if n not in INLINE]
+IN_FRONT, IN_MODEL_SERVICE = placement(CFG, {n: i.card.parameters for n, i in MODEL_INFOS.items()}, USES_GPU)
+WORKERS = parallelism(CFG, USES_GPU, model_service=bool(IN_MODEL_SERVICE))
+# With a model service (a GPU), the small models that stay in front run on the front workers' CPUs.
+FRONT_DEVICE = "cpu" if IN_MODEL_SERVICE else CFG.device
 NO_SPIN = {"session.intra_op.allow_spinning": str(CFG.ort_spinning)}
+# The longest a front worker waits for the model service: a request's queueing budget plus one batch's compute.
+MODEL_SERVICE_DEADLINE_S = CFG.max_latency_ms / 1000 + 1.0
 # The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
 RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
+# Tracing and BentoML's per-request metrics cost more than LeNet-5's inference. Our routes are counted by
+# serving/api.py's own metrics, and /metrics is served from the same multiprocess registry.
+HOT_ROUTES = [r"/classify", r"/models", r"/metrics"]
 
 
 class WorkerLifeRecord:
@@ -70,8 +87,15 @@ def load_warm(names: list[str], device: str, threads: int) -> dict[str, ServedMo
     return models
 
 
-def with_placement(card: dict, placement: str) -> dict:
-    card["runtime"]["placement"] = placement
+def settle_heap() -> None:
+    """After start-up, move everything alive (modules, models, the app) out of the collector's sight: full
+    collections then scan only what requests allocate, and stay short."""
+    gc.collect()
+    gc.freeze()
+
+
+def with_placement(card: dict, where: str) -> dict:
+    card["runtime"]["placement"] = where
     return card
 
 
@@ -88,15 +112,13 @@ def _logits_endpoint(model: str) -> bentoml.api:
 
 
 class _ModelWorker:
-    """Every batched model's onnxruntime session, loaded and warmed up by a real inference before the worker serves."""
-
-    served = BATCHED
+    """The model service's onnxruntime sessions, loaded and warmed up by a real inference before the worker serves."""
 
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet_models")
-        log.info("model worker settings: %s (%d workers x %d onnxruntime threads)", json.dumps(describe(CFG)),
-                 MODEL_WORKERS, ORT_THREADS)
-        self.models = load_warm(self.served, CFG.device, ORT_THREADS)
+        log.info("model worker settings: %s (%s)", json.dumps(describe(CFG)), WORKERS)
+        self.models = load_warm(IN_MODEL_SERVICE, CFG.device, WORKERS["model_ort_threads"])
+        settle_heap()
 
     def __is_ready__(self) -> bool:
         return True  # only reachable once __init__ has loaded and warmed up every model
@@ -111,65 +133,115 @@ class _ModelWorker:
 
 
 Models = bentoml.service(
-    name="convnet_models", workers=MODEL_WORKERS, threads=1, traffic={"timeout": CFG.timeout_s},
+    name="convnet_models", workers=WORKERS["model_workers"], threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
-    logging={"access": {"enabled": False}},  # the front service logs every request already
-)(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in BATCHED}))
+    logging={"access": {"enabled": False}},  # the front service counts every request already
+)(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in IN_MODEL_SERVICE}))
 
 API = ClassifierAPI(CFG, MODEL_INFOS)
+APP = API.app()
 
 
-class OpenAPIPaths:
-    """Adds the mounted endpoints to BentoML's /docs.json, which lists only @bentoml.api methods (and FastAPI)."""
+class FrontDoor:
+    """The service's own ASGI middleware: sends our routes straight to our app, and serves /docs.json with them.
 
-    def __init__(self, app, service: bentoml.Service, paths: dict) -> None:
-        self.app, self.service, self.paths = app, service, paths
+    BentoML mounts our app under its own router, behind its per-request context, exception handling and routing, none
+    of which our routes use. Together they cost about a third of the front worker's Python time per LeNet-5 request
+    (profiled: docs/service.md). With CORS configured, BentoML's CORS middleware sits inside this one, so then our
+    routes take the long way round.
+    """
+
+    def __init__(self, app, service: bentoml.Service, ours, paths: dict) -> None:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        self.app, self.service, self.ours, self.paths = app, service, ours, paths
+        exact, prefixes = our_paths(ours)
+        self.exact, self.prefixes = (set(), ()) if BentoMLContainer.http.cors.enabled.get() else (exact, prefixes)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/docs.json" and scope["method"] == "GET":
-            spec = self.service.openapi_spec.asdict()
-            spec["paths"] = {**self.paths, **spec.get("paths", {})}
-            await JSONResponse(spec)(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path in self.exact or path.startswith(self.prefixes):
+                await self.ours(scope, receive, send)
+                return
+            if path == "/docs.json" and scope["method"] == "GET":
+                spec = self.service.openapi_spec.asdict()
+                spec["paths"] = {**self.paths, **spec.get("paths", {})}
+                spec["info"]["description"] = INDEX_DESCRIPTION  # Swagger UI at / shows it first: links the demo page
+                await JSONResponse(spec)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
-@bentoml.asgi_app(API.app(), path="/")
-@bentoml.service(name="convnet", workers=CFG.api_workers, traffic={"timeout": CFG.timeout_s})
+def our_paths(app) -> tuple[set[str], tuple[str, ...]]:
+    """(exact paths, path prefixes) of an app's routes: a route with parameters, or a mount, by what precedes them."""
+    exact, prefixes = set(), []
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if "{" in path or not hasattr(route, "endpoint"):
+            prefix = path.split("{", 1)[0]
+            if len(prefix) > 1:  # never "/" or "": that would take BentoML's own routes (probes, docs) too
+                prefixes.append(prefix)
+        elif path:
+            exact.add(path)
+    return exact, tuple(prefixes)
+
+
+@bentoml.asgi_app(APP, path="/")
+@bentoml.service(
+    name="convnet", workers=WORKERS["api_workers"], traffic={"timeout": CFG.timeout_s},
+    metrics={"enabled": False},  # /metrics comes from serving/api.py, without a middleware on every request
+    logging={"access": {"enabled": bool(CFG.access_log)}},
+    tracing={} if CFG.tracing else {"excluded_urls": HOT_ROUTES},
+)
 class Convnet:
     """Image classification with LeNet-5 and AlexNet: POST an image to /classify (see /docs.json)."""
 
-    models = bentoml.depends(Models)
+    if IN_MODEL_SERVICE:
+        models = bentoml.depends(Models)
 
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet")
-        self.inline = load_warm(INLINE, "cpu", 1)
-        API.attach(self._infer, self._describe, Metrics())
-        log.info("serving %s (default %s); batched in the model service on %s: %s; inline: %s",
-                 ", ".join(MODEL_INFOS), API.default_model, "GPU" if USES_GPU else "CPU", BATCHED or "none",
-                 INLINE or "none")
+        self.front = load_warm(IN_FRONT, FRONT_DEVICE, WORKERS["front_ort_threads"])
+        metrics = Metrics()
+        self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
+                                            on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
+                                            on_batch=metrics.batch_size.labels(name).observe)
+                         for name, model in self.front.items()}
+        API.attach(self._infer, self._describe, metrics)
+        settle_heap()
+        metrics.watch_gc()
+        log.info("serving %s (default %s): in this worker on %s: %s; in the model service on %s: %s (%s)",
+                 ", ".join(MODEL_INFOS), API.default_model, FRONT_DEVICE, IN_FRONT or "none",
+                 "GPU" if USES_GPU else "CPU", IN_MODEL_SERVICE or "none", WORKERS)
+        log.info("demo page: /demo on the address BentoML listens on (make serve prints the full URL)")
 
     async def _infer(self, model: str, batch: np.ndarray) -> np.ndarray:
-        if model in self.inline:
-            return await asyncio.get_running_loop().run_in_executor(API.pool, self.inline[model].logits, batch)
+        if model in self.batchers:
+            return await self.batchers[model](batch)
         try:
-            return await getattr(self.models.to_async, endpoint_name(model))(batch)
+            # A dead model worker's socket still accepts (BentoML's arbiter holds it) and the call would wait for the
+            # restart: give it the budget a request has for inference, then say so.
+            async with asyncio.timeout(MODEL_SERVICE_DEADLINE_S):
+                return await getattr(self.models.to_async, endpoint_name(model))(batch)
         except bentoml.exceptions.BentoMLException as exc:
             if exc.error_code.value in (429, 503):  # the dispatcher shed the request: it waited past max_latency_ms
                 raise ServerBusy("the server is overloaded; retry shortly") from exc
             raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # the model worker is restarting
-            log.warning("model service unreachable: %r", exc)
-            raise ServerBusy("the model worker is unavailable (restarting?); retry shortly") from exc
+            log.warning("model service unreachable or silent: %r", exc)
+            raise ServerBusy("the model worker did not answer in time (restarting?); retry shortly") from exc
 
     async def _describe(self) -> list[dict]:
-        batched = await self.models.to_async.describe() if BATCHED else []
-        inline = [with_placement(m.describe(), "front service, inline") for m in self.inline.values()]
-        return sorted(batched + inline, key=lambda card: card["name"])
+        remote = await self.models.to_async.describe() if IN_MODEL_SERVICE else []
+        here = [with_placement(m.describe(), "front worker, micro-batched") for m in self.front.values()]
+        return sorted(remote + here, key=lambda card: card["name"])
 
     @bentoml.on_shutdown
     def _clean_exit(self) -> None:
         self.life.clean_exit()
 
 
-Convnet.add_asgi_middleware(OpenAPIPaths, service=Convnet, paths=OPENAPI_PATHS)
+# Service middlewares run in the order added, the first outermost: the key check comes before the front door.
+install_api_keys(Convnet, CFG.api_keys_file, CFG.metrics_auth)  # off unless CONVNET_API_KEYS_FILE is set
+Convnet.add_asgi_middleware(FrontDoor, service=Convnet, ours=APP, paths=OPENAPI_PATHS)

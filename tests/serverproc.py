@@ -22,7 +22,7 @@ SERVICE = "serving.service:Convnet"
 READY_TIMEOUT_S = 120.0  # generous: the CI machine has 2 cores shared by everything else
 # Server settings that put every model in the separate model-service process with BentoML's adaptive batching (the
 # GPU path), so tests exercise that path on a CPU machine too. Use it instead of naming the knob in a test.
-MODEL_SERVICE_ENV = {"CONVNET_INLINE_MAX_PARAMS": "0"}
+MODEL_SERVICE_ENV = {"CONVNET_PLACEMENT": "model_service"}
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import math
 from pathlib import Path
 
 import numpy as np
@@ -289,12 +288,19 @@ def test_random_affine_uint8():
 
 
 def test_random_affine_shift_moves_the_ink():
-    img = torch.zeros(1, 32, 32, 1, dtype=torch.uint8)
-    img[0, 14:18, 14:18] = 255
-    g = torch.Generator().manual_seed(1)
-    draw = (torch.rand(1, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1)[0]
-    out = random_affine_uint8(img, g, degrees=0, scale=0, shift_px=2)[0, :, :, 0].float()
+    """Shift only (no rotation or zoom): every image's ink moves by at most shift_px along each axis, keeps its mass,
+    and the shifts are spread over both directions of both axes, independently. Measured on the output alone."""
+    n, shift = 256, 2.0
+    img = torch.zeros(n, 32, 32, 1, dtype=torch.uint8)
+    img[:, 14:18, 14:18] = 255
+    out = random_affine_uint8(img, torch.Generator().manual_seed(1), degrees=0, scale=0, shift_px=shift)
+    out = out[..., 0].float()
     ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    cy, cx = (ys * out).sum() / out.sum(), (xs * out).sum() / out.sum()
-    assert math.isclose(float(cx), 15.5 + 2 * float(draw[2]), abs_tol=0.05)
-    assert math.isclose(float(cy), 15.5 + 2 * float(draw[3]), abs_tol=0.05)
+    mass = out.sum((1, 2))
+    dx, dy = (xs * out).sum((1, 2)) / mass - 15.5, (ys * out).sum((1, 2)) / mass - 15.5
+    assert ((mass / (16 * 255) - 1).abs() < 0.02).all()  # a translated square keeps its ink
+    assert (dx.abs() <= shift + 0.05).all() and (dy.abs() <= shift + 0.05).all()
+    for d in (dx, dy):
+        assert d.min() < -0.75 * shift and d.max() > 0.75 * shift  # both directions reached
+        assert abs(float(d.mean())) < 0.3  # centred: uniform in [-shift, shift]
+    assert abs(float(torch.corrcoef(torch.stack([dx, dy]))[0, 1])) < 0.2  # x and y drawn independently

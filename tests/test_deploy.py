@@ -24,12 +24,14 @@ K8S_DIR = REPO_ROOT / "deploy" / "kubernetes"
 # The cluster version the manifests are checked against (kubernetes-validate ships the schemas: no network).
 K8S_VERSION = "1.33"
 BENTOFILES = {"cpu": "bentofile.yaml", "gpu": "bentofile.gpu.yaml"}
+# As `make bento`: the bento carries the model service too, whatever the build machine's placement would be.
+BUILD_WITH_EVERY_SERVICE = {"CONVNET_PLACEMENT": "model_service"}
 TELEMETRY_OFF = {"BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
 
 
 def build_bento(bentofile: str, home: Path) -> Path:
     """`bentoml build -f <bentofile>` into a scratch BENTOML_HOME; returns the bento's directory."""
-    env = {**os.environ, "BENTOML_HOME": str(home), **TELEMETRY_OFF}
+    env = {**os.environ, "BENTOML_HOME": str(home), **TELEMETRY_OFF, **BUILD_WITH_EVERY_SERVICE}
     out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", bentofile, "-o", "tag", "."],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"bentoml build -f {bentofile} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -67,6 +69,10 @@ def test_bento_has_service_and_model_repository(bento):
             packed, original = src / "models" / name / rel, DEFAULT_MODELS_DIR / name / rel
             assert packed.is_file(), f"{packed.relative_to(bento_dir)} is missing from the {variant} bento"
             assert packed.stat().st_size == original.stat().st_size
+    # The demo page's files (GET /demo) travel with the code.
+    for f in (REPO_ROOT / "serving" / "static").iterdir():
+        packed = src / "serving" / "static" / f.name
+        assert packed.is_file() and packed.read_bytes() == f.read_bytes(), f"{f.name}: not in the {variant} bento"
     # Serving code and models only: no training code, tests, datasets, checkpoints or engine caches.
     top = {p.name for p in src.iterdir()}
     assert {"models", "serving"} <= top <= {"models", "serving", "bentofile.yaml", "bentofile.gpu.yaml"}, top
@@ -267,6 +273,12 @@ def test_services_and_autoscalers_point_at_deployments():
 
 def split_args(deployment: str) -> list[str]:
     return containers_of(resources("Deployment")[deployment])[0]["args"]
+
+
+def split_env(deployment: str) -> dict[str, str]:
+    """The service's own settings (CONVNET_*) a split Deployment's container is given."""
+    env = containers_of(resources("Deployment")[deployment])[0].get("env", [])
+    return {e["name"]: e["value"] for e in env if e["name"].startswith("CONVNET_")}
 
 
 def test_split_deployment_wires_api_to_models(bento):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,10 @@ import onnx
 import pytest
 import torch
 
+from serving.preprocess import IMAGENET
 from serving.registry import DEFAULT_MODELS_DIR, load_model, read_card, sha256_file
 from training.export import (
+    OPSET,
     ExportCheckFailed,
     check_export,
     deployable,
@@ -21,7 +25,7 @@ from training.export import (
     export_to_repository,
     load_checkpoint,
 )
-from training.models import LeNet5, build_model
+from training.models import LeNet5, UInt8Input, build_model
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -45,7 +49,7 @@ def test_exported_graph_has_no_dropout_and_matches_torch(exported):
     assert report.train_mode_stochastic is True  # the same torch model in train mode is not repeatable
     assert report.max_abs_diff_random <= 1e-4 and report.max_abs_diff_real <= 1e-4
     assert card.onnx["checks"]["dropout_nodes"] == 0
-    assert proto.opset_import[0].version >= 17
+    assert proto.opset_import[0].version == OPSET == card.onnx["opset"] == 18  # the opset training.export pins
 
 
 def test_exported_graph_takes_uint8_nhwc_with_dynamic_batch(exported):
@@ -130,3 +134,40 @@ def test_shipped_lenet_scores_on_full_mnist_through_the_service_preprocessing():
     assert metrics["top1_error"] <= 0.008, metrics
     assert card.metrics["top1_error"] == metrics["top1_error"]  # the card states what the shipped file does
     assert card.trained and card.weights == "trained"
+
+
+@pytest.mark.slow
+def test_make_models_builds_alexnet_from_the_weights_file_in_data(tmp_path):
+    """`make models` with data/alexnet-owt-7be5be79.pth present and no AlexNet ONNX imports that file: the built
+    model computes what those weights compute, and its card says "imported" (the file is not torchvision's, so
+    not "imagenet1k-official"). Run in a scratch copy of the repository, so the real models/ is left alone."""
+    repo = DEFAULT_MODELS_DIR.parent
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        shutil.copy2(repo / name, root / name)
+    for name in ("serving", "training"):
+        shutil.copytree(repo / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "models", root / "models", ignore=shutil.ignore_patterns("model.onnx", "trt_cache"))
+    shutil.copy2(repo / "models" / "lenet5" / "1" / "model.onnx", root / "models" / "lenet5" / "1" / "model.onnx")
+    for name in (".venv", ".tools"):
+        (root / name).symlink_to(repo / name)
+    torch.manual_seed(1234)
+    net = build_model("alexnet", 1000).eval()
+    (root / "data").mkdir()
+    torch.save(net.state_dict(), root / "data" / "alexnet-owt-7be5be79.pth")
+
+    # -o: the shared .venv counts as set up (never re-synced from here); everything else is the real target.
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+    r = subprocess.run(["make", "-o", ".venv/.installed", "models"], cwd=root, capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "UNTRAINED" not in r.stdout
+    card = read_card(root / "models" / "alexnet")
+    assert card.weights == "imported" and card.trained
+    built = load_model(root / "models" / "alexnet", device="cpu")
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    tail = UInt8Input(IMAGENET.mean, IMAGENET.std)
+    with torch.no_grad():
+        expected = net(tail(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(built.logits(x), expected, rtol=1e-3, atol=1e-3)

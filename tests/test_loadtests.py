@@ -10,6 +10,7 @@ import csv
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -160,3 +161,30 @@ def test_regenerated_report_keeps_hand_written_notes(tmp_path):
     text = report.read_text()
     assert "re-run" in text and "| 1 |" not in text and "| 2 |" not in text
     assert text.index(NOTES_MARKER) > text.index("| 3 |") and text.endswith("what the numbers mean\n")
+
+
+def test_bench_harness_produces_every_row(tmp_path):
+    """`make bench` end to end on LeNet-5 with tiny budgets: every section's rows, ratios and headlines are there
+    (the limit, the service raw and multipart, naive, LitServe, hello, the collector). Numbers are not judged here."""
+    out = tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "loadtests.bench", "--quick", "--models", "lenet5", "--connections", "4",
+           "--skip-batch-cli", "--out", str(out), "--results", str(tmp_path / "raw")]
+    proc = subprocess.run(cmd, cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "raw" / "bench.json").read_text())["rows"]
+    whats = {(r["section"], r["what"]) for r in rows}
+    for section, what in [("1", "onnxruntime in process, batch 32"),
+                          ("1", "decode + preprocess + onnxruntime in process, batch 32: THE LIMIT"),
+                          ("2", "service (bentoml serve), raw uploads"),
+                          ("2", "service (bentoml serve), multipart uploads"),
+                          ("3", "naive Starlette app, raw uploads"),
+                          ("3b", f"LitServe {version('litserve')}, multipart uploads"),
+                          ("4", "Starlette hello endpoint (reads the body)")]:
+        assert (section, what) in whats, (section, what, sorted(whats))
+    for r in rows:
+        assert r["runs"] and min(r["runs"]) > 0, r
+        assert r["errors"] == 0, r
+    text = out.read_text()
+    for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
+                   "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
+        assert phrase in text, phrase

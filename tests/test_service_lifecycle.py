@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,13 +13,15 @@ import httpx
 import imagegen
 import pytest
 from PIL import Image
-from serverproc import free_port, server_log, start_server, stop_server, wait_ready, worker_pids
+from serverproc import MODEL_SERVICE_ENV, free_port, server_log, start_server, stop_server, wait_ready, worker_pids
 
-from serving.config import ServiceConfig, load_config, model_parallelism
+from serving.config import ServiceConfig, load_config, parallelism
 
-# LeNet-5 through the model service (not inline in the front), so killing the model worker is felt.
-LIMITS = {"CONVNET_MODELS": "lenet5", "CONVNET_INLINE_MAX_PARAMS": "0", "CONVNET_MAX_BODY_BYTES": "200000",
-          "CONVNET_MAX_PIXELS": "250000", "CONVNET_MAX_BATCH_IMAGES": "3"}
+# Every model in the separate model service with ONE model worker, so killing that worker is felt by every request
+# (503 server_busy until it is back), and AlexNet's load makes the warm-up long enough to be seen from outside.
+LIMITS = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5,alexnet", "CONVNET_MODEL_WORKERS": "1",
+          "CONVNET_MAX_BODY_BYTES": "200000", "CONVNET_MAX_PIXELS": "250000", "CONVNET_MAX_BATCH_IMAGES": "3"}
+DEVICES = ("cpu", "cuda", "tensorrt")
 
 
 def classify_digit(base: str) -> httpx.Response:
@@ -25,20 +29,49 @@ def classify_digit(base: str) -> httpx.Response:
                       files={"image": ("one.png", imagegen.drawn_digit_one(), "image/png")}, timeout=30)
 
 
-def wait_until_answering(base: str, timeout: float = 90) -> list[int]:
-    """Statuses seen while polling /classify until it answers 200."""
-    seen: list[int] = []
+def poll_until_answering(base: str, timeout: float = 90) -> list[httpx.Response | None]:
+    """Answers seen while polling /classify until it answers 200 (None: connection refused/reset)."""
+    seen: list[httpx.Response | None] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            status = classify_digit(base).status_code
+            seen.append(classify_digit(base))
         except httpx.HTTPError:
-            status = 0  # connection refused/reset while the worker restarts
-        seen.append(status)
-        if status == 200:
+            seen.append(None)  # the front worker itself is restarting
+        if seen[-1] is not None and seen[-1].status_code == 200:
             return seen
-        time.sleep(0.3)
-    raise AssertionError(f"no 200 within {timeout}s; saw {seen}")
+        time.sleep(0.05)
+    raise AssertionError(f"no 200 within {timeout}s; saw {statuses(seen)}")
+
+
+def statuses(seen: list[httpx.Response | None]) -> list[int]:
+    return [0 if r is None else r.status_code for r in seen]
+
+
+def first_answers_from_start(base: str, proc, timeout: float = 180) -> tuple[list[int], str]:
+    """/readyz polled from the moment the server is launched (0: nothing listening yet) until it says 200, and the
+    server's log as it was when the first HTTP answer of any kind came back."""
+    seen: list[int] = []
+    log_at_first_answer = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, server_log(proc)
+        try:
+            seen.append(httpx.get(f"{base}/readyz", timeout=30).status_code)
+            log_at_first_answer = log_at_first_answer or server_log(proc, tail=1_000_000)
+        except httpx.HTTPError:
+            seen.append(0)
+        if seen[-1] == 200:
+            return seen, log_at_first_answer
+        time.sleep(0.05)
+    raise AssertionError(f"/readyz not 200 within {timeout}s; saw {sorted(set(seen))}\n{server_log(proc)}")
+
+
+def wait_for_log(proc, line: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in server_log(proc, tail=200_000) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert line in server_log(proc, tail=200_000), server_log(proc)[-3000:]
 
 
 @pytest.mark.slow
@@ -47,26 +80,20 @@ def test_readiness_limits_and_crash_recovery():
     base = f"http://127.0.0.1:{port}"
     proc = start_server(port, env=LIMITS)
     try:
-        # Ready means loaded and warmed up: the first 200 from /readyz comes after the warm-up, and answers work.
-        readyz: list[int] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, server_log(proc)
-            try:
-                readyz.append(httpx.get(f"{base}/readyz", timeout=5).status_code)
-            except httpx.HTTPError:
-                readyz.append(0)
-            if readyz[-1] == 200:
-                break
-            time.sleep(0.1)
-        assert readyz[-1] == 200, server_log(proc)
-        assert set(readyz) <= {0, 503, 200}
-        assert "model lenet5 ready on cpu" in server_log(proc, tail=100_000)
+        # Ready means loaded and warmed up: nothing answers (not even /readyz) before every model has run one
+        # real inference, so the first answer a client can get comes after the warm-up lines in the log.
+        readyz, log = first_answers_from_start(base, proc)
+        assert readyz[0] == 0 and set(readyz) <= {0, 503, 200}, readyz
+        for model in ("lenet5", "alexnet"):
+            found = re.search(rf"model {model} ready on (\w+)", log)
+            assert found, f"the server answered before {model} was warmed up:\n{log[-3000:]}"
+            assert found.group(1) in DEVICES
+            print(f"{model} warmed up on {found.group(1)}")
         r = classify_digit(base)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "1"
 
         # The configured limits apply (not the defaults).
-        assert httpx.get(f"{base}/models").json()["default_model"] == "lenet5"  # alexnet is not served
+        assert {m["name"] for m in httpx.get(f"{base}/models", timeout=30).json()["models"]} == {"lenet5", "alexnet"}
         r = httpx.post(f"{base}/classify", content=imagegen.random_bytes(300_000),
                        headers={"Content-Type": "image/png"})
         assert r.status_code == 413 and "200,000-byte limit" in r.json()["detail"]
@@ -77,21 +104,45 @@ def test_readiness_limits_and_crash_recovery():
         r = httpx.post(f"{base}/classify_batch", files=files)
         assert r.status_code == 422 and "limit is 3" in r.json()["detail"]
 
-        # SIGKILL each worker: the arbiter restarts it, the crash is logged, no request ever gets a 500.
-        for service in ("convnet_models", "convnet"):
-            worker, pid = next((n, p) for n, p in worker_pids(proc).items() if n.split(":")[0] == service)
-            os.kill(pid, signal.SIGKILL)
-            seen = wait_until_answering(base)  # (another model worker, if any, answers meanwhile)
-            assert 500 not in seen, seen
-            index = worker.split(":")[1]
-            line = f"{service} worker {index} (pid {pid}) died without shutting down"
-            deadline = time.monotonic() + 90
-            while line not in server_log(proc, tail=200_000) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert line in server_log(proc, tail=200_000), server_log(proc)[-3000:]
-            assert pid not in worker_pids(proc).values()
-            assert 500 not in wait_until_answering(base)
+        # SIGKILL the only model worker: the arbiter restarts it (the crash is logged), no request ever gets a 500,
+        # and answers come back (a request sent meanwhile gets 503: the test below).
+        worker, pid = next((n, p) for n, p in worker_pids(proc).items() if n.split(":")[0] == "convnet_models")
+        os.kill(pid, signal.SIGKILL)
+        seen = poll_until_answering(base)
+        assert set(statuses(seen)) <= {503, 200}, statuses(seen)
+        for r in seen:
+            assert r.status_code == 200 or r.json()["error"] == "server_busy", r.text
+        wait_for_log(proc, f"convnet_models worker {worker.split(':')[1]} (pid {pid}) died without shutting down")
+        assert pid not in worker_pids(proc).values()
+
+        # SIGKILL the front worker: connections fail until it is back, and then it answers; no 500 meanwhile.
+        worker, pid = next((n, p) for n, p in worker_pids(proc).items() if n.split(":")[0] == "convnet")
+        os.kill(pid, signal.SIGKILL)
+        seen = poll_until_answering(base)
+        assert set(statuses(seen)) <= {0, 503, 200}, statuses(seen)
+        wait_for_log(proc, f"convnet worker {worker.split(':')[1]} (pid {pid}) died without shutting down")
         assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.slow
+def test_503_server_busy_while_the_only_model_worker_restarts():
+    # A request gets max_latency_ms (+1 s for one batch's compute) from the model service, then 503.
+    env = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5", "CONVNET_MODEL_WORKERS": "1",
+           "CONVNET_MAX_LATENCY_MS": "1000"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(port, env=env)
+    try:
+        wait_ready(base, proc)
+        pid = next(p for n, p in worker_pids(proc).items() if n.split(":")[0] == "convnet_models")
+        os.kill(pid, signal.SIGKILL)
+        # A new worker is a new Python process importing BentoML and onnxruntime: seconds on any host, so a request
+        # sent at once meets no worker and must be told so promptly.
+        r = httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=imagegen.drawn_digit_one(),
+                       headers={"Content-Type": "image/png"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"] == "server_busy", r.text
     finally:
         stop_server(proc)
 
@@ -108,39 +159,70 @@ def test_config_layers(tmp_path):
         load_config({"CONVNET_DEVICE": "tpu"})
     with pytest.raises(ValueError, match="CONVNET_MAX_BATCH_SIZE"):
         load_config({"CONVNET_MAX_BATCH_SIZE": "0"})
-    # Automatic parallelism: single-threaded model workers on CPU (one per CPU, at most 4), one worker on a GPU.
-    assert model_parallelism(ServiceConfig(), uses_gpu=False, cpus=2) == (2, 1)
-    assert model_parallelism(ServiceConfig(), uses_gpu=False, cpus=16) == (4, 4)
-    assert model_parallelism(ServiceConfig(), uses_gpu=True, cpus=16) == (1, 16)
-    assert model_parallelism(ServiceConfig(model_workers=1, ort_threads=3), uses_gpu=False, cpus=2) == (1, 3)
+    # Automatic parallelism: on CPU inference runs in each front worker (one per CPU, at most 4); on a GPU one model
+    # worker and many decoding fronts.
+    def workers(cfg, gpu, service, cpus):
+        w = parallelism(cfg, gpu, service, cpus)
+        return w["api_workers"], w["front_ort_threads"], w["model_workers"], w["model_ort_threads"]
+
+    assert workers(ServiceConfig(), False, False, 2) == (2, 1, 2, 1)  # CPU: inference in each front worker
+    assert workers(ServiceConfig(), False, False, 16) == (4, 4, 4, 4)
+    assert workers(ServiceConfig(), True, True, 16) == (16, 1, 1, 16)  # GPU: 16 decoding fronts, one GPU worker
+    assert workers(ServiceConfig(model_workers=1, ort_threads=3), False, True, 2) == (2, 3, 1, 3)
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         load_config({"CONVNET_CONFIG": str(toml)})
 
 
 def test_overload_is_shed_with_503_json_and_the_service_recovers():
-    # A 1 ms queueing budget: requests that would wait longer for AlexNet are shed by BentoML's dispatcher.
-    env = {"CONVNET_MAX_LATENCY_MS": "1", "CONVNET_MODEL_WORKERS": "1", "CONVNET_MODELS": "alexnet"}
+    """Shedding by construction, not by host speed: one model worker, a 1 ms queueing budget, and requests that each
+    carry a full batch of 32 AlexNet images (one model call each, far over 1 ms on any CPU or GPU). While one call
+    runs, every request queued behind it has waited longer than the budget, so BentoML's dispatcher must shed it."""
+    env = {**MODEL_SERVICE_ENV, "CONVNET_MAX_LATENCY_MS": "1", "CONVNET_MODEL_WORKERS": "1",
+           "CONVNET_MODELS": "alexnet", "CONVNET_MAX_BATCH_SIZE": "32"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(port, env=env)
     try:
         wait_ready(base, proc)
-        photo = imagegen.photo(400, 300)
+        files = [("image", (f"{i}.jpg", imagegen.photo(320, 240, seed=i), "image/jpeg")) for i in range(32)]
 
         def one(_: int) -> httpx.Response:
-            return httpx.post(f"{base}/classify", params={"top_k": 1}, content=photo,
-                              headers={"Content-Type": "image/jpeg"}, timeout=60)
+            return httpx.post(f"{base}/classify_batch", params={"top_k": 1}, files=files, timeout=120)
 
-        with ThreadPoolExecutor(24) as pool:
-            answers = list(pool.map(one, range(48)))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16)))
         statuses = [r.status_code for r in answers]
         assert set(statuses) <= {200, 503}, statuses
         assert 503 in statuses and 200 in statuses, statuses
         for r in answers:
             if r.status_code == 503:
-                assert r.json()["error"] == "server_busy"
-        assert 200 in [one(0).status_code for _ in range(5)]  # alone again, it answers
+                assert r.json() == {"error": "server_busy", "detail": "the server is overloaded; retry shortly"}
+            else:
+                assert len(r.json()["results"]) == 32
+        alone = httpx.post(f"{base}/classify", params={"top_k": 1}, content=imagegen.photo(400, 300),
+                           headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert alone.status_code == 200, alone.text  # alone again, it answers
         assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        stop_server(proc)
+
+
+def test_an_explicit_device_that_cannot_be_had_stops_the_start():
+    """CONVNET_DEVICE=cuda where no CUDA device can be used is an error at start, not a quiet CPU fallback. With
+    CUDA_VISIBLE_DEVICES empty no GPU is usable, so this holds on a GPU host too."""
+    env = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5", "CONVNET_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""}
+    port = free_port()
+    proc = start_server(port, env=env)
+    try:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        log = server_log(proc, tail=100_000)
+        assert proc.returncode not in (None, 0), f"the server did not stop:\n{log[-3000:]}"
+        assert "device 'cuda' requested but" in log, log[-3000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     finally:
         stop_server(proc)

@@ -175,9 +175,38 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 
 def test_validation_holds_out_training_digits_and_leaves_the_test_set_unseen(tmp_path):
-    """best.pt is chosen on digits held out of the training set, so the test error the card reports is unbiased."""
-    out = tmp_path / "holdout"
-    train(parse_args(lenet_args(out, "--epochs", "1", "--lr", "0.05", "--val-holdout", "100")))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["val_split"] == "train holdout (last 100)"
-    assert metrics[-1]["val_images"] == 100  # the sample's 300 test digits were not used
+    """best.pt is chosen on digits held out of the training set, so the test error the card reports is unbiased.
+
+    Proven by what training could see: two seeded runs on data that differ ONLY in the last 100 training digits
+    (replaced by other digits with other labels) and in the whole test split must end with bit-identical weights
+    when those 100 are held out, and must not when they are not."""
+    from training.mnist import MNIST_SPLITS, find_idx_file, load_mnist, write_idx
+
+    train_images, train_labels = load_mnist(SAMPLE, "train")
+    test_images, test_labels = load_mnist(SAMPLE, "test")
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    swapped_images, swapped_labels = train_images.copy(), train_labels.copy()
+    swapped_images[-100:] = test_images[:100]
+    swapped_labels[-100:] = (train_labels[-100:] + 1) % 10
+    new_test_images = np.ascontiguousarray(test_images[::-1])
+    for split, images, labels in (("train", swapped_images, swapped_labels), ("test", new_test_images,
+                                                                                test_labels[::-1])):
+        images_stem, labels_stem = MNIST_SPLITS[split]
+        write_idx(altered / find_idx_file(SAMPLE, images_stem).name, images, 2051)
+        write_idx(altered / find_idx_file(SAMPLE, labels_stem).name, labels, 2049)
+
+    def weights(data_dir: Path, name: str, holdout: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        args = lenet_args(out, "--epochs", "1", "--lr", "0.05", "--val-holdout", holdout, "--seed", "0")
+        args[args.index("--data-dir") + 1] = str(data_dir)
+        train(parse_args(args))
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if holdout != "0":
+            assert metrics[-1]["val_split"] == f"train holdout (last {holdout})" and metrics[-1]["val_images"] == 100
+        return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+    held = weights(SAMPLE, "held", "100"), weights(altered, "held-altered", "100")
+    assert all(torch.equal(held[0][k], held[1][k]) for k in held[0]), "held-out or test digits reached training"
+    used = weights(SAMPLE, "used", "0"), weights(altered, "used-altered", "0")
+    assert not all(torch.equal(used[0][k], used[1][k]) for k in used[0])  # the altered digits do matter when used

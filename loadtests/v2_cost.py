@@ -1,0 +1,183 @@
+"""Per-image cost of the Open Inference Protocol path next to /classify, on one running server.
+
+    python -m loadtests.v2_cost [--url http://127.0.0.1:3000 --pid <server pid>] [--model alexnet] [--requests 40]
+                                [--images-per-request 1]
+
+Three ways to classify the same real JPEG, one request at a time (so the cost per image is not blurred by queueing):
+
+    classify       POST /classify, the JPEG as the body
+    v2-bytes       POST /v2/models/<m>/infer, the JPEG as a BYTES element (binary tensor data): decoded server-side
+    v2-uint8       the same endpoint with the model's UINT8 tensor (binary), decoded client-side with
+                   serving.preprocess: the server decodes nothing
+
+Reported per image: client-observed latency (median and p90 of request latency / images per request), and the
+server's CPU seconds (user + system of the arbiter and every worker, from /proc/<pid>/stat, before and after the
+run) per image. For v2-uint8 the client's own decode time is reported too: that work moved, it did not vanish.
+Request bodies are built by tritonclient itself (`generate_request_body`), so they are exactly what it sends.
+Without --url a server of the one model is started here and stopped afterwards. `measure` is what `make bench`
+calls with a server it already runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from serving.preprocess import preprocess_bytes
+from serving.registry import DEFAULT_MODELS_DIR, read_card
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGE = REPO_ROOT / "examples" / "grace_hopper.jpg"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Cost:
+    variant: str
+    images: int
+    latency_ms_per_image_median: float
+    latency_ms_per_image_p90: float
+    server_cpu_ms_per_image: float
+    client_decode_ms_per_image: float = 0.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, from the parent field of every /proc/<pid>/stat."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(entry / "stat")[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += parents.get(p, [])
+    return tree
+
+
+def _stat_fields(path: Path) -> list[str]:
+    """The fields of a /proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
+    text = path.read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (utime, stime: fields 14 and 15 of stat)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = _stat_fields(Path(f"/proc/{p}/stat"))
+        except OSError:  # exited in between
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def v2_body(inputs: list) -> tuple[bytes, dict[str, str]]:
+    """tritonclient's own request body and headers (binary tensor data when it has any)."""
+    from tritonclient.http import InferenceServerClient, InferRequestedOutput
+
+    body, json_size = InferenceServerClient.generate_request_body(inputs, [InferRequestedOutput("logits")])
+    return body, ({"Inference-Header-Content-Length": str(json_size)} if json_size is not None else {})
+
+
+def requests_for(model: str, jpeg: bytes, n: int) -> dict[str, tuple[str, bytes, dict[str, str], float]]:
+    """variant → (path, body, headers, client decode seconds per image)."""
+    from tritonclient.http import InferInput
+
+    recipe = read_card(DEFAULT_MODELS_DIR / model).recipe
+    pixels = np.stack([preprocess_bytes(jpeg, recipe) for _ in range(n)])
+    decode_s = statistics.median(_timed(preprocess_bytes, jpeg, recipe) for _ in range(9))
+    infer = f"/v2/models/{model}/infer"
+    encoded = InferInput("image_bytes", [n], "BYTES").set_data_from_numpy(np.array([jpeg] * n, dtype=np.object_))
+    tensor = InferInput("image", list(pixels.shape), "UINT8").set_data_from_numpy(pixels)
+    out: dict[str, tuple[str, bytes, dict[str, str], float]] = {}
+    if n == 1:  # /classify takes one image per request
+        out["classify"] = (f"/classify?model={model}", jpeg, {"Content-Type": "application/octet-stream"}, 0.0)
+    out["v2-bytes"] = (infer, *v2_body([encoded]), 0.0)
+    out["v2-uint8"] = (infer, *v2_body([tensor]), decode_s)
+    return out
+
+
+def measure(url: str, server_pid: int, model: str = "alexnet", image: Path = DEFAULT_IMAGE, requests: int = 40,
+            images_per_request: int = 1, warmup: int = 5) -> list[Cost]:
+    """Per-image latency and server CPU of each variant against the running server at `url` (process `server_pid`,
+    the `bentoml serve` arbiter: its workers are counted with it)."""
+    jpeg = image.read_bytes()
+    costs = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for variant, (path, body, headers, decode_s) in requests_for(model, jpeg, images_per_request).items():
+            for _ in range(warmup):
+                client.post(path, content=body, headers=headers).raise_for_status()
+            latencies = []
+            cpu0 = cpu_seconds(server_pid)
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                client.post(path, content=body, headers=headers).raise_for_status()
+                latencies.append((time.perf_counter() - t0) / images_per_request)
+            cpu = cpu_seconds(server_pid) - cpu0
+            images = requests * images_per_request
+            costs.append(Cost(variant, images, round(1000 * statistics.median(latencies), 2),
+                              round(1000 * statistics.quantiles(latencies, n=10)[-1], 2),
+                              round(1000 * cpu / images, 2), round(1000 * decode_s, 2)))
+    return costs
+
+
+def render(costs: list[Cost]) -> str:
+    from loadtests.slo import table
+
+    base = next((c for c in costs if c.variant == "classify"), costs[0])
+    rows = [[c.variant, c.images, c.latency_ms_per_image_median, c.latency_ms_per_image_p90,
+             c.server_cpu_ms_per_image, f"{c.server_cpu_ms_per_image / base.server_cpu_ms_per_image:.2f}x"
+             if base.server_cpu_ms_per_image else "-", c.client_decode_ms_per_image or "-"] for c in costs]
+    return table(["variant", "images", "latency ms/img p50", "p90", "server CPU ms/img", f"vs {base.variant}",
+                  "client decode ms/img"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server (then --pid is its bentoml serve process); default: start one")
+    p.add_argument("--pid", type=int, help="the server's process id (the arbiter; its workers are included)")
+    p.add_argument("--model", default="alexnet")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    if args.url and not args.pid:
+        p.error("--url needs --pid (the server's CPU time is read from /proc/<pid>/stat)")
+    kw = {"model": args.model, "image": args.image, "requests": args.requests,
+          "images_per_request": args.images_per_request}
+    if args.url:
+        costs = measure(args.url, args.pid, **kw)
+    else:
+        from loadtests import servers
+
+        with servers.service(models=[args.model]) as server:
+            costs = measure(server.url, server.proc.pid, **kw)
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(json.dumps([asdict(c) for c in costs], indent=1) if args.json else render(costs))
+    print(f"(load average {load} on {os.cpu_count()} CPUs; one run, sequential requests)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

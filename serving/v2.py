@@ -1,0 +1,540 @@
+"""The Open Inference Protocol (KServe "v2" REST, what Triton serves), next to /classify.
+
+So that `tritonclient.http`, KServe's clients and anything else written for Triton work against this service
+unchanged. Per model, two inputs (send one of them):
+
+    <card input name> ("image")  UINT8 [-1, H, W, C]  the model's own tensor, exactly what Triton is sent for the same
+                                                      model repository (preprocessed client-side: no decoding here)
+    image_bytes                  BYTES [-1]           encoded images (JPEG, PNG, ...), decoded server-side by the
+                                                      same serving.preprocess path, limits and threads as /classify
+
+and one output, `logits` FP32 [-1, classes], or with the classification extension BYTES [N, k] strings
+"score:index:label" (score = the logit, as Triton reports it). Tensors come as JSON or with the binary tensor data
+extension (`Inference-Header-Content-Length`, per-tensor `binary_data_size`), answered in binary when asked.
+Inference is `ClassifierAPI.infer`, the same adaptive batching as /classify: an N-image request is one N-row batch.
+Errors are the serving.errors exceptions, rendered by `v2_error_body` as the protocol's `{"error": "<message>"}`.
+Not supported (said by a 404 naming it): GRPC, shared memory, model repository control, statistics, sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from serving.errors import BodyTooLarge, ClientError, InvalidTensor, ModelNotFound, v2_error_body
+from serving.http import Part, media_type, read_body
+from serving.runtime import top_k
+
+if TYPE_CHECKING:
+    from serving.api import ClassifierAPI, ModelInfo
+
+log = logging.getLogger("convnet_serving")
+
+SERVER_NAME = "convnet-serving"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+PLATFORM = "onnxruntime_onnx"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BYTES_INPUT = "image_bytes"
+DATATYPES = {"uint8": "UINT8", "float32": "FP32"}  # card dtype → the protocol's datatype name
+# Request parameters the protocol defines; everything else a client sends is passed back in the response.
+SCHEDULING_PARAMS = ("priority", "timeout")  # accepted; the adaptive batcher has its own policy
+SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
+UNSUPPORTED = ("this server speaks the Open Inference Protocol's REST health, metadata and infer endpoints with the "
+               "binary_tensor_data and classification extensions; not GRPC, shared memory, model repository "
+               "control, model configuration, statistics, tracing or logging")
+
+
+def server_version() -> str:
+    try:
+        return metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the model metadata describes it; -1 is the batch axis."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        if self.description:
+            d["parameters"] = {"description": self.description}
+        return d
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({self.datatype} {list(self.shape)})"
+
+
+def tensor_input(model: ModelInfo) -> TensorSpec:
+    spec = model.card.input
+    return TensorSpec(spec["name"], DATATYPES[spec["dtype"]], tuple(spec["shape"]),
+                      f"the model's own input: {spec['layout']} pixels preprocessed with the card's recipe "
+                      f"({model.recipe.kind}); send this or '{BYTES_INPUT}'")
+
+
+def bytes_input(model: ModelInfo) -> TensorSpec:
+    return TensorSpec(BYTES_INPUT, "BYTES", (-1,),
+                      f"encoded images (JPEG, PNG, WebP, ...), one per element, decoded and preprocessed server-side "
+                      f"like /classify; send this or '{model.card.input['name']}'")
+
+
+def logits_output(model: ModelInfo) -> TensorSpec:
+    spec = model.card.output
+    return TensorSpec(spec["name"], DATATYPES[spec["dtype"]], tuple(spec["shape"]),
+                      'raw logits; with parameters {"classification": k}: BYTES [N, k] "score:index:label"')
+
+
+def model_metadata(model: ModelInfo) -> dict[str, Any]:
+    return {"name": model.name, "versions": [model.card.version], "platform": PLATFORM,
+            "inputs": [tensor_input(model).to_dict(), bytes_input(model).to_dict()],
+            "outputs": [logits_output(model).to_dict()]}
+
+
+# ---- the request: JSON header + binary tensor data --------------------------------------------------------------
+
+
+@dataclass
+class RequestedOutput:
+    binary: bool
+    classification: int = 0  # 0: the logits themselves; k: the classification extension's top k
+
+
+@dataclass
+class InferRequest:
+    """A parsed, validated infer request: exactly one input, either a UINT8 batch or a list of encoded images."""
+
+    id: str | None
+    input_name: str
+    pixels: np.ndarray | None  # the model's own tensor, N x H x W x C uint8
+    images: list[bytes] | None  # the BYTES input's elements
+    outputs: dict[str, RequestedOutput]
+    parameters: dict[str, Any] = field(default_factory=dict)  # the client's own, echoed in the response
+
+    @property
+    def count(self) -> int:
+        return len(self.pixels) if self.pixels is not None else len(self.images or ())
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip/deflate request body (tritonclient's request_compression_algorithm), never inflated past `limit`."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidTensor(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidTensor(f"the {encoding} request body could not be decompressed: {e}") from None
+    if len(out) > limit:
+        raise BodyTooLarge(f"the decompressed request body exceeds the {limit:,}-byte limit")
+    if not inflater.eof:
+        raise InvalidTensor(f"the {encoding} request body is truncated")
+    return out
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON inference header and the binary tensor data after it (`Inference-Header-Content-Length`)."""
+    if header_length is None:
+        json_part, binary = body, b""
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InvalidTensor(f"{HEADER_LENGTH} must be an integer, not {header_length!r}") from None
+        if not 0 <= length <= len(body):
+            raise InvalidTensor(f"{HEADER_LENGTH} is {length:,} but the request body has {len(body):,} bytes")
+        json_part, binary = body[:length], body[length:]
+    try:
+        header = json.loads(json_part)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[…
+        hint = "" if header_length is not None else f" (binary tensor data needs the {HEADER_LENGTH} header)"
+        raise InvalidTensor(f"the inference request is not valid JSON: {str(e)[:200]}{hint}") from None
+    if not isinstance(header, dict):
+        raise InvalidTensor("the inference request must be a JSON object")
+    return header, binary
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidTensor(f"{what} must be a JSON object")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(params: dict[str, Any], name: str, default: bool, what: str) -> bool:
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidTensor(f"{what} parameter {name!r} must be true or false, not {value!r}")
+    return value
+
+
+def parse_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
+    """The binary BYTES serialization: each element a 4-byte little-endian length, then that many bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidTensor(f"input {name!r}: BYTES element {len(items)} has a truncated 4-byte length prefix")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidTensor(f"input {name!r}: BYTES element {len(items)} claims {size:,} bytes, only "
+                                f"{len(raw) - offset:,} remain in its binary data")
+        items.append(raw[offset:offset + size])
+        offset += size
+    return items
+
+
+def serialize_bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _check_shape(shape: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise InvalidTensor(f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r:.100}")
+    return tuple(shape)
+
+
+def _uint8_from_json(data: Any, count: int, name: str) -> np.ndarray:
+    """JSON `data` (flat or nested, row-major) → `count` uint8 values; anything but integers 0..255 is refused."""
+    try:
+        values = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise InvalidTensor(f"input {name!r}: 'data' is not a rectangular list of numbers") from None
+    if values.dtype.kind not in "iu":
+        raise InvalidTensor(f"input {name!r}: UINT8 data must be integers from 0 to 255, got "
+                            f"{'booleans' if values.dtype.kind == 'b' else 'non-integers'}")
+    if values.size != count:
+        raise InvalidTensor(f"input {name!r}: 'data' has {values.size:,} elements, its shape needs {count:,}")
+    if values.min() < 0 or values.max() > 255:
+        raise InvalidTensor(f"input {name!r}: UINT8 data must be from 0 to 255, got {values.min()}..{values.max()}")
+    return values.astype(np.uint8).ravel()
+
+
+def _images_from_json(data: Any, count: int, name: str) -> list[bytes]:
+    """JSON can't carry raw bytes, so a BYTES image in JSON is a base64 string (KServe's "content_type": "base64")."""
+    if not isinstance(data, list) or len(data) != count or not all(isinstance(s, str) for s in data):
+        raise InvalidTensor(f"input {name!r}: JSON 'data' must be a list of {count} base64 strings (one per image)")
+    images = []
+    for i, s in enumerate(data):
+        try:
+            images.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidTensor(f"input {name!r}: element {i} is not base64; in JSON, send each image base64-encoded "
+                                "(or send the raw bytes with the binary tensor data extension)") from None
+    return images
+
+
+def _requested_outputs(header: dict[str, Any], model: ModelInfo, binary_default: bool) -> dict[str, RequestedOutput]:
+    output = logits_output(model)
+    requested = header.get("outputs")
+    if requested is None:
+        return {output.name: RequestedOutput(binary_default)}
+    if not isinstance(requested, list):
+        raise InvalidTensor("'outputs' must be a list")
+    outputs: dict[str, RequestedOutput] = {}
+    for item in requested:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidTensor("each of 'outputs' must be an object with a 'name'")
+        name = item["name"]
+        if name != output.name:
+            raise InvalidTensor(f"unknown output {name!r}; model {model.name!r} has {output.describe()}")
+        if name in outputs:
+            raise InvalidTensor(f"output {name!r} is requested twice")
+        params = _object(item.get("parameters"), f"output {name!r}'s 'parameters'")
+        k = params.get("classification", 0)
+        if not _is_int(k) or k < 0:
+            raise InvalidTensor(f"output {name!r}: 'classification' must be a positive integer, not {k!r}")
+        outputs[name] = RequestedOutput(_flag(params, "binary_data", binary_default, f"output {name!r}"), k)
+    return outputs or {output.name: RequestedOutput(binary_default)}
+
+
+def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo, max_images: int) -> InferRequest:
+    """Validate an infer request against the model's inputs and outputs and cut its tensors out of the binary data."""
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidTensor(f"'id' must be a string, not {request_id!r:.50}")
+    params = _object(header.get("parameters"), "'parameters'")
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise InvalidTensor("sequence batching is not supported: models here are stateless")
+    binary_default = _flag(params, "binary_data_output", False, "request")
+    passed_through = {k: v for k, v in params.items()
+                      if k not in ("binary_data_output", *SCHEDULING_PARAMS, *SEQUENCE_PARAMS)}
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidTensor("'inputs' must be a non-empty list of tensors")
+    pixels_spec, bytes_spec = tensor_input(model), bytes_input(model)
+    specs = {pixels_spec.name: pixels_spec, bytes_spec.name: bytes_spec}
+    chosen: dict[str, Any] | None = None
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InvalidTensor("each of 'inputs' must be an object with a 'name'")
+        name = tensor["name"]
+        if name not in specs:
+            raise InvalidTensor(f"unknown input {name!r}; model {model.name!r} takes "
+                                f"{pixels_spec.describe()} or {bytes_spec.describe()}")
+        if chosen is not None:
+            raise InvalidTensor(f"send one input, {pixels_spec.name!r} or {bytes_spec.name!r}; got "
+                                f"{chosen['name']!r} and {name!r}")
+        size = _object(tensor.get("parameters"), f"input {name!r}'s 'parameters'").get("binary_data_size")
+        if size is not None:  # the binary tensor data extension: this tensor's bytes follow the previous ones'
+            if not _is_int(size) or size < 0:
+                raise InvalidTensor(f"input {name!r}: 'binary_data_size' must be a non-negative integer, not {size!r}")
+            if "data" in tensor:
+                raise InvalidTensor(f"input {name!r} has both 'data' and 'binary_data_size'")
+            if offset + size > len(binary):
+                raise InvalidTensor(f"input {name!r}: 'binary_data_size' is {size:,} but only {len(binary) - offset:,} "
+                                    f"bytes of binary data follow the JSON header")
+            tensor = {**tensor, "raw": binary[offset:offset + size]}
+            offset += size
+        elif "data" not in tensor:
+            raise InvalidTensor(f"input {name!r} has neither 'data' nor a 'binary_data_size'")
+        chosen = tensor
+    if offset != len(binary):
+        raise InvalidTensor(f"{len(binary) - offset:,} bytes of binary data follow the JSON header that no input's "
+                            "'binary_data_size' accounts for")
+    assert chosen is not None
+    spec = specs[chosen["name"]]
+    datatype, shape = chosen.get("datatype"), _check_shape(chosen.get("shape"), spec.name)
+    if datatype != spec.datatype:
+        raise InvalidTensor(f"input {spec.name!r} has datatype {datatype!r}; the model takes {spec.describe()}")
+    if len(shape) != len(spec.shape) or any(s != d for s, d in zip(shape[1:], spec.shape[1:], strict=True)):
+        raise InvalidTensor(f"input {spec.name!r} has shape {list(shape)}; the model takes {spec.describe()}")
+    if not 1 <= shape[0] <= max_images:
+        raise InvalidTensor(f"input {spec.name!r}: batch size {shape[0]}, must be from 1 to {max_images}")
+    outputs = _requested_outputs(header, model, binary_default)
+    count = math.prod(shape)
+    raw = chosen.get("raw")
+    if spec is bytes_spec:
+        images = parse_bytes_tensor(raw, spec.name) if raw is not None else None
+        if images is not None and len(images) != count:
+            raise InvalidTensor(f"input {spec.name!r}: its binary data holds {len(images)} elements, its shape "
+                                f"{list(shape)} needs {count}")
+        if images is None:
+            images = _images_from_json(chosen["data"], count, spec.name)
+        return InferRequest(request_id, spec.name, None, images, outputs, passed_through)
+    if raw is not None:
+        if len(raw) != count:
+            raise InvalidTensor(f"input {spec.name!r}: 'binary_data_size' is {len(raw):,} bytes, its shape "
+                                f"{list(shape)} needs {count:,} UINT8 bytes")
+        flat = np.frombuffer(raw, dtype=np.uint8)
+    else:
+        flat = _uint8_from_json(chosen["data"], count, spec.name)
+    return InferRequest(request_id, spec.name, flat.reshape(shape), None, outputs, passed_through)
+
+
+# ---- the response -------------------------------------------------------------------------------------------------
+
+
+def classification(logits: np.ndarray, k: int, labels: list[str]) -> list[list[str]]:
+    """Triton's classification extension: per row the k best classes as "score:index:label", score = the output
+    value itself (a logit here, as Triton reports it); the order is /classify's (runtime.top_k)."""
+    rows = top_k(logits, k, labels)
+    return [[f"{logits[r, p['index']]:f}:{p['index']}:{p['label']}" for p in row] for r, row in enumerate(rows)]
+
+
+def infer_response(model: ModelInfo, request: InferRequest, logits: np.ndarray) -> Response:
+    """JSON, or the JSON header + binary tensor data when any output asked for binary."""
+    logits = np.asarray(logits, dtype=np.float32)
+    outputs, blobs = [], []
+    for name, wanted in request.outputs.items():
+        if wanted.classification:
+            strings = [s for row in classification(logits, wanted.classification, model.labels) for s in row]
+            tensor = {"name": name, "datatype": "BYTES", "shape": [len(logits), len(strings) // len(logits)]}
+            raw = serialize_bytes_tensor([s.encode() for s in strings]) if wanted.binary else None
+            data: list[Any] = strings
+        else:
+            tensor = {"name": name, "datatype": "FP32", "shape": list(logits.shape)}
+            raw = logits.astype("<f4").tobytes() if wanted.binary else None
+            data = logits.ravel().tolist() if not wanted.binary else []
+        if raw is not None:
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = data
+        outputs.append(tensor)
+    body: dict[str, Any] = {"model_name": model.name, "model_version": model.card.version}
+    if request.id is not None:
+        body["id"] = request.id
+    if request.parameters:
+        body["parameters"] = request.parameters
+    body["outputs"] = outputs
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+# ---- the endpoints ------------------------------------------------------------------------------------------------
+
+
+class V2Protocol:
+    """The protocol's routes over a ClassifierAPI: its models, decoding pool, limits, metrics and `infer`."""
+
+    def __init__(self, api: ClassifierAPI) -> None:
+        self.api = api
+
+    def routes(self) -> list[Route]:
+        routes = [Route("/v2", self.server_metadata, methods=["GET"]),
+                  Route("/v2/health/live", self.live, methods=["GET"]),
+                  Route("/v2/health/ready", self.ready, methods=["GET"])]
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes += [Route(prefix, self.model_metadata, methods=["GET"]),
+                       Route(prefix + "/ready", self.model_ready, methods=["GET"]),
+                       Route(prefix + "/infer", self.infer, methods=["POST"])]
+        # Any other /v2 path or method: a 404 that says what this server does not speak.
+        return [*routes, Route("/v2/{rest:path}", self.unsupported, methods=ALL_METHODS)]
+
+    async def server_metadata(self, request: Request) -> JSONResponse:
+        return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self.api.infer is not None else 503)
+
+    async def model_metadata(self, request: Request) -> Response:
+        try:
+            return JSONResponse(model_metadata(self._model(request)))
+        except ClientError as exc:
+            return self._error(request, "-", exc)
+
+    async def model_ready(self, request: Request) -> Response:
+        try:
+            self._model(request)
+        except ClientError as exc:
+            return self._error(request, "-", exc)
+        return Response(status_code=200 if self.api.infer is not None else 503)
+
+    async def infer(self, request: Request) -> Response:
+        model_name = "-"
+        try:
+            model = self._model(request)
+            model_name = model.name
+            limit = self.api.cfg.max_body_bytes
+            body = inflate(await read_body(request, limit), media_type(request.headers.get("content-encoding")),
+                           limit)
+            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+            parsed = parse_infer_request(header, binary, model, self.api.cfg.max_batch_images)
+            batch = parsed.pixels if parsed.pixels is not None else await self._decode(model, parsed.images or [])
+            logits = await self.api.infer(model.name, batch)
+            response = infer_response(model, parsed, logits)
+        except Exception as exc:  # noqa: BLE001 (every failure becomes the protocol's error JSON)
+            return self._error(request, model_name, exc)
+        self.api._count("v2_infer", model.name, "ok", images=parsed.count)
+        return response
+
+    async def unsupported(self, request: Request) -> JSONResponse:
+        return JSONResponse({"error": f"{request.method} {request.url.path} is not served: {UNSUPPORTED}"},
+                            status_code=404)
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+
+    def _model(self, request: Request) -> ModelInfo:
+        name, version = request.path_params["model"], request.path_params.get("version")
+        model = self.api.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}; served models: {', '.join(sorted(self.api.models))}")
+        if version is not None and version != model.card.version:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; its only version is "
+                                f"{model.card.version!r}")
+        return model
+
+    async def _decode(self, model: ModelInfo, images: list[bytes]) -> np.ndarray:
+        """Every BYTES element through /classify's decoding (thread pool, pixel cap, metrics); the first failure is
+        reported with its element index."""
+        arrays = await asyncio.gather(*(self.api._preprocess(model, Part(BYTES_INPUT, None, "", data))
+                                        for data in images), return_exceptions=True)
+        for i, a in enumerate(arrays):
+            if isinstance(a, ClientError):
+                raise type(a)(f"input {BYTES_INPUT!r} element {i}: {a.detail}") from a
+            if isinstance(a, BaseException):
+                raise a
+        return np.stack(arrays)
+
+    def _error(self, request: Request, model: str, exc: BaseException) -> Response:
+        status, body = v2_error_body(exc)
+        if not isinstance(exc, ClientError):
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        code = exc.code if isinstance(exc, ClientError) else "internal_error"
+        if request.url.path.endswith("/infer"):
+            self.api._count("v2_infer", model, code)
+        return JSONResponse(body, status_code=status)
+
+
+
+# ---- OpenAPI (merged into /docs.json by serving.api.OPENAPI_PATHS) ------------------------------------------------
+
+_TAG = ["Open Inference Protocol (KServe v2 / Triton)"]
+_V2_ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "example": "alexnet"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "example": "1"}}
+_EMPTY = {"200": {"description": "yes (empty body)"}, "503": {"description": "not yet (empty body)"}}
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string", "example": "UINT8"},
+    "shape": {"type": "array", "items": {"type": "integer"}}, "parameters": {"type": "object"},
+    "data": {"type": "array", "items": {}}}}
+_INFER_BODY = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"}, "parameters": {"type": "object"}, "inputs": {"type": "array", "items": _TENSOR},
+    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}
+
+
+def _model_paths(prefix: str, params: list[dict]) -> dict[str, Any]:
+    return {
+        prefix: {"get": {"tags": _TAG, "summary": "Model metadata: platform, inputs and outputs (-1 = batch axis)",
+                         "parameters": params, "responses": {"200": {"description": "model metadata"},
+                                                             "404": {"description": "unknown model or version",
+                                                                     **_V2_ERROR}}}},
+        prefix + "/ready": {"get": {"tags": _TAG, "summary": "Is the model ready", "parameters": params,
+                                    "responses": {**_EMPTY, "404": {"description": "unknown model", **_V2_ERROR}}}},
+        prefix + "/infer": {"post": {
+            "tags": _TAG, "summary": f"Inference: the UINT8 image tensor or '{BYTES_INPUT}' (BYTES encoded images); "
+            f"JSON, or JSON + binary tensor data with the {HEADER_LENGTH} header", "parameters": params,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _INFER_BODY},
+                                                          "application/octet-stream": {"schema": {
+                                                              "type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "outputs (JSON, or JSON header + binary data)"},
+                          **{str(s): {"description": d, **_V2_ERROR} for s, d in (
+                              (400, "bad tensor, framing or image"), (404, "unknown model or version"),
+                              (413, "body or image over the limit"), (503, "overloaded: retry"))}}}},
+    }
+
+
+V2_OPENAPI_PATHS: dict[str, Any] = {
+    "/v2": {"get": {"tags": _TAG, "summary": "Server metadata: name, version, supported extensions",
+                    "responses": {"200": {"description": "server metadata"}}}},
+    "/v2/health/live": {"get": {"tags": _TAG, "summary": "Liveness (status code only)", "responses": _EMPTY}},
+    "/v2/health/ready": {"get": {"tags": _TAG, "summary": "Readiness (status code only)", "responses": _EMPTY}},
+    **_model_paths("/v2/models/{model}", [_MODEL]),
+    **_model_paths("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION]),
+}

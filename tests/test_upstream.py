@@ -1,0 +1,67 @@
+"""serving/upstream.py: BentoML's per-request timeout leaks a timer per request; ours cancels it. Both classes run
+here on the same real Starlette app and event loop (httpx's ASGI transport), so this is also the minimal
+reproduction of the upstream bug (docs/service.md)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from bentoml._internal.server.http.traffic import TimeoutMiddleware as UpstreamTimeoutMiddleware
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from serving.upstream import CancellingTimeoutMiddleware
+
+
+async def fast(request):
+    return PlainTextResponse("ok")
+
+
+async def slow(request):
+    await asyncio.sleep(5)
+    return PlainTextResponse("late")
+
+
+async def slow_stream(request):
+    async def body():
+        yield b"started "
+        await asyncio.sleep(0.3)  # longer than the timeout, but the answer has started
+        yield b"finished"
+
+    return StreamingResponse(body())
+
+
+def app_with(middleware, timeout: float):
+    app = Starlette(routes=[Route("/fast", fast), Route("/slow", slow), Route("/stream", slow_stream)])
+    return middleware(app, timeout=timeout)
+
+
+async def timers_left_after(middleware, requests: int) -> int:
+    loop = asyncio.get_running_loop()
+    before = len(loop._scheduled)  # noqa: SLF001 (the loop's pending call_later handles: what leaks)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app_with(middleware, 60)), base_url="http://t") as c:
+        for _ in range(requests):
+            assert (await c.get("/fast")).text == "ok"
+    return len([h for h in loop._scheduled if not h.cancelled()]) - before  # noqa: SLF001
+
+
+def test_upstream_leaks_a_timer_per_request_and_ours_does_not():
+    leaked = asyncio.run(timers_left_after(UpstreamTimeoutMiddleware, 200))
+    assert leaked >= 200  # each lives 60 s, holding its request's context: the GC stalls of issue 10
+    assert asyncio.run(timers_left_after(CancellingTimeoutMiddleware, 200)) == 0
+
+
+def test_a_late_answer_is_a_504_in_our_error_shape_and_a_started_one_is_not_cut():
+    async def run():
+        transport = httpx.ASGITransport(app_with(CancellingTimeoutMiddleware, 0.1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            late = await c.get("/slow")
+            streamed = await c.get("/stream")
+        return late, streamed
+
+    late, streamed = asyncio.run(run())
+    assert late.status_code == 504
+    assert late.json()["error"] == "timeout" and "0.1 s" in late.json()["detail"]
+    assert streamed.status_code == 200 and streamed.text == "started finished"

@@ -1,0 +1,447 @@
+"""The Open Inference Protocol (KServe v2 / Triton REST) over real HTTP: the real `tritonclient.http` client and raw
+requests against a real `bentoml serve` (conftest's `server`), real ONNX models, real photos and digits.
+
+Every inference answer is checked against /classify on the same image: the v2 path must give the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+import struct
+from pathlib import Path
+
+import httpx
+import imagegen
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
+
+from serving.preprocess import preprocess_bytes
+from serving.registry import DEFAULT_MODELS_DIR, read_card
+from serving.runtime import softmax
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PHOTO = (EXAMPLES / "grace_hopper.jpg").read_bytes()
+DIGIT = (EXAMPLES / "digit-7.png").read_bytes()
+IMAGE_FOR = {"alexnet": PHOTO, "lenet5": DIGIT}
+SHAPE_FOR = {"alexnet": [224, 224, 3], "lenet5": [32, 32, 1]}
+CLASSES_FOR = {"alexnet": 1000, "lenet5": 10}
+
+
+def client(server: str, concurrency: int = 1) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(server.removeprefix("http://"), concurrency=concurrency,
+                                        connection_timeout=60, network_timeout=60)
+
+
+def pixels(model: str, *images: bytes) -> np.ndarray:
+    """What a Triton user sends: the images preprocessed client-side with the card's recipe."""
+    recipe = read_card(DEFAULT_MODELS_DIR / model).recipe
+    return np.stack([preprocess_bytes(im, recipe) for im in images])
+
+
+def pixel_input(x: np.ndarray, binary: bool) -> triton.InferInput:
+    return triton.InferInput("image", list(x.shape), "UINT8").set_data_from_numpy(x, binary_data=binary)
+
+
+def bytes_input(images: list[bytes], binary: bool) -> triton.InferInput:
+    """Raw files in binary; in JSON, which can't carry raw bytes, base64 strings."""
+    data = np.array(images if binary else [base64.b64encode(im) for im in images], dtype=np.object_)
+    return triton.InferInput("image_bytes", [len(images)], "BYTES").set_data_from_numpy(data, binary_data=binary)
+
+
+def classify(server: str, image: bytes, model: str, k: int = 5) -> list[dict]:
+    r = httpx.post(f"{server}/classify", params={"model": model, "top_k": k},
+                   files={"image": ("upload", image, "application/octet-stream")}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]
+
+
+def assert_same_as_classify(logits_row: np.ndarray, predictions: list[dict]) -> None:
+    """The logits give /classify's probabilities for its classes, and those classes are the top k. (Near-tied
+    untrained-AlexNet scores may swap order across batch sizes, so order is compared through the values.)"""
+    probs = softmax(logits_row[None])[0]
+    for p in predictions:
+        assert probs[p["index"]] == pytest.approx(p["score"], rel=1e-4, abs=1e-7), p
+    kth_best = np.sort(probs)[-len(predictions)]
+    assert min(p["score"] for p in predictions) >= kth_best - 1e-6
+
+
+def v2_post(server: str, model: str, header: dict, binary: bytes = b"", header_length: int | str | None = None,
+            **kw) -> httpx.Response:
+    body = json.dumps(header).encode()
+    headers = kw.pop("headers", {})
+    if binary or header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(len(body) if header_length is None else header_length)
+    return httpx.post(f"{server}/v2/models/{model}/infer", content=body + binary, headers=headers, timeout=60, **kw)
+
+
+def assert_v2_error(r: httpx.Response, status: int, message_has: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert message_has.lower() in body["error"].lower(), body
+    return body["error"]
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def batch_rows(server: str, model: str) -> tuple[float, float]:
+    """(onnxruntime calls, rows run) by the service's micro-batcher for `model`: convnet_batch_size's count, sum."""
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    return tuple(sum(float(v) for v in re.findall(rf'^convnet_batch_size_{stat}\{{model="{model}"\}} ([0-9.e+-]+)$',
+                                                  text, re.M)) for stat in ("count", "sum"))
+
+
+# ---- server and model metadata, health ----------------------------------------------------------------------------
+
+
+def test_server_metadata_and_health(server):
+    c = client(server)
+    assert c.is_server_live() and c.is_server_ready()
+    meta = c.get_server_metadata()
+    assert meta["name"] == "convnet-serving" and meta["version"]
+    assert set(meta["extensions"]) == {"binary_tensor_data", "classification"}
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        r = httpx.get(f"{server}{path}", timeout=10)
+        assert r.status_code == 200 and r.content == b""
+
+
+@pytest.mark.parametrize("model", ["alexnet", "lenet5"])
+def test_model_metadata_and_readiness(server, model):
+    c = client(server)
+    card = read_card(DEFAULT_MODELS_DIR / model)
+    for version in ("", card.version):
+        meta = c.get_model_metadata(model, model_version=version)
+        assert meta["name"] == model and meta["versions"] == [card.version]
+        assert meta["platform"] == "onnxruntime_onnx"
+        inputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]}
+        assert inputs == {"image": ("UINT8", [-1, *SHAPE_FOR[model]]), "image_bytes": ("BYTES", [-1])}
+        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
+            ("logits", "FP32", [-1, CLASSES_FOR[model]])]
+        assert c.is_model_ready(model, model_version=version)
+
+
+def test_unknown_model_or_version_is_404(server):
+    c = client(server)
+    assert not c.is_model_ready("resnet50") and not c.is_model_ready("alexnet", model_version="2")
+    with pytest.raises(InferenceServerException) as e:
+        c.get_model_metadata("resnet50")
+    assert e.value.status() == "404" and "unknown model 'resnet50'" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("alexnet", [pixel_input(pixels("alexnet", PHOTO), True)], model_version="7")
+    assert e.value.status() == "404" and "no version '7'" in e.value.message()
+    assert_v2_error(httpx.get(f"{server}/v2/models/nope/ready", timeout=10), 404, "unknown model 'nope'")
+
+
+def test_unsupported_protocol_parts_are_named(server):
+    r = httpx.post(f"{server}/v2/repository/index", timeout=10)
+    assert_v2_error(r, 404, "not GRPC, shared memory, model repository control")
+    with pytest.raises(InferenceServerException) as e:
+        client(server).get_model_config("alexnet")
+    assert e.value.status() == "404" and "model configuration" in e.value.message()
+
+
+def test_docs_json_lists_the_v2_paths(server):
+    paths = httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
+    assert {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
+            "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"} <= set(paths)
+    assert "post" in paths["/v2/models/{model}/infer"]
+
+
+# ---- inference: both input forms, JSON and binary, equal to /classify ---------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", ["alexnet", "lenet5"])
+def test_uint8_tensor_matches_classify(server, model, binary):
+    image = IMAGE_FOR[model]
+    result = client(server).infer(model, [pixel_input(pixels(model, image), binary)],
+                                  outputs=[triton.InferRequestedOutput("logits", binary_data=binary)])
+    logits = result.as_numpy("logits")
+    assert logits.dtype == np.float32 and logits.shape == (1, CLASSES_FOR[model])
+    assert_same_as_classify(logits[0], classify(server, image, model))
+    if model == "lenet5":
+        assert int(np.argmax(logits[0])) == 7  # a real, trained classifier on a real MNIST 7
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json-base64"])
+@pytest.mark.parametrize("model", ["alexnet", "lenet5"])
+def test_encoded_images_match_classify(server, model, binary):
+    images = [IMAGE_FOR[model], imagegen.photo(seed=3, fmt="PNG"), imagegen.drawn_digit_one()]
+    result = client(server).infer(model, [bytes_input(images, binary)],
+                                  outputs=[triton.InferRequestedOutput("logits", binary_data=binary)])
+    logits = result.as_numpy("logits")
+    assert logits.shape == (3, CLASSES_FOR[model])
+    for row, image in zip(logits, images, strict=True):
+        assert_same_as_classify(row, classify(server, image, model))
+
+
+def test_both_input_forms_give_the_same_logits(server):
+    """Decoding client-side (UINT8) and server-side (BYTES) is one recipe: serving.preprocess."""
+    c = client(server)
+    from_pixels = c.infer("lenet5", [pixel_input(pixels("lenet5", DIGIT), True)]).as_numpy("logits")
+    from_bytes = c.infer("lenet5", [bytes_input([DIGIT], True)]).as_numpy("logits")
+    np.testing.assert_allclose(from_pixels, from_bytes, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_classification_extension(server, binary):
+    c = client(server)
+    images = [PHOTO, imagegen.photo(seed=5)]
+    x = pixels("alexnet", *images)
+    logits = c.infer("alexnet", [pixel_input(x, True)]).as_numpy("logits")
+    result = c.infer("alexnet", [pixel_input(x, True)],
+                     outputs=[triton.InferRequestedOutput("logits", binary_data=binary, class_count=4)])
+    out = result.get_output("logits")
+    assert out["datatype"] == "BYTES" and out["shape"] == [2, 4]
+    table = result.as_numpy("logits")
+    assert table.shape == (2, 4)
+    labels = (DEFAULT_MODELS_DIR / "alexnet" / "labels.txt").read_text().splitlines()
+    for r, (row, image) in enumerate(zip(table, images, strict=True)):
+        entries = [(e.decode() if isinstance(e, bytes) else e).split(":", 2) for e in row]
+        indices = [int(i) for _, i, _ in entries]
+        assert [label for _, _, label in entries] == [labels[i] for i in indices]
+        scores = [float(s) for s, _, _ in entries]  # Triton's convention: the output value itself, here the logit
+        np.testing.assert_allclose(scores, logits[r, indices], atol=1e-5)
+        assert scores == sorted(scores, reverse=True)
+        assert_same_as_classify(logits[r], [p for p in classify(server, image, "alexnet", 4)])
+        assert set(indices) == {p["index"] for p in classify(server, image, "alexnet", 4)}
+
+
+def test_lenet_classification_reads_the_digit(server):
+    result = client(server).infer("lenet5", [bytes_input([DIGIT], True)],
+                                  outputs=[triton.InferRequestedOutput("logits", class_count=1)])
+    score, index, label = result.as_numpy("logits")[0, 0].decode().split(":")
+    assert (index, label) == ("7", "7") and float(score) > 0
+
+
+def test_async_infer_with_requests_in_flight(server):
+    """tritonclient's async_infer, 6 requests on 3 connections at once: every answer is its own image's."""
+    c = client(server, concurrency=3)
+    images = [imagegen.photo(seed=s) for s in range(6)]
+    pending = [c.async_infer("alexnet", [bytes_input([im], True)], request_id=str(i)) for i, im in enumerate(images)]
+    results = [p.get_result(block=True, timeout=120) for p in pending]
+    for i, (result, image) in enumerate(zip(results, images, strict=True)):
+        assert result.get_response()["id"] == str(i)
+        assert_same_as_classify(result.as_numpy("logits")[0], classify(server, image, "alexnet"))
+    c.close()
+
+
+def test_n_images_count_as_n_rows_in_the_batcher(server):
+    """One 40-image request is one batch of 40 rows in the batcher's accounting (not one "request"), and every row
+    comes back in order."""
+    images = [imagegen.photo(seed=s) for s in range(4)]
+    x = pixels("alexnet", *images)[np.arange(40) % 4]
+    calls, rows = batch_rows(server, "alexnet")
+    logits = client(server).infer("alexnet", [pixel_input(x, True)]).as_numpy("logits")
+    assert batch_rows(server, "alexnet") == (calls + 1, rows + 40)
+    assert logits.shape == (40, 1000)
+    for i in range(4):
+        assert_same_as_classify(logits[36 + i], classify(server, images[i], "alexnet"))
+        np.testing.assert_allclose(logits[i::4], np.repeat(logits[i][None], 10, axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_id_and_parameters_are_echoed_in_json(server):
+    x = pixels("lenet5", DIGIT)
+    header = {"id": "req-42", "parameters": {"tenant": "blue", "priority": 1},
+              "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    r = v2_post(server, "lenet5", header)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
+    body = r.json()
+    assert body["id"] == "req-42" and body["model_name"] == "lenet5" and body["model_version"] == "1"
+    assert body["parameters"] == {"tenant": "blue"}  # priority is the protocol's own, not a passenger
+    (out,) = body["outputs"]
+    assert out["name"] == "logits" and out["shape"] == [1, 10] and len(out["data"]) == 10
+    assert int(np.argmax(out["data"])) == 7
+
+
+def test_binary_data_output_request_parameter(server):
+    x = pixels("lenet5", DIGIT)
+    header = {"parameters": {"binary_data_output": True},
+              "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                          "parameters": {"binary_data_size": x.size}}]}
+    r = v2_post(server, "lenet5", header, x.tobytes())
+    assert r.status_code == 200, r.text
+    length = int(r.headers["Inference-Header-Content-Length"])
+    meta = json.loads(r.content[:length])
+    assert meta["outputs"][0]["parameters"] == {"binary_data_size": 40}
+    assert int(np.argmax(np.frombuffer(r.content[length:], dtype="<f4"))) == 7
+
+
+def test_gzip_request_body(server):
+    result = client(server).infer("lenet5", [bytes_input([DIGIT], True)], request_compression_algorithm="gzip")
+    assert int(np.argmax(result.as_numpy("logits"))) == 7
+
+
+# ---- bad input: the protocol's {"error"} with 4xx, never a 500 or a hang -------------------------------------------
+
+
+def triton_error(server: str, model: str, inputs: list, outputs: list | None = None) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as e:
+        client(server).infer(model, inputs, outputs=outputs)
+    return e.value
+
+
+def test_errors_surface_in_tritonclient_with_our_message(server):
+    x = pixels("lenet5", DIGIT)
+    wrong_type = triton.InferInput("image", list(x.shape), "FP32").set_data_from_numpy(x.astype(np.float32))
+    e = triton_error(server, "lenet5", [wrong_type])
+    assert e.status() == "400" and "datatype 'FP32'" in e.message() and "UINT8 [-1, 32, 32, 1]" in e.message()
+    e = triton_error(server, "lenet5", [pixel_input(pixels("alexnet", PHOTO), True)])
+    assert e.status() == "400" and "shape [1, 224, 224, 3]" in e.message()
+    e = triton_error(server, "lenet5", [pixel_input(x, True)], [triton.InferRequestedOutput("probs")])
+    assert e.status() == "400" and "unknown output 'probs'" in e.message()
+    other = triton.InferInput("pixels", list(x.shape), "UINT8").set_data_from_numpy(x)
+    e = triton_error(server, "lenet5", [other])
+    assert e.status() == "400" and "unknown input 'pixels'" in e.message()
+    e = triton_error(server, "lenet5", [pixel_input(x, True), bytes_input([DIGIT], True)])
+    assert e.status() == "400" and "send one input" in e.message()
+
+
+@pytest.mark.parametrize("bad, status, message", [
+    (imagegen.random_bytes(), 400, "element 1: "),
+    (imagegen.truncated_jpeg(), 400, "element 1: "),
+    (imagegen.off_allowlist_image(), 400, "element 1: "),
+    (imagegen.huge_dimension_png(), 413, "element 1: "),
+], ids=["random-bytes", "truncated-jpeg", "off-allowlist", "over-pixel-cap"])
+def test_a_bytes_element_that_is_not_an_image_is_named(server, bad, status, message):
+    e = triton_error(server, "alexnet", [bytes_input([PHOTO, bad, PHOTO], True)])
+    assert e.status() == str(status) and f"'image_bytes' {message}" in e.message()
+
+
+def test_json_bytes_must_be_base64(server):
+    header = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["not base64!"]}]}
+    assert_v2_error(v2_post(server, "lenet5", header), 400, "element 0 is not base64")
+
+
+X = np.zeros((1, 32, 32, 1), dtype=np.uint8)
+GOOD = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1],
+                    "parameters": {"binary_data_size": X.size}}]}
+
+
+def with_input(**changes) -> dict:
+    return {"inputs": [{**GOOD["inputs"][0], **changes}]}
+
+
+@pytest.mark.parametrize("header, binary, header_length, message", [
+    (GOOD, X.tobytes()[:-1], None, "only 1,023 bytes of binary data"),
+    (GOOD, X.tobytes() + b"\0", None, "1 bytes of binary data follow the json header that no input"),
+    (GOOD, X.tobytes(), 10**6, "is 1,000,000 but the request body has"),
+    (GOOD, X.tobytes(), -1, "is -1 but the request body has"),
+    (GOOD, X.tobytes(), "abc", "must be an integer"),
+    (GOOD, X.tobytes(), 3, "not valid json"),
+    (with_input(shape=[1, 32, 32]), X.tobytes(), None, "has shape [1, 32, 32]"),
+    (with_input(shape=[2, 32, 32, 1]), X.tobytes(), None, "needs 2,048 uint8 bytes"),
+    (with_input(shape=[0, 32, 32, 1], parameters={"binary_data_size": 0}), b"", None, "batch size 0"),
+    (with_input(shape=[65, 32, 32, 1], parameters={"binary_data_size": 65 * 1024}), bytes(65 * 1024), None,
+     "batch size 65, must be from 1 to 64"),
+    (with_input(datatype="INT8"), X.tobytes(), None, "datatype 'INT8'"),
+    (with_input(parameters={"binary_data_size": "1024"}), X.tobytes(), None, "must be a non-negative integer"),
+    ({"inputs": []}, b"", None, "'inputs' must be a non-empty list"),
+    ({"outputs": [{"name": "logits"}]}, b"", None, "'inputs' must be a non-empty list"),
+    (with_input(parameters={}), b"", None, "neither 'data' nor a 'binary_data_size'"),
+    (with_input(data=[0] * 1024), X.tobytes(), None, "both 'data' and 'binary_data_size'"),
+    ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [0.5] * 1024}]}, b"",
+     None, "must be integers"),
+    ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [256] * 1024}]}, b"",
+     None, "from 0 to 255"),
+    ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [1] * 1000}]}, b"",
+     None, "has 1,000 elements, its shape needs 1,024"),
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
+                  "parameters": {"binary_data_size": 8}}]}, struct.pack("<I", 100) + b"abcd", None,
+     "element 0 claims 100 bytes"),
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
+                  "parameters": {"binary_data_size": len(serialize_bytes([DIGIT]))}}]}, serialize_bytes([DIGIT]),
+     None, "holds 1 elements, its shape [2] needs 2"),
+    ({**GOOD, "outputs": [{"name": "logits", "parameters": {"classification": -2}}]}, X.tobytes(), None,
+     "'classification' must be a positive integer"),
+    ({**GOOD, "id": 7}, X.tobytes(), None, "'id' must be a string"),
+    ({**GOOD, "parameters": {"sequence_id": 3}}, X.tobytes(), None, "sequence batching is not supported"),
+    ([1, 2], b"", None, "must be a json object"),
+])
+def test_protocol_errors_are_400_with_the_protocols_shape(server, header, binary, header_length, message):
+    assert_v2_error(v2_post(server, "lenet5", header, binary, header_length), 400, message)
+
+
+def test_deeply_nested_json_is_a_400(server):
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b"[" * 100_000, timeout=60)
+    assert_v2_error(r, 400, "not valid json")
+
+
+def test_bad_compression_is_a_400_and_a_bomb_is_413(server):
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b"not gzip", headers={"Content-Encoding": "gzip"},
+                   timeout=60)
+    assert_v2_error(r, 400, "could not be decompressed")
+    bomb = gzip.compress(bytes(30 * 1024 * 1024))  # 30 MiB of zeros in ~30 KB: over the 20 MiB limit inflated
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=bomb, headers={"Content-Encoding": "gzip"}, timeout=60)
+    assert_v2_error(r, 413, "decompressed request body exceeds")
+
+
+def test_oversized_bodies_are_413(server):
+    big = imagegen.random_bytes(21 * 1024 * 1024)  # default limit 20 MiB
+    header = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                          "parameters": {"binary_data_size": len(big)}}]}
+    assert_v2_error(v2_post(server, "alexnet", header, big), 413, "limit")
+
+    def chunks():  # no Content-Length: Transfer-Encoding: chunked, refused while streaming
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+
+    r = httpx.post(f"{server}/v2/models/alexnet/infer", content=chunks(), timeout=60)
+    assert_v2_error(r, 413, "stopped reading")
+
+
+VALID_BODY = json.dumps(GOOD).encode()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header_length=st.one_of(st.integers(-5, len(VALID_BODY) + X.size + 5),
+                               st.text(alphabet="0123456789-+.xe_", min_size=1, max_size=6)),
+       size=st.integers(-3, 2 * X.size), cut=st.integers(0, len(VALID_BODY) + X.size),
+       garbage=st.binary(max_size=64))
+def test_fuzzed_binary_framing_is_always_4xx_or_a_real_answer(server, header_length, size, cut, garbage):
+    """Random header lengths, binary_data_size values, truncated bodies and trailing garbage: a 200 with logits when
+    the framing happens to be right, else the protocol's 4xx error; never a 500, never a hang (60 s timeout)."""
+    header = json.dumps(with_input(parameters={"binary_data_size": size})).encode()
+    body = (header + X.tobytes())[:cut] + garbage
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=body,
+                   headers={"Inference-Header-Content-Length": str(header_length)}, timeout=60)
+    if r.status_code == 200:
+        length = int(r.headers["Inference-Header-Content-Length"])
+        assert json.loads(r.content[:length])["outputs"][0]["shape"] == [1, 10]
+    else:
+        assert 400 <= r.status_code < 500, r.text
+        assert set(r.json()) == {"error"}
+
+
+def test_server_still_serves_v2_after_the_abuse(server):
+    assert client(server).is_server_ready()
+    assert int(np.argmax(client(server).infer("lenet5", [bytes_input([DIGIT], True)]).as_numpy("logits"))) == 7
+
+
+def test_cost_measurement_runs_all_three_paths_and_reads_server_cpu(server):
+    """loadtests/v2_cost.measure, what `make bench` calls: real requests, real CPU seconds from /proc."""
+    import psutil
+
+    from loadtests.v2_cost import measure, process_tree
+
+    port = int(server.rsplit(":", 1)[1])
+    listening = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+    # `bentoml serve --port <port>`, the arbiter: the listening worker's ancestor that started it all
+    arbiter = next(a.pid for p in listening for a in psutil.Process(p).parents()
+                   if "serve" in (cmd := a.cmdline()) and "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port))
+    assert len(process_tree(arbiter)) >= 2
+    costs = {c.variant: c for c in measure(server, arbiter, "alexnet", EXAMPLES / "grace_hopper.jpg", requests=3,
+                                           warmup=1)}
+    assert set(costs) == {"classify", "v2-bytes", "v2-uint8"}
+    assert all(c.images == 3 and c.latency_ms_per_image_median > 0 for c in costs.values())
+    assert sum(c.server_cpu_ms_per_image for c in costs.values()) > 0  # AlexNet inference is tens of ms per image
+    assert costs["v2-uint8"].client_decode_ms_per_image > 0
