@@ -7,8 +7,8 @@
                   initialisation and after a few hundred SGD steps on MNIST; first-layer/last-layer ratio of each.
 2. training.png   LeNet-5 and the 8-layer plain net, sigmoid vs tanh vs ReLU, same optimiser and step budget: training
                   loss and test error vs steps.
-3. dropout.png    an over-parameterised net (LeNet-5's conv trunk + an AlexNet-style wide fully-connected head) on a
-                  small MNIST subset, dropout p=0 vs p=0.5, several seeds: train/test error curves and the final gap.
+3. dropout.png    an over-parameterised net (AlexNet's wide fully-connected head, on the pixels) on a small MNIST
+                  subset, dropout p=0 vs p=0.5, several seeds: train/test error curves and the final gap.
 4. inference.png  the trained p=0.5 model's outputs: repeated train-mode runs scatter, eval() and the exported ONNX
                   (the exporter's own checks: training.export.check_export) give one value.
 
@@ -71,9 +71,10 @@ class Budget:
 
 
 FULL = Budget()
-# The same models and optimiser, less of everything: 500 digits for experiment 3 is also all the committed sample has.
+# The same models and optimiser, less of everything. Experiment 3 keeps its 1,000 digits (the committed sample has 500,
+# and then uses them all) and stops at epoch 20, where dropout's advantage has already appeared in the full run.
 QUICK = Budget(train_digits=5_000, test_digits=2_000, grad_steps=50, speed_steps=200, speed_acts=("sigmoid", "relu"),
-               eval_every=50, overfit_digits=500, overfit_epochs=30, overfit_eval_every=10, overfit_seeds=(0, 1, 2),
+               eval_every=50, overfit_epochs=20, overfit_seeds=(0, 1, 2),
                inference_runs=30)
 
 
@@ -114,15 +115,20 @@ def plain_net(depth: int, act: str, width: int) -> nn.Module:
 
 
 def wide_head_net(p: float, width: int) -> nn.Module:
-    """LeNet-5's conv trunk (C1-C5, 120 features) under an AlexNet-style head: Dropout, FC, ReLU, Dropout, FC, ReLU,
-    FC. With width 1024 that is ~1.2 M weights for 1,000 training digits: built to over-fit."""
+    """AlexNet's classifier head, scaled to MNIST: Dropout, FC, ReLU, Dropout, FC, ReLU, FC, straight on the 32×32
+    pixels. With width 1024 that is 2.1 M weights for 1,000 training digits: built to over-fit.
+
+    No conv trunk on purpose: a first full run with LeNet-5's conv trunk under this head (1.2 M parameters) measured
+    the same test error with and without dropout (5.56% vs 5.55%, 5 seeds): the trunk's weight sharing already
+    regularises, and AlexNet's dropout sat in the head, where its parameters were (58 M of 61 M).
+    """
     head = nn.Sequential(
         nn.Flatten(),
-        nn.Dropout(p), nn.Linear(120, width), nn.ReLU(inplace=True),
+        nn.Dropout(p), nn.Linear(DIGIT.size * DIGIT.size, width), nn.ReLU(inplace=True),
         nn.Dropout(p), nn.Linear(width, width), nn.ReLU(inplace=True),
         nn.Linear(width, 10),
     )
-    return deployable(nn.Sequential(LeNet5(activation_name="relu").features, head), DIGIT)
+    return deployable(head, DIGIT)
 
 
 def lenet(act: str) -> nn.Module:
