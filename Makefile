@@ -110,23 +110,20 @@ serve: models
 	$(VENV)/bin/bentoml serve serving.service:Convnet --host 127.0.0.1 --port $(PORT)
 
 # --- tests ---------------------------------------------------------------------------------------------------------
-# The whole suite, container test included (it needs buildah/podman/runc/debootstrap: installed here when missing).
+# The whole suite. What it drives from Debian is installed when missing (scripts/apt-tools.sh): the container test's
+# buildah/podman/runc/debootstrap, the demo page test's Chromium (driven by Playwright), avifenc (a 10-bit AVIF for
+# the format tests: Pillow's encoder is 8-bit only) and wrk (the benchmark harness test).
 # pytest's exit 5 ("no tests collected") is a failure, not a pass.
 PYTEST_ARGS ?=
-.PHONY: container-tools format-tools
+CONTAINER_TOOLS := buildah=buildah podman=podman runc=runc debootstrap=debootstrap
+.PHONY: container-tools test-tools
 container-tools:
-	@bash scripts/ci-container-tools.sh
+	@bash scripts/apt-tools.sh $(CONTAINER_TOOLS)
 
-# The demo page's browser test drives Debian's Chromium with Playwright (installed here when missing).
-.PHONY: browser
-browser:
-	@bash scripts/ci-browser.sh
+test-tools:
+	@bash scripts/apt-tools.sh $(CONTAINER_TOOLS) chromium=chromium avifenc=libavif-bin wrk=wrk
 
-# avifenc: tests/test_formats.py writes a 10-bit AVIF with it (Pillow's AVIF encoder is 8-bit only).
-format-tools:
-	@bash scripts/format-tools.sh
-
-test: models container-tools format-tools wrk browser
+test: models test-tools
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -168,8 +165,7 @@ loadtest: setup models
 	$(PY) -m loadtests.run --start-server $(LOADTEST_ARGS)
 
 wrk:
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get install -y -q wrk >/dev/null; } || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	@bash scripts/apt-tools.sh wrk=wrk
 
 bench: setup models wrk
 	$(PY) -m loadtests.bench $(BENCH_ARGS)

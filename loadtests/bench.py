@@ -493,15 +493,18 @@ class Bench:
         print(f"2. the service, wrk on CPU(s) {self.args.client_cpus}, connections {self.levels}", flush=True)
         env = {"CONVNET_ORT_THREADS": str(self.n_server), "CONVNET_DEVICE": "cpu"}
         with servers.service(self.models, env, self.args.server_cpus, log_dir=self.results) as srv:
+            early: dict[str, float] = {}
             for m in self.models:
                 for c in self.levels:
+                    if self.service_rows and not early:  # after the first row: the baseline of "flat"
+                        early = gc_under_load(srv.url)
                     self.service_rows[m, c] = self.http(
                         "2", "service (bentoml serve), raw uploads", srv, m, c, setup=UPLOADS[m][1],
                         limit="decode + micro-batched model in the worker, plus HTTP")
                     self.service_mp_rows[m, c] = self.http(
                         "2", "service (bentoml serve), multipart uploads", srv, m, c, setup=UPLOADS[m][1],
                         limit="as above, plus multipart parsing", multipart=True)
-            self.gc = gc_under_load(srv.url)
+            self.gc = {**gc_under_load(srv.url), "old_objects_early": early.get("old_objects", float("nan"))}
             print(f"  garbage collector under that load: {self.gc}", flush=True)
             print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
             for m in self.models:
@@ -576,7 +579,8 @@ class Bench:
         if self.gc:
             out.append(f"garbage collector in the service's worker(s) over all of (2): {self.gc['collections']:.0f} "
                        f"collections, the longest ≤ {self.gc['longest_ms']:g} ms (histogram bucket), "
-                       f"{self.gc['full']:.0f} full; oldest generation {self.gc['old_objects']:.0f} objects at the end")
+                       f"{self.gc['full']:.0f} full; oldest generation {self.gc['old_objects_early']:.0f} objects "
+                       f"after the first row, {self.gc['old_objects']:.0f} at the end (per worker, largest)")
         if "lenet5" in self.models and self.hello_row is not None:
             top = max((self.service_rows["lenet5", c] for c in self.levels), key=lambda r: r.median)
             out.append(f"lenet5: the service's {top.median:.1f} req/s = {ratio(top.median, self.hello_row.median)} of "

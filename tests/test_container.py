@@ -4,7 +4,7 @@ user it runs as, then stopped and removed.
 
 On this Docker-less machine the build takes the offline path (scripts/oci/: buildah with vfs storage and chroot
 isolation, a base image built from Debian packages, podman with runc). `make test-container` runs only this file;
-scripts/ci-container-tools.sh installs buildah/podman/runc/debootstrap first.
+`make container-tools` (scripts/apt-tools.sh) installs buildah/podman/runc/debootstrap first.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The demo page (/demo) in a real browser against the real service, and the endpoint it relies on (/model_input).
 
-Debian's Chromium (`scripts/ci-browser.sh`, run by `make test`) driven by Playwright for Python, pointed at the
+Debian's Chromium (installed by `make test`, scripts/apt-tools.sh) driven by Playwright for Python, pointed at the
 system binary because Playwright's own browser download is unreachable offline. The `server` fixture is the real
 `bentoml serve` (tests/conftest.py) with the real ONNX models. Every page records its console errors and every
 request it makes; a test fails on an unexpected console error or on any request that leaves the service's origin.
@@ -132,7 +132,7 @@ def test_model_input_is_in_the_openapi_spec(server):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/ci-browser.sh (make test does)")
+        pytest.fail(f"{CHROMIUM} is missing: run `scripts/apt-tools.sh chromium=chromium` (make test does)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

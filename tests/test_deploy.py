@@ -321,3 +321,18 @@ def test_bentocloud_config_names_real_services_and_fields(bento):
         scaling = svc["scaling"]
         assert set(scaling) <= scaling_fields and scaling["min_replicas"] <= scaling["max_replicas"], name
     assert TELEMETRY_OFF.items() <= {e["name"]: e["value"] for e in config["envs"]}.items()
+
+
+def test_make_setup_stops_when_pyproject_and_lock_disagree(tmp_path):
+    """A pin changed in pyproject.toml without `make lock`: `make setup` refuses and names the fix, before it
+    installs anything (a scratch copy of the Makefile, pyproject.toml and uv.lock, with the repo's pinned uv)."""
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        (tmp_path / name).write_bytes((REPO_ROOT / name).read_bytes())
+    (tmp_path / ".tools").symlink_to(REPO_ROOT / ".tools")
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"tqdm==4.70.1"', '"tqdm==4.67.1"'))
+    out = subprocess.run(["make", "setup"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "UV_OFFLINE": "1"})
+    assert out.returncode != 0
+    assert "uv.lock does not match pyproject.toml: run `make lock`" in out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / ".venv").exists()  # stopped before creating or syncing anything

@@ -73,7 +73,7 @@ def ten_bit(fmt: str, tmp_path: Path, grey: bool = False) -> bytes:
         return buf.getvalue()
     avifenc = shutil.which("avifenc")
     if avifenc is None:
-        pytest.fail("avifenc is missing: `make test` installs it (scripts/format-tools.sh)")
+        pytest.fail("avifenc is missing: `make test` installs it (scripts/apt-tools.sh)")
     png, out = tmp_path / "ramp16.png", tmp_path / "ramp10.avif"
     Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp[None, :], (32, 64)))).save(png)
     subprocess.run([avifenc, "--depth", "10", "-y", "444", "--min", "0", "--max", "0", str(png), str(out)],
