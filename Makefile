@@ -96,7 +96,7 @@ train-lenet: setup
 	$(PY) -m training.export --checkpoint runs/lenet5/best.pt --mnist-dir $(MNIST_DIR)
 
 # The article's claims as measured plots (docs/experiments.md): vanishing gradients, training speed, over-fitting and
-# dropout, dropout off at inference. Writes docs/experiments/*.png and results.json; seeded; ~15 min on 2 idle cores.
+# dropout, dropout off at inference. Writes docs/experiments/*.png and results.json; seeded; ~5 min idle, 17 min loaded.
 # EXPERIMENTS_ARGS="--quick" is CI's ~1-minute budget (tests/test_experiments.py runs it into a temporary folder).
 EXPERIMENTS_ARGS ?=
 .PHONY: experiments
