@@ -24,6 +24,7 @@ help:
 	@echo "make loadtest     start the service, run Locust for 60 s, fail on any error (LOADTEST_ARGS=...)"
 	@echo "make soak         10 min at ~80% of capacity, good and bad uploads; writes docs/soak.md"
 	@echo "make bench        measure onnxruntime, the service and the baselines; writes docs/benchmarks.md"
+	@echo "make experiments  ReLU vs sigmoid, dropout vs over-fitting on MNIST: docs/experiments/*.png (MNIST_DIR=...)"
 
 # Dependencies: uv.lock pins every package of every group (versions and hashes); `make setup` installs exactly that
 # and stops if pyproject.toml has changed without `make lock`. uv itself is pinned and bootstrapped with pip.
@@ -97,6 +98,14 @@ LENET_TRAIN_ARGS ?= --epochs 20 --batch-size 64 --lr 0.05 --lr-scheduler onecycl
 train-lenet: setup
 	$(PY) -m training.train --model lenet5 --data-dir $(MNIST_DIR) --output-dir runs/lenet5 $(LENET_TRAIN_ARGS)
 	$(PY) -m training.export --checkpoint runs/lenet5/best.pt --mnist-dir $(MNIST_DIR)
+
+# The article's claims as measured plots (docs/experiments.md): vanishing gradients, training speed, over-fitting and
+# dropout, dropout off at inference. Writes docs/experiments/*.png and results.json; seeded; ~5 min idle, 17 min loaded.
+# EXPERIMENTS_ARGS="--quick" is CI's ~1-minute budget (tests/test_experiments.py runs it into a temporary folder).
+EXPERIMENTS_ARGS ?=
+.PHONY: experiments
+experiments: setup
+	$(PY) -m training.experiments --data-dir $(MNIST_DIR) --out docs/experiments $(EXPERIMENTS_ARGS)
 
 # --- the service (docs/service.md) -----------------------------------------------------------------------------------
 # Every model in models/ on 127.0.0.1:$(PORT); tunables are CONVNET_* variables or a TOML file in CONVNET_CONFIG.

@@ -54,8 +54,7 @@ WORKERS = parallelism(CFG, USES_GPU, model_service=bool(IN_MODEL_SERVICE))
 # With a model service (a GPU), the small models that stay in front run on the front workers' CPUs.
 FRONT_DEVICE = "cpu" if IN_MODEL_SERVICE else CFG.device
 NO_SPIN = {"session.intra_op.allow_spinning": str(CFG.ort_spinning)}
-# The longest a front worker waits for the model service: a request's queueing budget plus one batch's compute.
-MODEL_SERVICE_DEADLINE_S = CFG.max_latency_ms / 1000 + 1.0
+
 # The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
 RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 # Tracing and BentoML's per-request metrics cost more than LeNet-5's inference. Our routes are counted by
@@ -99,6 +98,12 @@ def settle_heap() -> None:
 def with_placement(card: dict, where: str) -> dict:
     card["runtime"]["placement"] = where
     return card
+
+
+def model_service_deadline_s(rows: int) -> float:
+    """The longest a front worker waits for the model service: a request's queueing budget plus its own compute,
+    generously (AlexNet costs ~14 ms of CPU an image; a busy, shared core can take ten times that)."""
+    return CFG.max_latency_ms / 1000 + 2.0 + 0.25 * rows
 
 
 def endpoint_name(model: str) -> str:
@@ -224,7 +229,7 @@ class Convnet:
         try:
             # A dead model worker's socket still accepts (BentoML's arbiter holds it) and the call would wait for the
             # restart: give it the budget a request has for inference, then say so.
-            async with asyncio.timeout(MODEL_SERVICE_DEADLINE_S):
+            async with asyncio.timeout(model_service_deadline_s(len(batch))):
                 return await getattr(self.models.to_async, endpoint_name(model))(batch)
         except bentoml.exceptions.BentoMLException as exc:
             if exc.error_code.value in (429, 503):  # the dispatcher shed the request: it waited past max_latency_ms
@@ -232,7 +237,8 @@ class Convnet:
             raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # the model worker is restarting
             log.warning("model service unreachable or silent: %r", exc)
-            raise ServerBusy("the model worker did not answer in time (restarting?); retry shortly") from exc
+            raise ServerBusy("the model worker did not answer in time (overloaded, or restarting); retry shortly") \
+                from exc
 
     async def _describe(self) -> list[dict]:
         remote = await self.models.to_async.describe() if IN_MODEL_SERVICE else []

@@ -17,7 +17,16 @@ from serverproc import free_port, server_log, start_server, started_server, stop
 from test_batch import cli, read_jsonl
 from test_service import metric_samples
 
-from serving.keys import KEY_PREFIX, KeyFile, KeyFileError, RequireAPIKey, digest, key_line, parse_key_file
+from serving.keys import (
+    KEY_PREFIX,
+    RECHECK_S,
+    KeyFile,
+    KeyFileError,
+    RequireAPIKey,
+    digest,
+    key_line,
+    parse_key_file,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGIT_7 = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
@@ -180,6 +189,9 @@ def test_key_file_reloads_when_it_changes_without_a_restart(keyed):
     wait_for_status(base, keys["alice"], 401)
     key_file.write_text(good_text)
     wait_for_status(base, keys["alice"], 200)
+    # Each front worker re-reads on its own clock (at most once per RECHECK_S, on a request): past one interval,
+    # whichever worker takes the next request has the repaired file.
+    time.sleep(RECHECK_S + 0.2)
     assert classify(base, bearer(carol)).status_code == 200 and proc.pid == pids and proc.poll() is None
 
 

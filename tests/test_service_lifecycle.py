@@ -126,9 +126,13 @@ def test_readiness_limits_and_crash_recovery():
         stop_server(proc)
 
 
+SHED_DETAILS = {"the server is overloaded; retry shortly",
+                "the model worker did not answer in time (overloaded, or restarting); retry shortly"}
+
+
 @pytest.mark.slow
 def test_503_server_busy_while_the_only_model_worker_restarts():
-    # A request gets max_latency_ms (+1 s for one batch's compute) from the model service, then 503.
+    # A request gets max_latency_ms plus its compute (2 s + 0.25 s an image) from the model service, then 503.
     env = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5", "CONVNET_MODEL_WORKERS": "1",
            "CONVNET_MAX_LATENCY_MS": "1000"}
     port = free_port()
@@ -197,7 +201,9 @@ def test_overload_is_shed_with_503_json_and_the_service_recovers():
         assert 503 in statuses and 200 in statuses, statuses
         for r in answers:
             if r.status_code == 503:
-                assert r.json() == {"error": "server_busy", "detail": "the server is overloaded; retry shortly"}
+                # shed by BentoML's dispatcher, or by the front's own deadline for the model service's answer
+                assert r.json()["error"] == "server_busy", r.text
+                assert r.json()["detail"] in SHED_DETAILS, r.text
             else:
                 assert len(r.json()["results"]) == 32
         alone = httpx.post(f"{base}/classify", params={"top_k": 1}, content=imagegen.photo(400, 300),
