@@ -491,7 +491,7 @@ class V2Protocol:
 
 
 
-# ---- OpenAPI (merged into /docs.json by serving.api.OPENAPI_PATHS) ------------------------------------------------
+# ---- OpenAPI (merged into /docs.json by serving.api.openapi_paths) -------------------------------------------------
 
 _TAG = ["Open Inference Protocol (KServe v2 / Triton)"]
 _V2_ERROR = {"content": {"application/json": {"schema": {
