@@ -296,7 +296,9 @@ def test_drawn_one_and_seven_are_read_by_lenet5(session):
     assert session.bars("digit")[0][0] == "1", session.bars("digit")
     seen = session.canvas("#digit-model-input")[:, :, 0]
     # The normalised 32×32 input is shown, not the drawing: ink fitted into 20 px, centred by mass, 2 px padding.
-    assert seen.shape == (32, 32) and seen.max() == 255
+    # (Strong ink, not exactly 255: a thin stroke resampled into 20 px can blur below full intensity, by how many
+    # pointer events the browser delivered.)
+    assert seen.shape == (32, 32) and seen.max() >= 192
     assert not seen[:2].any() and not seen[-2:].any() and not seen[:, :2].any() and not seen[:, -2:].any()
     ys, xs = np.nonzero(seen)
     assert ys.max() - ys.min() + 1 == 20
