@@ -122,10 +122,12 @@ class ServedModel:
                                                    "providers": self.session.providers,
                                                    "load_seconds": round(self.load_seconds, 3)}}
 
-    def warm_up(self) -> None:
-        """One real inference, so the first client doesn't pay for lazy allocation (and readiness means it works)."""
+    def warm_up(self, batch: int = 1) -> None:
+        """One real inference, so the first client doesn't pay for lazy allocation (and readiness means it works).
+        At the largest batch the caller will run, onnxruntime's memory arena reaches its working size here, so the
+        process's memory is flat from then on instead of growing whenever a larger batch first comes along."""
         r = self.recipe
-        self.logits(np.zeros((1, r.size, r.size, r.channels), dtype=np.uint8))
+        self.logits(np.zeros((batch, r.size, r.size, r.channels), dtype=np.uint8))
 
 
 def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_hash: bool = True,

@@ -83,7 +83,7 @@ def load_warm(names: list[str], device: str, threads: int) -> dict[str, ServedMo
     """Load the named models and run one real inference on each (readiness means they answer)."""
     models = load_repository(CFG.models_dir, names, device, threads, session_config=NO_SPIN) if names else {}
     for model in models.values():
-        model.warm_up()
+        model.warm_up(CFG.max_batch_size)  # memory at its working size before the worker says it is ready
         log.info("model %s ready on %s (providers %s)", model.name, model.session.device, model.session.providers)
     return models
 
