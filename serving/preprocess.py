@@ -34,6 +34,9 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP",
 # HEIF: the primary image only, no thumbnails, depth maps or auxiliary images decoded alongside it.
 pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 DEFAULT_MAX_PIXELS = 40_000_000
+# `is_thumbnail`: at most 128×128 pixels in at most 64 KiB decode and preprocess in ~0.5 ms (measured).
+THUMBNAIL_PIXELS = 128 * 128
+THUMBNAIL_BYTES = 64 * 1024
 
 # Truncated files are errors, never silently grey-filled images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -137,7 +140,11 @@ def decode(data: bytes, recipe: Recipe | None = None, max_pixels: int = DEFAULT_
     With a recipe, large JPEGs are decoded at a reduced scale (`draft`) that still leaves every side at least as
     big as the recipe needs, which cuts decode time several-fold for photos.
     """
-    im = open_image(data, max_pixels)
+    return decode_opened(open_image(data, max_pixels), recipe)
+
+
+def decode_opened(im: Image.Image, recipe: Recipe | None = None) -> Image.Image:
+    """`decode` for a picture whose header `open_image` has already parsed and checked."""
     if recipe is not None and im.format == "JPEG":
         _draft_jpeg(im, recipe)
     with DECODE_BUDGET.hold(im.size[0] * im.size[1]):
@@ -252,7 +259,19 @@ def to_8bit(im: Image.Image) -> Image.Image:
 
 def preprocess_bytes(data: bytes, recipe: Recipe, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image bytes → uint8 array (size, size, channels), ready to stack into the model's NHWC batch."""
-    return preprocess_image(decode(data, recipe, max_pixels), recipe)
+    return preprocess_opened(open_image(data, max_pixels), recipe)
+
+
+def preprocess_opened(im: Image.Image, recipe: Recipe) -> np.ndarray:
+    """`preprocess_bytes` for a picture whose header `open_image` has already parsed and checked."""
+    return preprocess_image(decode_opened(im, recipe), recipe)
+
+
+def is_thumbnail(im: Image.Image, nbytes: int) -> bool:
+    """Small enough, in pixels and in bytes, that decoding it costs well under a millisecond (LeNet-5's digits):
+    less than handing it to a thread and back, so a server may decode it on its event loop. Judged from the header
+    alone, so a tiny file that claims a huge picture (a decompression bomb) is never taken for one."""
+    return im.size[0] * im.size[1] <= THUMBNAIL_PIXELS and nbytes <= THUMBNAIL_BYTES
 
 
 def preprocess_image(im: Image.Image, recipe: Recipe) -> np.ndarray:
@@ -291,36 +310,42 @@ def normalize_digit(gray: np.ndarray, box: int = 20, size: int = 32) -> np.ndarr
     contrast, cropped to the ink, fitted into `box`×`box` keeping its aspect ratio, then placed in 28×28 so that its
     centre of mass is at the centre: how LeCun et al. made MNIST from NIST's forms.
     """
+    # Every step keeps the values whole numbers (uint8 pixels, their float32 copies, integer sums far below 2**24),
+    # so this is exact, and cheap: LeNet-5's per-request cost is mostly this function (benchmarked in #10).
     a = np.asarray(gray, dtype=np.float32)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     if border.mean() > 127.5:
         a = 255.0 - a
         border = 255.0 - border
-    background = float(np.median(border))
-    a = np.clip(a - background, 0, None)
+    n = len(border)
+    middle = np.partition(border, [(n - 1) // 2, n // 2])  # the median, without np.median's overhead
+    background = float((middle[(n - 1) // 2] + middle[n // 2]) / 2)
+    a = a - background
+    np.maximum(a, 0.0, out=a)
     peak = float(a.max())
     out = np.zeros((size, size), dtype=np.uint8)
     if peak <= 0:
         return out  # a blank picture: nothing to centre
     a *= 255.0 / peak
-    rows, cols = np.nonzero(a > 0.2 * 255.0)
-    a = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    ink = a > 0.2 * 255.0
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    a = a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     h, w = a.shape
     scale = box / max(h, w)
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    fitted = np.asarray(Image.fromarray(a.astype(np.uint8), "L").resize((nw, nh), Image.Resampling.LANCZOS),
-                        dtype=np.float32)
-    mass = fitted.sum()
-    ys, xs = np.indices(fitted.shape)
-    cy, cx = ((ys * fitted).sum() / mass, (xs * fitted).sum() / mass) if mass > 0 else (nh / 2, nw / 2)
-    canvas = np.zeros((28, 28), dtype=np.float32)
+    fitted = np.asarray(Image.fromarray(a.astype(np.uint8), "L").resize((nw, nh), Image.Resampling.LANCZOS))
+    mass = int(fitted.sum(dtype=np.int64))
+    if mass > 0:
+        cy = int(fitted.sum(axis=1, dtype=np.int64) @ np.arange(nh)) / mass
+        cx = int(fitted.sum(axis=0, dtype=np.int64) @ np.arange(nw)) / mass
+    else:
+        cy, cx = nh / 2, nw / 2
     top, left = int(round(13.5 - cy)), int(round(13.5 - cx))
-    # Clip the placement to the canvas (a very lopsided digit could push its bounding box off the edge).
+    # Clip the placement to the 28×28 field (a very lopsided digit could push its bounding box off the edge).
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + nh, 28), min(left + nw, 28)
-    canvas[y0:y1, x0:x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
     pad = (size - 28) // 2
-    out[pad:pad + 28, pad:pad + 28] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    out[pad + y0:pad + y1, pad + x0:pad + x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
     return out
 
 
