@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serving.batcher import Decoding
 from serving.config import ServiceConfig
 from serving.demo import MODEL_INPUT_OPENAPI, ServerTiming, demo_routes
 from serving.errors import (
@@ -41,7 +42,7 @@ from serving.errors import (
 )
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
 from serving.limits import RequestLimits
-from serving.preprocess import ALLOWED_FORMATS, DECODE_BUDGET, Recipe, preprocess_bytes
+from serving.preprocess import ALLOWED_FORMATS, DECODE_BUDGET, Recipe, is_thumbnail, open_image, preprocess_opened
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
 from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
@@ -150,6 +151,7 @@ class ClassifierAPI:
         self.default_model = cfg.default_model if cfg.default_model in models else sorted(models)[0]
         # Pillow releases the GIL while decoding and resizing, so threads decode in parallel off the event loop.
         self.pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
+        self.decoding = {name: Decoding() for name in models}  # uploads in the pool now, per model
         DECODE_BUDGET.resize(cfg.decode_budget_pixels)
 
     def attach(self, infer: Infer, describe: Describe, metrics: Metrics | None = None) -> None:
@@ -253,8 +255,11 @@ class ClassifierAPI:
         loop = asyncio.get_running_loop()
         try:
             check_image_type(part.content_type, f"multipart field {part.name!r}" if part.name else "the request body")
-            return await loop.run_in_executor(self.pool, preprocess_bytes, part.data, model.recipe,
-                                              self.cfg.max_pixels)
+            im = open_image(part.data, self.cfg.max_pixels)  # the header only: format, size, pixel cap
+            if is_thumbnail(im, len(part.data)):  # LeNet-5's digits: cheaper here than a hop to a thread and back
+                return preprocess_opened(im, model.recipe)
+            with self.decoding[model.name]:  # the model's batcher waits for it (serving/batcher.py)
+                return await loop.run_in_executor(self.pool, preprocess_opened, im, model.recipe)
         except ClientError as exc:
             if self.metrics is not None and exc.code in DECODE_ERRORS:
                 self.metrics.decode_failures.labels(model.name, exc.code).inc()

@@ -2,12 +2,15 @@
 merged into the next call.
 
 There is no timer. Under light load a request runs at once, as a batch of one, with no added latency. Under load the
-batches grow on their own to whatever arrived during one inference, up to `max_batch` rows. This is what makes
-AlexNet on a CPU ~2× faster than one call per image: its fully-connected weights are read once per batch, not once
-per image. One inference thread per model keeps the event loop and the decoding threads free while onnxruntime runs
-(it releases the GIL). A small model (LeNet-5: ~0.1 ms a batch) runs on the event loop itself (`on_loop`):
-the hop to a thread and back would cost more than the inference. A request's rows are never split, and a request
-older than `max_wait_s` when its turn comes is shed with 503 `server_busy`, not served late.
+batches grow on their own to whatever arrived during one inference, up to `max_batch` rows, and a batch about to
+start first waits for the requests for its model that are still being decoded (`Decoding`): they are already here
+and cost only their decode, so one call takes them all. On a core that both decodes and infers, that is the
+in-process limit's own pattern (decode a batch, then run it) instead of two half batches time-slicing each other.
+Batching is what makes AlexNet on a CPU ~2× faster than one call per image: its fully-connected weights are read
+once per batch, not once per image. One inference thread per model keeps the event loop and the decoding threads
+free while onnxruntime runs (it releases the GIL). A small model (LeNet-5: ~0.1 ms a batch) runs on the event loop
+itself (`on_loop`): the hop to a thread and back would cost more than the inference. A request's rows are never
+split, and a request older than `max_wait_s` when its turn comes is shed with 503 `server_busy`, not served late.
 """
 
 from __future__ import annotations
@@ -24,6 +27,29 @@ import numpy as np
 from serving.errors import ServerBusy
 
 
+class Decoding:
+    """How many requests for one model are being decoded right now, for the batcher to wait for. Used on the event
+    loop only: `with decoding:` around the decode of one upload."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed: asyncio.Event | None = None
+
+    def __enter__(self) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        if self.changed is not None:
+            self.changed.set()
+
+    async def wait_change(self) -> None:
+        if self.changed is None:
+            self.changed = asyncio.Event()
+        self.changed.clear()
+        await self.changed.wait()
+
+
 @dataclass
 class _Waiting:
     rows: np.ndarray
@@ -33,8 +59,10 @@ class _Waiting:
 
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float, name: str,
-                 on_loop: bool = False, on_batch: Callable[[int], None] | None = None) -> None:
+                 on_loop: bool = False, on_batch: Callable[[int], None] | None = None,
+                 decoding: Decoding | None = None) -> None:
         self.run, self.max_batch, self.max_wait_s, self.on_batch = run, max_batch, max_wait_s, on_batch
+        self.decoding = decoding
         self.thread = None if on_loop else ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self.waiting: deque[_Waiting] = deque()
         self.draining = False
@@ -71,10 +99,22 @@ class MicroBatcher:
             rows += len(item.rows)
         return batch
 
+    async def _gather(self) -> None:
+        """Before a batch starts: wait while requests for this model are still decoding and the batch has room.
+        Bounded by those decodes (each one ends, in success or a 4xx) and by `max_batch` rows."""
+        if self.decoding is None:
+            return
+        while self.decoding.count > 0 and sum(len(item.rows) for item in self.waiting) < self.max_batch:
+            await self.decoding.wait_change()
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while batch := self._next_batch():
+            while True:
+                await self._gather()
+                batch = self._next_batch()
+                if not batch:
+                    break
                 x = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
                 if self.on_batch is not None:
                     self.on_batch(len(x))

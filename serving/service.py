@@ -213,7 +213,8 @@ class Convnet:
         metrics = Metrics()
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
-                                            on_batch=metrics.batch_size.labels(name).observe)
+                                            on_batch=metrics.batch_size.labels(name).observe,
+                                            decoding=API.decoding[name])
                          for name, model in self.front.items()}
         API.attach(self._infer, self._describe, metrics)
         settle_heap()

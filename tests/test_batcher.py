@@ -1,0 +1,99 @@
+"""The front workers' micro-batcher (serving/batcher.py) with the real LeNet-5 session: what lands in one call.
+
+The HTTP side of the same behaviour (a bad upload costs nobody else their answer, the 503 when shedding) is in
+test_service.py; the throughput it buys is measured by `make bench`, never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serving.batcher import Decoding, MicroBatcher
+from serving.registry import DEFAULT_MODELS_DIR, load_model
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return load_model(DEFAULT_MODELS_DIR / "lenet5", device="cpu", threads=1)
+
+
+def digits(n: int) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    return rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)
+
+
+def make(lenet, on_loop: bool, max_batch: int = 32) -> tuple[MicroBatcher, Decoding, list[int]]:
+    calls: list[int] = []
+    decoding = Decoding()
+    batcher = MicroBatcher(lenet.logits, max_batch, 10.0, "lenet5", on_loop=on_loop, on_batch=calls.append,
+                           decoding=decoding)
+    return batcher, decoding, calls
+
+
+async def decode_then_submit(batcher: MicroBatcher, decoding: Decoding, rows: np.ndarray, seconds: float,
+                             fails: bool = False) -> np.ndarray | None:
+    """What the API does for one upload: the decode runs under `decoding`, then the rows go to the batcher."""
+    with decoding:
+        await asyncio.sleep(seconds)  # the decode, in a thread in real life
+    if fails:
+        return None  # a corrupt upload: answered 400 by the API, never reaches the batcher
+    return await batcher(rows)
+
+
+@pytest.mark.parametrize("on_loop", [True, False], ids=["on-loop", "infer-thread"])
+def test_a_lone_request_runs_at_once_as_a_batch_of_one(lenet, on_loop: bool) -> None:
+    batcher, _, calls = make(lenet, on_loop)
+    x = digits(1)
+    out = asyncio.run(batcher(x))
+    assert calls == [1]
+    np.testing.assert_array_equal(out, lenet.logits(x))
+
+
+@pytest.mark.parametrize("on_loop", [True, False], ids=["on-loop", "infer-thread"])
+def test_a_batch_waits_for_the_requests_still_decoding(lenet, on_loop: bool) -> None:
+    batcher, decoding, calls = make(lenet, on_loop)
+    first, slow = digits(1), digits(3)
+
+    async def scenario():
+        # `slow` starts decoding before `first` reaches the batcher, and takes 50 ms more.
+        late = asyncio.create_task(decode_then_submit(batcher, decoding, slow, 0.05))
+        await asyncio.sleep(0)
+        return await asyncio.gather(batcher(first), late)
+
+    a, b = asyncio.run(scenario())
+    assert calls == [4], "the decoding request joined the first call"
+    np.testing.assert_allclose(a, lenet.logits(first), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, lenet.logits(slow), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_decode_does_not_hold_the_batch(lenet) -> None:
+    batcher, decoding, calls = make(lenet, on_loop=False)
+
+    async def scenario():
+        bad = asyncio.create_task(decode_then_submit(batcher, decoding, digits(1), 0.02, fails=True))
+        await asyncio.sleep(0)
+        out = await asyncio.wait_for(batcher(digits(2)), 5)
+        return out, await bad
+
+    out, bad = asyncio.run(scenario())
+    assert bad is None and out.shape == (2, 10)
+    assert calls == [2]
+    assert decoding.count == 0
+
+
+def test_a_full_batch_does_not_wait(lenet) -> None:
+    batcher, decoding, calls = make(lenet, on_loop=False, max_batch=4)
+
+    async def scenario():
+        slow = asyncio.create_task(decode_then_submit(batcher, decoding, digits(1), 0.2))
+        await asyncio.sleep(0)
+        full = asyncio.create_task(batcher(digits(4)))
+        done, _ = await asyncio.wait({full}, timeout=0.15)
+        assert full in done, "a full batch ran while another request was still decoding"
+        await slow
+
+    asyncio.run(scenario())
+    assert calls == [4, 1]
