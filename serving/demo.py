@@ -4,14 +4,13 @@ The page is plain files in serving/static/, served from this process with a stri
 scripts, styles and API only: no inline code, no other origin). It calls the public /models and /classify like any
 client, plus POST /model_input, which returns the exact uint8 tensor `serving.preprocess` made of an upload (the
 224×224 crop AlexNet saw, the 32×32 MNIST-style digit LeNet-5 saw) as a PNG: the page never reimplements a recipe.
-`ServerTiming` adds a standard `Server-Timing` header to every answer of the public app, so the page can show the
-server-side latency without changing any JSON body.
+Every answer of the public app carries a standard `Server-Timing` header (stamped by serving/limits.py's
+`RequestLimits`), so the page can show the server-side latency without changing any JSON body.
 """
 
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import BadParameter
 from serving.http import read_upload
@@ -124,25 +122,3 @@ def demo_routes(api: ClassifierAPI) -> list[Route]:
         Route("/demo/{name}", asset, methods=["GET"]),
         Route("/model_input", model_input, methods=["POST"]),
     ]
-
-
-class ServerTiming:
-    """ASGI middleware: `Server-Timing: app;dur=<ms>` on every response, the time from the request reaching the app
-    to its response headers (body read, decode, preprocessing, inference). Readable by the page and by curl -i."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-
-        async def timed_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                ms = (time.perf_counter() - t0) * 1000.0
-                message["headers"] = [*message.get("headers", []), (b"server-timing", f"app;dur={ms:.1f}".encode())]
-            await send(message)
-
-        await self.app(scope, receive, timed_send)

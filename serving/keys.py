@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,12 +228,15 @@ class RequireAPIKey:
         await JSONResponse(body, status, headers={"WWW-Authenticate": challenge})(scope, None, send)
 
 
-def install(service: Any, api_keys_file: str, metrics_auth: str = "open") -> None:
+def install(service: Any, api_keys_file: str, metrics_auth: str = "open") -> Callable[[Any], Any]:
     """Protect a BentoML service when a key file is configured. The file is read here, at import, so a missing or
-    malformed one stops the server before it serves anything unprotected."""
-    if api_keys_file:
-        service.add_asgi_middleware(RequireAPIKey, key_file=KeyFile(api_keys_file),
-                                    metrics_open=metrics_auth == "open")
+    malformed one stops the server before it serves anything unprotected. Returns the same protection (the same key
+    file) for an app served outside the service's middleware stack: serving/service.py's front door."""
+    if not api_keys_file:
+        return lambda app: app
+    key_file, metrics_open = KeyFile(api_keys_file), metrics_auth == "open"
+    service.add_asgi_middleware(RequireAPIKey, key_file=key_file, metrics_open=metrics_open)
+    return lambda app: RequireAPIKey(app, key_file, metrics_open)
 
 
 def client_headers(key: str | None) -> dict[str, str]:

@@ -8,13 +8,20 @@ no header-read timeout at all (its keep-alive timer only runs between requests).
   are complete, so this has to live at the protocol level; `install` makes it uvicorn's "auto" protocol in the
   worker process (BentoML builds uvicorn's Config after importing the service).
 - `RequestLimits`, an ASGI middleware on our endpoints: a cap on requests in progress (503 + Retry-After) and a
-  deadline for reading the body (408 and close). Health probes and /metrics stay uncapped.
+  deadline for reading the body (408 and close). Health probes and /metrics stay uncapped. It also stamps every
+  answer's `Server-Timing` header: one layer for all three, because every layer costs time on each request.
+
+`wrap_app` lets the service put its front door (serving/service.py) before uvicorn's app in the protocol, ahead of
+BentoML's middleware stack.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn.config
 from starlette.responses import JSONResponse
@@ -45,6 +52,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if _app_wrapper is not None:
+            self.app = _app_wrapper(self.app)
         self.timeout_keep_alive = self.keepalive_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
 
@@ -89,6 +98,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+_app_wrapper: Callable[[Any], Any] | None = None
+
+
+def wrap_app(wrapper: Callable[[Any], Any]) -> None:
+    """From now on each connection's protocol serves `wrapper(uvicorn's app)` (call it once per process; the wrapper
+    should return the same object for the same app)."""
+    global _app_wrapper
+    _app_wrapper = wrapper
+
+
 def install(cfg: ServiceConfig) -> None:
     """Make `GuardedHttpProtocol`, with `cfg`'s limits, the protocol uvicorn picks for http="auto" in this process."""
     GuardedHttpProtocol.header_timeout_s = float(cfg.header_timeout_s)
@@ -103,8 +122,10 @@ UNCAPPED = ("/metrics", "/v2/health", "/livez", "/readyz", "/healthz")
 
 
 class RequestLimits:
-    """ASGI middleware: at most `max_requests` requests in progress (then 503 + Retry-After), and the whole body
-    read within `body_timeout_s` of the request's start (else the endpoint answers 408 and the connection closes)."""
+    """ASGI middleware: at most `max_requests` requests in progress (then 503 + Retry-After), the whole body read
+    within `body_timeout_s` of the request's start (else the endpoint answers 408 and the connection closes), and
+    `Server-Timing: app;dur=<ms>` on every answer: the time from the request reaching the app to its response headers
+    (body read, decode, preprocessing, inference), which the demo page shows and `curl -i` reads."""
 
     def __init__(self, app, max_requests: int, body_timeout_s: float, retry_after_s: int) -> None:
         self.app, self.max_requests, self.body_timeout_s = app, max_requests, body_timeout_s
@@ -112,37 +133,47 @@ class RequestLimits:
         self.active = 0
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(UNCAPPED):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        timed_out = False
+
+        async def send_timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - started) * 1000.0
+                headers = [*message.get("headers", []), (b"server-timing", f"app;dur={ms:.1f}".encode())]
+                if timed_out:  # the rest of the body is unread: the connection can't carry another request
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        if scope["path"].startswith(UNCAPPED):
+            await self.app(scope, receive, send_timed)
             return
         if self.active >= self.max_requests:
             status, body = error_body(ServerBusy(f"this worker already has {self.max_requests} requests in "
                                                  "progress; retry shortly"))
-            await JSONResponse(body, status, headers={"Retry-After": self.retry_after})(scope, receive, send)
+            await JSONResponse(body, status, headers={"Retry-After": self.retry_after})(scope, receive, send_timed)
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.body_timeout_s
-        state = {"body_done": False, "timed_out": False}
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        body_done = False
 
         async def receive_by_deadline() -> Message:
-            if state["body_done"]:  # after the body only a disconnect can come: no deadline on waiting for it
+            nonlocal body_done, timed_out
+            if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
                 return await receive()
             try:
                 async with asyncio.timeout_at(deadline):  # no task per receive, unlike wait_for on 3.11
                     message = await receive()
             except TimeoutError:
-                state["timed_out"] = True
+                timed_out = True
                 raise ClientTooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
-            state["body_done"] = message["type"] != "http.request" or not message.get("more_body", False)
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
-
-        async def send_closing(message: Message) -> None:
-            if state["timed_out"] and message["type"] == "http.response.start":  # the rest of the body is unread
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
 
         self.active += 1
         try:
-            await self.app(scope, receive_by_deadline, send_closing)
+            await self.app(scope, receive_by_deadline, send_timed)
         finally:
             self.active -= 1

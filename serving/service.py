@@ -15,6 +15,7 @@ measurements behind it: docs/service.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -38,6 +39,7 @@ from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy
 from serving.keys import install as install_api_keys
 from serving.limits import install as install_connection_limits
+from serving.limits import wrap_app as wrap_uvicorn_app
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
@@ -150,20 +152,23 @@ APP = API.app()
 
 
 class FrontDoor:
-    """The service's own ASGI middleware: sends our routes straight to our app, and serves /docs.json with them.
+    """The first thing a request meets in a front worker: serving/limits.py puts it before uvicorn's app.
 
-    BentoML mounts our app under its own router, behind its per-request context, exception handling and routing, none
-    of which our routes use. Together they cost about a third of the front worker's Python time per LeNet-5 request
-    (profiled: docs/service.md). With CORS configured, BentoML's CORS middleware sits inside this one, so then our
-    routes take the long way round.
+    Our routes go straight to our app, with what BentoML's middleware stack would have added for them: the API-key
+    check (when keys are on) and the 504 deadline. Everything else (probes, BentoML's pages) goes through BentoML's
+    app, and /docs.json is served here with our paths merged in. BentoML's stack (proxy headers, error page,
+    tracing, request context, routing) cost a tenth of a LeNet-5 request's server time (measured: docs/service.md),
+    and our routes use none of it. With CORS, the access log or tracing on, our routes take BentoML's way, through
+    those middlewares.
     """
 
-    def __init__(self, app, service: bentoml.Service, ours, paths: dict) -> None:
+    def __init__(self, app, ours) -> None:
         from bentoml._internal.configuration.containers import BentoMLContainer
 
-        self.app, self.service, self.ours, self.paths = app, service, ours, paths
-        exact, prefixes = our_paths(ours)
-        self.exact, self.prefixes = (set(), ()) if BentoMLContainer.http.cors.enabled.get() else (exact, prefixes)
+        self.app, self.paths = app, API.openapi_paths()
+        self.ours = PROTECT(upstream.CancellingTimeoutMiddleware(ours, timeout=CFG.timeout_s))
+        long_way = BentoMLContainer.http.cors.enabled.get() or CFG.access_log or CFG.tracing
+        self.exact, self.prefixes = (set(), ()) if long_way else our_paths(APP)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -172,12 +177,19 @@ class FrontDoor:
                 await self.ours(scope, receive, send)
                 return
             if path == "/docs.json" and scope["method"] == "GET":
-                spec = self.service.openapi_spec.asdict()
+                spec = Convnet.openapi_spec.asdict()
                 spec["paths"] = {**self.paths, **spec.get("paths", {})}
                 spec["info"]["description"] = INDEX_DESCRIPTION  # Swagger UI at / shows it first: links the demo page
                 await JSONResponse(spec)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+@functools.cache
+def front_door(app):
+    """uvicorn's app → the same FrontDoor before it for every connection, in the front service's workers only (the
+    model service's workers import this module too)."""
+    return FrontDoor(app, API.direct_app()) if bentoml.server_context.service_name == Convnet.name else app
 
 
 def our_paths(app) -> tuple[set[str], tuple[str, ...]]:
@@ -251,6 +263,6 @@ class Convnet:
         self.life.clean_exit()
 
 
-# Service middlewares run in the order added, the first outermost: the key check comes before the front door.
-install_api_keys(Convnet, CFG.api_keys_file, CFG.metrics_auth)  # off unless CONVNET_API_KEYS_FILE is set
-Convnet.add_asgi_middleware(FrontDoor, service=Convnet, ours=APP, paths=API.openapi_paths())
+# API keys: off unless CONVNET_API_KEYS_FILE is set; PROTECT gives the front door's short way the same check.
+PROTECT = install_api_keys(Convnet, CFG.api_keys_file, CFG.metrics_auth)
+wrap_uvicorn_app(front_door)
