@@ -110,13 +110,20 @@ def run_cli(inputs: list[str], model: str, batch_size: int, workers: int, thread
 
 def bench_throughput(model: str = "alexnet", images: int = 512, batch_size: int = 32, workers: int = 2,
                      threads: int = 0, rounds: int = 3, work_dir: Path | None = None,
-                     models_dir: Path = DEFAULT_MODELS_DIR, decode_nice: int | None = None) -> dict:
+                     models_dir: Path = DEFAULT_MODELS_DIR, decode_nice: int | None = None,
+                     photos_from: Path | None = None) -> dict:
+    """`photos_from`: a folder of images to cycle through (hard links) instead of generated 500×375 photos, so the
+    CLI runs on the very images another measurement used (make bench: the in-process limit's)."""
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="batch-bench-"))
-    photos = make_photo_folder(work_dir / "photos", images)
+    if photos_from is not None:
+        sources = sorted(f for f in Path(photos_from).iterdir() if f.is_file())
+        photos = sorted(link_folder(work_dir / "photos", sources, images).iterdir())
+    else:
+        photos = make_photo_folder(work_dir / "photos", images)
     model_dir = Path(models_dir) / model
     recipe = read_card(model_dir).recipe
     arrays = [preprocess_bytes(p.read_bytes(), recipe) for p in photos]
-    ort_rates, cli_rates, cli_walls, rss, ort_cpu, cli_cpu = [], [], [], [], [], []
+    ort_rates, cli_rates, cli_walls, outer_walls, rss, ort_cpu, cli_cpu = [], [], [], [], [], [], []
     for r in range(rounds):
         rate, cpu_ms = ort_throughput(model_dir, arrays, batch_size, threads)
         ort_rates.append(rate)
@@ -128,15 +135,18 @@ def bench_throughput(model: str = "alexnet", images: int = 512, batch_size: int 
             raise RuntimeError(f"CLI processed {s['processed']} with {s['failed']} failures, expected {images}")
         cli_rates.append(s["images_per_s"])
         cli_walls.append(s["wall_s"])
+        outer_walls.append(s["outer_wall_s"])  # the process from exec to exit: start-up and model loading included
         rss.append(s["peak_rss_mib"])
         cli_cpu.append(1000 * s["pipeline_cpu_s"] / images)
         print(f"  round {r + 1}/{rounds}: onnxruntime {ort_rates[-1]:.1f} img/s ({ort_cpu[-1]:.1f} CPU ms/img), "
               f"CLI {cli_rates[-1]:.1f} img/s ({cli_cpu[-1]:.1f} CPU ms/img), "
               f"ratio {cli_rates[-1] / ort_rates[-1]:.3f}", file=sys.stderr)
     ort_med, cli_med = statistics.median(ort_rates), statistics.median(cli_rates)
-    return {"model": model, "images": images, "image_size": list(PHOTO_SIZE), "batch_size": batch_size,
+    return {"model": model, "images": images, "image_size": list(PHOTO_SIZE) if photos_from is None else None,
+            "photos_from": None if photos_from is None else str(photos_from), "batch_size": batch_size,
             "workers": workers, "threads": threads, "rounds": rounds, "onnxruntime_img_s": ort_rates,
-            "cli_img_s": cli_rates, "cli_wall_s": cli_walls, "cli_peak_rss_mib": rss,
+            "cli_img_s": cli_rates, "cli_wall_s": cli_walls, "cli_outer_wall_s": outer_walls,
+            "cli_peak_rss_mib": rss,
             "onnxruntime_median_img_s": ort_med, "cli_median_img_s": cli_med, "ratio": cli_med / ort_med,
             "ratio_of_best": max(cli_rates) / max(ort_rates),
             "pair_ratios": [c / o for c, o in zip(cli_rates, ort_rates, strict=True)],
@@ -167,7 +177,8 @@ def report(results: dict) -> str:
     lines = []
     t = results.get("throughput")
     if t:
-        lines.append(f"throughput ({t['model']}, {t['images']} JPEGs {t['image_size'][0]}x{t['image_size'][1]}, "
+        size = f"{t['image_size'][0]}x{t['image_size'][1]}" if t["image_size"] else f"from {t['photos_from']}"
+        lines.append(f"throughput ({t['model']}, {t['images']} JPEGs {size}, "
                      f"batch {t['batch_size']}, {t['workers']} decode workers, ORT threads {t['threads']}, "
                      f"median of {t['rounds']}):")
         lines.append(f"  onnxruntime in-process on pre-decoded arrays: {t['onnxruntime_median_img_s']:.1f} img/s")
@@ -201,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", default="1000,10000")
     p.add_argument("--work-dir", type=Path, default=None, help="where images are written (default: a temp dir)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    p.add_argument("--photos-from", type=Path, default=None,
+                   help="throughput over these images (cycled) instead of generated 500x375 photos")
     p.add_argument("--json", type=Path, default=None, help="write the results here too")
     args = p.parse_args(argv)
     results: dict = {}
     if args.what in ("throughput", "all"):
         results["throughput"] = bench_throughput(args.model or "alexnet", args.images, args.batch_size, args.workers,
                                                  args.threads, args.rounds, args.work_dir, args.models_dir,
-                                                 args.decode_nice)
+                                                 args.decode_nice, args.photos_from)
     if args.what in ("rss", "all"):
         counts = tuple(int(c) for c in args.counts.split(","))
         results["rss"] = bench_rss(args.model or "lenet5", counts, batch_size=args.batch_size, workers=args.workers,
