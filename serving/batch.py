@@ -488,21 +488,18 @@ class RunStats:
     stopped_early: bool = False
 
 
-def feed(paths: Iterator[str], submit: Callable[[str], Future], out: queue.Queue, stop: threading.Event) -> None:
-    """Feeder thread: list lazily, hand each path to the pool, queue the future in input order (blocking when the
-    queue is full, which is what bounds memory)."""
+def feed(paths: Iterator[str], submit: Callable[[str], Future], out: queue.Queue, stop: threading.Event,
+         slots: threading.Semaphore) -> None:
+    """Feeder thread: list lazily, hand each path to the pool once a slot is free, queue the future in input order.
+    The slots bound memory, and decide when decoding may run (see run_pipeline)."""
     try:
         for path in paths:
-            item = (path, submit(path))
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
             if stop.is_set():
-                item[1].cancel()
                 return
+            out.put((path, submit(path)))
         out.put((None, _END))
     except BaseException as e:  # noqa: BLE001 (handed to the main thread, which reports it)
         out.put((None, e))
@@ -533,14 +530,19 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
     infer_k = max(k, EVAL_K) if evaluator is not None else k
     if backend.num_classes:
         infer_k = min(infer_k, backend.num_classes)
-    # Enough decoded images in flight to fill the next batch while this one runs, and no more.
-    pending: queue.Queue = queue.Queue(maxsize=batch_size * 2 + workers)
+    # On a CPU, decoding and inference take turns: the pool decodes one batch, then onnxruntime runs it on every core
+    # with no decode competing, which is the in-process limit's own pattern (time-slicing the two cost ~10 % on one
+    # core, measured in docs/batch.md). On a GPU or with a remote service, inference leaves the CPUs free, so the
+    # next batch decodes while this one runs: enough in flight to fill it, and no more.
+    take_turns = isinstance(backend, LocalBackend) and backend.model.session.device == "cpu"
+    slots = threading.Semaphore(batch_size if take_turns else batch_size * 2 + workers)
+    pending: queue.Queue = queue.Queue()
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
                               initializer=_nice_current_thread if decode_nice else None,
                               initargs=(decode_nice,) if decode_nice else ())
-    feeder = threading.Thread(target=feed, args=(paths, lambda p: pool.submit(backend.prepare, p), pending, stop),
-                              name="feeder", daemon=True)
+    feeder = threading.Thread(target=feed, args=(paths, lambda p: pool.submit(backend.prepare, p), pending, stop,
+                                                 slots), name="feeder", daemon=True)
     stats.pipeline_start, stats.cpu_start = time.perf_counter(), time.process_time()
     feeder.start()
     finished = False
@@ -555,9 +557,13 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
                 if isinstance(fut, BaseException):  # listing failed mid-run (a list file vanished, stdin broke)
                     raise InputSpecError(f"listing the inputs failed: {type(fut).__name__}: {fut}") from fut
                 chunk.append((path, fut))
+                if not take_turns:
+                    slots.release()
             if not chunk:
                 break
             records, failed = _process_chunk(chunk, backend, infer_k, k, evaluator)
+            if take_turns:
+                slots.release(len(chunk))  # this batch has run: the next one may decode
             if fail_fast and failed:
                 first_bad = next(i for i, r in enumerate(records) if "error" in r)
                 records = records[:first_bad + 1]
