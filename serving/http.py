@@ -6,6 +6,7 @@ No model knowledge here. Everything raises serving.errors exceptions; the endpoi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
@@ -76,13 +77,77 @@ class Part:
         return self.data.decode("utf-8", "replace").strip()
 
 
+# What browsers, curl, httpx and requests send: the boundary as a plain token, `name` and `filename` quoted without
+# escapes. For these, the fast path below gives what python-multipart's parse_options_header gives, in a fraction of
+# the time (tests/test_http.py compares the two on generated bodies).
+_SIMPLE_CONTENT_TYPE = re.compile(r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,\-./:=?]{1,200})", re.IGNORECASE)
+_SIMPLE_DISPOSITION = re.compile(r'form-data; name="([^"\\;\r\n]*)"(?:; filename="([^"\\;\r\n]*)")?')
+_HEADER_NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+NO_DISPOSITION = "a multipart part has no Content-Disposition: form-data; name=... header"
+
+
 def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
-    """multipart/form-data body → its parts in order. Malformed or truncated bodies are a 400."""
-    # Starlette decodes header bytes as Latin-1, so this cannot fail to re-encode; a boundary is ASCII anyway.
-    _, params = parse_options_header(content_type_header)
-    boundary = params.get(b"boundary")
+    """multipart/form-data body → its parts in order. Malformed or truncated bodies are a 400.
+
+    A body of the usual shape is split with a few `find`s; anything else (a preamble, transport padding, folded or
+    odd headers, escaped parameters) goes to python-multipart's full parser, which also words every error.
+    """
+    if simple := _SIMPLE_CONTENT_TYPE.fullmatch(content_type_header):
+        boundary = simple.group(1).encode("ascii")
+    else:
+        # Starlette decodes header bytes as Latin-1, so this cannot fail to re-encode; a boundary is ASCII anyway.
+        _, params = parse_options_header(content_type_header)
+        boundary = params.get(b"boundary")
     if not boundary:
         raise ClientError("multipart/form-data body without a boundary parameter in its Content-Type")
+    parts = _split_simple(body, boundary)
+    return parts if parts is not None else _parse_full(body, boundary)
+
+
+def _part(name: bytes, filename: bytes | None, headers: dict[str, str], data: bytes) -> Part:
+    return Part(name.decode("utf-8", "replace"), None if filename is None else filename.decode("utf-8", "replace"),
+                media_type(headers.get("content-type", "").encode("latin-1").decode("utf-8", "replace")), data)
+
+
+def _split_simple(body: bytes, boundary: bytes) -> list[Part] | None:
+    """The parts of a body of the usual shape, or None when it is anything else."""
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter + b"\r\n"):
+        return None
+    next_part = b"\r\n" + delimiter
+    parts: list[Part] = []
+    pos = len(delimiter) + 2
+    while len(parts) < MAX_PARTS:
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0 or head_end - pos > 4096:
+            return None
+        lines = body[pos:head_end].split(b"\r\n")
+        if len(lines) > 8:  # python-multipart's cap on headers per part: let it say so
+            return None
+        headers: dict[str, str] = {}
+        for line in lines:
+            field, colon, value = line.partition(b":")
+            if not colon or not field or field.translate(None, _HEADER_NAME_CHARS) or b"\r" in value \
+                    or b"\n" in value:
+                return None
+            headers[field.decode("latin-1").lower()] = value.lstrip(b" ").decode("latin-1")
+        disposition = _SIMPLE_DISPOSITION.fullmatch(headers.get("content-disposition", ""))
+        data_end = body.find(next_part, head_end + 4)
+        if disposition is None or data_end < 0:
+            return None
+        after = data_end + len(next_part)
+        if body[after:after + 2] not in (b"\r\n", b"--"):
+            return None
+        name, filename = disposition.group(1), disposition.group(2)
+        parts.append(_part(name.encode("latin-1"), None if filename is None else filename.encode("latin-1"),
+                           headers, body[head_end + 4:data_end]))
+        if body[after:after + 2] == b"--":
+            return parts  # whatever follows the closing delimiter is an epilogue, ignored by both parsers
+        pos = after + 2
+    return None
+
+
+def _parse_full(body: bytes, boundary: bytes) -> list[Part]:
     parts: list[Part] = []
     headers: dict[str, str] = {}
     field: list[bytes] = []
@@ -116,12 +181,8 @@ def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
         disposition, dparams = parse_options_header(headers.get("content-disposition", ""))
         name = dparams.get(b"name")
         if disposition != b"form-data" or name is None:
-            raise ClientError("a multipart part has no Content-Disposition: form-data; name=... header")
-        filename = dparams.get(b"filename")
-        parts.append(Part(name.decode("utf-8", "replace"),
-                          None if filename is None else filename.decode("utf-8", "replace"),
-                          media_type(headers.get("content-type", "").encode("latin-1").decode("utf-8", "replace")),
-                          b"".join(data)))
+            raise ClientError(NO_DISPOSITION)
+        parts.append(_part(name, dparams.get(b"filename"), headers, b"".join(data)))
 
     def on_end() -> None:
         nonlocal done

@@ -1,0 +1,96 @@
+"""serving/http.py's multipart parsing: the fast path for the usual shape of body gives exactly what python-multipart's
+full parser gives, and leaves every other body (and every error) to it."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from serving.errors import ClientError
+from serving.http import MAX_PARTS, _parse_full, _split_simple, parse_multipart
+
+BOUNDARY = "convnet-test-7f3a9c"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def encode(parts: list[tuple[bytes, bytes]], boundary: str = BOUNDARY, epilogue: bytes = b"") -> bytes:
+    """(header block, data) per part, joined the way clients do."""
+    out = b"".join(b"--" + boundary.encode() + b"\r\n" + head + b"\r\n\r\n" + data + b"\r\n" for head, data in parts)
+    return out + b"--" + boundary.encode() + b"--" + epilogue
+
+
+def outcome(parse, body: bytes):
+    try:
+        return [(p.name, p.filename, p.content_type, p.data) for p in parse(body, BOUNDARY.encode())]
+    except ClientError as e:
+        return (type(e).__name__, str(e))
+
+
+def random_data(rng: random.Random) -> bytes:
+    """Bytes that look like the delimiter without being it: the places a split could go wrong."""
+    pieces = [b"\r\n", b"--", BOUNDARY.encode()[:rng.randrange(1, len(BOUNDARY))], b"\r\n--" + BOUNDARY.encode()[:-1],
+              b"-", b"\r", b"\n", bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))]
+    return b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+
+
+def random_head(rng: random.Random) -> bytes:
+    if rng.random() < 0.7:  # what clients send
+        return rng.choice([b'Content-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png',
+                           b'Content-Disposition: form-data; name="top_k"', b'content-disposition: form-data; '
+                           b'name="image"; filename="caf\xc3\xa9.jpg"\r\ncontent-type: image/jpeg'])
+    name = rng.choice([b"image", b"top_k", b"model", b"", b"caf\xc3\xa9", b"a;b", b'q\\"x'])
+    disposition = rng.choice([
+        b'form-data; name="%s"' % name,
+        b'form-data; name="%s"; filename="%s"' % (name, rng.choice([b"x.png", b"", b"C:\\dir\\x.png", b"a b.jpg"])),
+        b'form-data;name="%s"' % name, b"Form-Data; name=%s" % name, b'form-data; name*=utf-8\'\'x; name="y"',
+        b'attachment; name="%s"' % name, b"form-data"])
+    lines = [b"Content-Disposition: " + disposition]
+    if rng.random() < 0.6:
+        lines.append(b"Content-Type:" + rng.choice([b" image/png", b"image/JPEG; q=1", b"  text/plain ", b""]))
+    if rng.random() < 0.2:
+        lines += [b"X-Extra-%d: v" % i for i in range(rng.choice([1, 7, 9]))]
+    if rng.random() < 0.1:
+        lines.append(rng.choice([b"bad header", b"Bad Name: v", b"X-Fold: a\r b", b": empty"]))
+    rng.shuffle(lines)
+    return b"\r\n".join(lines)
+
+
+def test_fast_path_takes_what_clients_send() -> None:
+    files = {"image": ("cat.png", b"\x89PNG\r\n--not-a-boundary\r\n", "image/png")}
+    request = httpx.Request("POST", "http://127.0.0.1/", files=files, data={"top_k": "3"})
+    body, content_type = request.read(), request.headers["content-type"]
+    boundary = content_type.split("boundary=")[1].encode()
+    assert _split_simple(body, boundary) is not None
+    parts = parse_multipart(body, content_type)
+    assert [(p.name, p.filename, p.content_type, p.data) for p in parts] == \
+        [("top_k", None, "", b"3"), ("image", "cat.png", "image/png", files["image"][1])]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_path_agrees_with_python_multipart(seed: int) -> None:
+    rng = random.Random(seed)
+    fast = 0
+    for _ in range(500):
+        body = encode([(random_head(rng), random_data(rng)) for _ in range(rng.randrange(1, 4))],
+                      epilogue=rng.choice([b"", b"\r\n", b"\r\nepilogue"]))
+        if rng.random() < 0.2:  # damage: truncation, a preamble, a missing CRLF, padding after a delimiter
+            cut = rng.randrange(len(body))
+            body = rng.choice([body[:cut], b"preamble\r\n" + body, body.replace(b"\r\n", b"\n", 1),
+                               body.replace(BOUNDARY.encode() + b"\r\n", BOUNDARY.encode() + b" \r\n", 1)])
+        assert outcome(parse_multipart_with(body), body) == outcome(_parse_full, body), body
+        fast += _split_simple(body, BOUNDARY.encode()) is not None
+    assert fast > 100, "the generated bodies should exercise the fast path too"
+
+
+def parse_multipart_with(body: bytes):
+    return lambda b, _boundary: parse_multipart(b, CONTENT_TYPE)
+
+
+def test_part_cap_is_enforced_by_both_paths() -> None:
+    body = encode([(b'Content-Disposition: form-data; name="image"', b"x")] * (MAX_PARTS + 1))
+    with pytest.raises(ClientError, match=f"more than {MAX_PARTS}"):
+        parse_multipart(body, CONTENT_TYPE)
+    assert len(parse_multipart(encode([(b'Content-Disposition: form-data; name="image"', b"x")] * MAX_PARTS),
+                               CONTENT_TYPE)) == MAX_PARTS
