@@ -409,6 +409,7 @@ class Bench:
     limit: dict[str, float] = field(default_factory=dict)  # (1) decode + onnxruntime at batch 32: the upload limit
     lit_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
     gc: dict[str, float] = field(default_factory=dict)  # the service's collector under load (its /metrics)
+    gc_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into (2), oldest generation)
     v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
     first_half: dict[str, dict] = field(default_factory=dict)
     service_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # raw uploads
@@ -496,10 +497,13 @@ class Bench:
         env = {"CONVNET_ORT_THREADS": str(self.n_server), "CONVNET_DEVICE": "cpu"}
         with servers.service(self.models, env, self.args.server_cpus, log_dir=self.results) as srv:
             early: dict[str, float] = {}
+            started = time.monotonic()
             for m in self.models:
                 for c in self.levels:
-                    if self.service_rows and not early:  # after the first row: the baseline of "flat"
-                        early = gc_under_load(srv.url)
+                    if self.service_rows:  # after each load step: the oldest generation over time ("flat")
+                        step = gc_under_load(srv.url)
+                        early = early or step
+                        self.gc_series.append((time.monotonic() - started, step["old_objects"]))
                     self.service_rows[m, c] = self.http(
                         "2", "service (bentoml serve), raw uploads", srv, m, c, setup=UPLOADS[m][1],
                         limit="decode + micro-batched model in the worker, plus HTTP")
@@ -507,6 +511,7 @@ class Bench:
                         "2", "service (bentoml serve), multipart uploads", srv, m, c, setup=UPLOADS[m][1],
                         limit="as above, plus multipart parsing", multipart=True)
             self.gc = {**gc_under_load(srv.url), "old_objects_early": early.get("old_objects", float("nan"))}
+            self.gc_series.append((time.monotonic() - started, self.gc["old_objects"]))
             print(f"  garbage collector under that load: {self.gc}", flush=True)
             print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
             for m in self.models:
@@ -582,7 +587,9 @@ class Bench:
             out.append(f"garbage collector in the service's worker(s) over all of (2): {self.gc['collections']:.0f} "
                        f"collections, the longest ≤ {self.gc['longest_ms']:g} ms (histogram bucket), "
                        f"{self.gc['full']:.0f} full; oldest generation {self.gc['old_objects_early']:.0f} objects "
-                       f"after the first row, {self.gc['old_objects']:.0f} at the end (per worker, largest)")
+                       f"after the first row, {self.gc['old_objects']:.0f} at the end (per worker, largest); "
+                       "after each load step (s into (2): objects): "
+                       + ", ".join(f"{t:.0f}: {n:.0f}" for t, n in self.gc_series))
         if "lenet5" in self.models and self.hello_row is not None:
             top = max((self.service_rows["lenet5", c] for c in self.levels), key=lambda r: r.median)
             out.append(f"lenet5: the service's {top.median:.1f} req/s = {ratio(top.median, self.hello_row.median)} of "
