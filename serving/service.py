@@ -1,7 +1,8 @@
 """The BentoML service: `bentoml serve serving.service:Convnet` (what `make serve` runs).
 
-The request path, top to bottom. `Convnet` mounts the Starlette app of serving/api.py (/classify, /classify_batch,
-/models, /metrics). There a request is read and checked, its image decoded in a thread pool (serving/preprocess.py),
+The request path, top to bottom. `FrontDoor` (below) meets every request in a front worker and
+sends ours (/classify, /classify_batch, /models, /metrics, /v2, /demo) straight to serving/api.py, past BentoML's
+middleware stack. There a request is read and checked, its image decoded in a thread pool (serving/preprocess.py),
 and the uint8 batch handed to `Convnet._infer`, which runs it where its model lives:
 - **in this worker** (every model, on CPU): a per-model MicroBatcher (serving/batcher.py) merges concurrent
   requests into one onnxruntime call. Decoding and inference share the process: no hop, no tensor copies.
