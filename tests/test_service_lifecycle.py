@@ -232,3 +232,26 @@ def test_an_explicit_device_that_cannot_be_had_stops_the_start():
             httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     finally:
         stop_server(proc)
+
+
+def test_with_the_access_log_on_our_routes_take_bentomls_way_and_behave_the_same() -> None:
+    """The front door sends our routes past BentoML's middleware stack, except when a middleware there is wanted for
+    them (access log, tracing, CORS): then they go through BentoML's router to the mounted app. Same answers."""
+    port = free_port()
+    proc = start_server(port, env={"CONVNET_ACCESS_LOG": "1"}, models=["lenet5"])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc)
+        r = classify_digit(base)
+        assert r.status_code == 200, r.text
+        assert "server-timing" in r.headers  # RequestLimits is on this way too
+        wrong = httpx.get(f"{base}/classify")
+        assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+        assert httpx.get(f"{base}/").status_code == 200  # BentoML's own page still answers "/"
+        assert "/classify" in httpx.get(f"{base}/docs.json").json()["paths"]
+        deadline = time.monotonic() + 10
+        while "/classify" not in server_log(proc) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert re.search(r"method=POST,path=/classify,.*status=200", server_log(proc)), "BentoML's access log saw it"
+    finally:
+        stop_server(proc)
