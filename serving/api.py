@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class Metrics:
             "convnet_gc_old_objects", "Objects in the oldest generation (not frozen at start-up) after the last "
             "collection of generation 1 or 2, per worker: flat under steady load", multiprocess_mode="all")
         self._gc_started = 0.0
+        self._gc_pauses: deque[tuple[str, float]] = deque(maxlen=100_000)  # (generation, seconds), not yet reported
+        self._gc_old: int | None = None
         self._render = self._renderer(prom)
 
     def watch_gc(self) -> None:
@@ -116,12 +119,24 @@ class Metrics:
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """Runs inside the collector, which can interrupt any allocation: also prometheus_client's own, while it holds
+        its non-reentrant lock (observing here then deadlocked the worker; seen in the container). So it only
+        records, and `flush_gc` reports."""
         if phase == "start":
             self._gc_started = time.perf_counter()
             return
-        self.gc_pause_seconds.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+        self._gc_pauses.append((str(info["generation"]), time.perf_counter() - self._gc_started))
         if info["generation"] >= 1:  # what a full collection would have to scan (frozen objects excluded): cheap
-            self.gc_old_objects.set(len(gc.get_objects(generation=2)))
+            self._gc_old = len(gc.get_objects(generation=2))
+
+    def flush_gc(self) -> None:
+        """Report the collections recorded since the last call (after each request, and before /metrics renders)."""
+        while self._gc_pauses:
+            generation, seconds = self._gc_pauses.popleft()
+            self.gc_pause_seconds.labels(generation).observe(seconds)
+        if self._gc_old is not None:
+            old, self._gc_old = self._gc_old, None
+            self.gc_old_objects.set(old)
 
     @staticmethod
     def _renderer(prom) -> Callable[[], bytes]:
@@ -262,6 +277,7 @@ class ClassifierAPI:
     async def metrics_page(self, request: Request) -> Response:
         if self.metrics is None:
             return self._error("metrics", "-", ServerBusy("the worker is still starting; retry shortly"))
+        self.metrics.flush_gc()
         body = await asyncio.get_running_loop().run_in_executor(self.pool, self.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -310,6 +326,7 @@ class ClassifierAPI:
 
     def _count(self, endpoint: str, model: str, outcome: str, images: int = 0) -> None:
         if self.metrics is not None:
+            self.metrics.flush_gc()
             self.metrics.requests.labels(endpoint, model, outcome).inc()
             if images:
                 self.metrics.images.labels(model).inc(images)
