@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import TOKEN_CHARS, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import BadParameter, BodyTooLarge, ClientError, MissingImage, UnsupportedMediaType
@@ -82,7 +82,6 @@ class Part:
 # the time (tests/test_http.py compares the two on generated bodies).
 _SIMPLE_CONTENT_TYPE = re.compile(r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,\-./:=?]{1,200})", re.IGNORECASE)
 _SIMPLE_DISPOSITION = re.compile(r'form-data; name="([^"\\;\r\n]*)"(?:; filename="([^"\\;\r\n]*)")?')
-_HEADER_NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 NO_DISPOSITION = "a multipart part has no Content-Disposition: form-data; name=... header"
 
 
@@ -127,7 +126,7 @@ def _split_simple(body: bytes, boundary: bytes) -> list[Part] | None:
         headers: dict[str, str] = {}
         for line in lines:
             field, colon, value = line.partition(b":")
-            if not colon or not field or field.translate(None, _HEADER_NAME_CHARS) or b"\r" in value \
+            if not colon or not field or field.translate(None, TOKEN_CHARS) or b"\r" in value \
                     or b"\n" in value:
                 return None
             headers[field.decode("latin-1").lower()] = value.lstrip(b" ").decode("latin-1")
