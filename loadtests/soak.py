@@ -12,6 +12,7 @@ records p99 of the good requests and every worker's RSS. Exit 1 on an unexpected
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import threading
 import time
@@ -73,24 +74,27 @@ def send(client: httpx.Client, base: str, u: Upload) -> tuple[str, int, float, b
 
 
 def probe_capacity(base: str, uploads: list[Upload], clients: int, seconds: float) -> float:
-    """Requests per second the server sustains with `clients` back-to-back clients."""
-    done, stop = [0], time.monotonic() + seconds
+    """Requests per second the server sustains with `clients` back-to-back clients, in the mix's proportions.
 
-    def loop(i: int) -> None:
+    The clients take the next upload from one shared sequence, as the open loop does. Were each client to walk its
+    own stride of the list, the clients with cheap uploads (digits, refusals) would run many more of them than the
+    mix has, and the capacity would be that of a cheaper mix: the open loop then could not keep up with 80% of it."""
+    stop = time.monotonic() + seconds
+    sequence, done = itertools.count(), itertools.count()  # next() on either is atomic under the GIL
+
+    def loop() -> None:
         with httpx.Client(timeout=60) as c:
-            k = i
             while time.monotonic() < stop:
-                send(c, base, uploads[k % len(uploads)])
-                done[0] += 1
-                k += clients
+                send(c, base, uploads[next(sequence) % len(uploads)])
+                next(done)
 
     t0 = time.monotonic()
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=loop) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=seconds + 120)
-    return done[0] / (time.monotonic() - t0)
+    return next(done) / (time.monotonic() - t0)
 
 
 def soak(base: str, proc, uploads: list[Upload], rate: float, duration: float, window: float) -> list[dict]:
