@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -199,13 +200,30 @@ def preflight(url: str, path: str, content_type: str, body: bytes, model: str | 
             raise RuntimeError(f"pre-flight POST {path}: wrong answer: {problem}")
 
 
+def run_seconds(rate: float, connections: int, args: argparse.Namespace) -> int:
+    """How long each measured run lasts: `--duration`, or longer when one round of answers would be a coarse step.
+
+    A closed loop whose server answers in batches completes up to `connections` requests at once, so a run of d
+    seconds counts its rate in steps of up to connections / d. AlexNet at 32 connections answers ~64 img/s in
+    batches of 32: 8 s runs count in steps of 4 img/s, 6% of the rate. Runs are stretched until a step is at most
+    `--resolution` of the warm-up's rate, up to `--max-duration`."""
+    if rate <= 0:
+        return args.duration
+    wanted = math.ceil(connections / (args.resolution * rate))
+    return max(args.duration, min(wanted, args.max_duration or args.duration))
+
+
 def load_runs(row: Row, url: str, path: str, content_type: str, files: list[Path], model: str | None,
               connections: int, args: argparse.Namespace, multipart: bool = False) -> Row:
     preflight(url, path, content_type, files[0].read_bytes(), model, multipart)
     # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
-    run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus, multipart)
+    warm = run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus,
+                   multipart)
+    seconds = run_seconds(warm["rate"], connections, args)
+    if seconds != args.duration:
+        row.setup += f", {seconds} s runs"
     for _ in range(args.repeats):
-        r = run_wrk(url, path, content_type, files, connections, args.duration, args.client_cpus, multipart)
+        r = run_wrk(url, path, content_type, files, connections, seconds, args.client_cpus, multipart)
         row.runs.append(r["rate"])
         row.p50_ms.append(r["p50_ms"])
         row.p99_ms.append(r["p99_ms"])
@@ -326,7 +344,9 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
         f"closed loop over {args.connections} keep-alive connections (the `conns` in each setup)",
         f"- Servers: the service with `CONVNET_ORT_THREADS={n_server} CONVNET_DEVICE=cpu` and every other setting at "
         "its default (serving/config.py); the naive and hello apps under one uvicorn worker",
-        f"- Each number is the median of {args.repeats} runs of {args.duration} s after an uncounted warm-up; (1) is "
+        f"- Each number is the median of {args.repeats} runs of {args.duration} s after an uncounted warm-up (up to "
+        f"{args.max_duration} s where the setup says so: a server that answers in batches of `conns` would otherwise "
+        f"count its rate in steps over {args.resolution:.0%} of it); (1) is "
         f"the median of {2 * args.repeats} runs of {args.ort_seconds} s, half measured first and half last; the "
         "individual runs are in the `runs` column",
         f"- Load average (1/5/15 min) before: {load_before}; after: {load_after}",
@@ -375,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="alexnet,lenet5")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per number (median reported)")
     p.add_argument("--duration", type=int, default=8, help="seconds per HTTP run")
+    p.add_argument("--resolution", type=float, default=0.02,
+                   help="longest step in which a run may count its rate, as a fraction of it (see run_seconds)")
+    p.add_argument("--max-duration", type=int, default=0, help="seconds a stretched run may last (default 3x "
+                   "--duration; --quick: --duration)")
     p.add_argument("--ort-seconds", type=float, default=2.0, help="seconds per in-process run")
     p.add_argument("--connections", default="4,32",
                    help="wrk connection counts (concurrent requests) for (2) and (3); (4) uses the largest")
@@ -616,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.repeats, args.duration, args.ort_seconds = 1, 4, 1.0
+    args.max_duration = args.max_duration or (args.duration if args.quick else 3 * args.duration)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `apt-get install wrk` (Debian/Ubuntu) or `brew install wrk`", file=sys.stderr)
         return 2

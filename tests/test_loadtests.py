@@ -150,6 +150,20 @@ def test_in_process_onnxruntime_measurement(tmp_path):
     assert len(r["pipeline_b1"]) == len(r["pipeline_b1_cpu"]) == 2 and min(r["pipeline_b1_cpu"]) > 0
 
 
+def test_runs_are_stretched_until_one_batch_of_answers_is_a_fine_step():
+    """AlexNet at 32 connections answers ~64 img/s in batches of 32: 8 s runs would count in 4 img/s steps (6%)."""
+    from loadtests.bench import build_parser, run_seconds
+
+    args = build_parser().parse_args([])
+    args.max_duration = 3 * args.duration
+    assert run_seconds(64.0, 32, args) == 24  # 32 / 24 s = 1.3 img/s, 2.1% of the rate: as fine as 3x allows
+    assert run_seconds(200.0, 32, args) == 8  # 32 / 8 s = 4 req/s = 2% already
+    assert run_seconds(1800.0, 32, args) == run_seconds(60.0, 4, args) == 8  # fine steps: --duration stays
+    assert run_seconds(0.0, 32, args) == 8  # a warm-up that answered nothing does not stretch
+    args.max_duration = args.duration  # --quick
+    assert run_seconds(64.0, 32, args) == 8
+
+
 def test_regenerated_report_keeps_hand_written_notes(tmp_path):
     from loadtests.bench import NOTES_MARKER, write_report
 
