@@ -213,26 +213,31 @@ def run_seconds(rate: float, connections: int, args: argparse.Namespace) -> int:
     return max(args.duration, min(wanted, args.max_duration or args.duration))
 
 
-def load_runs(row: Row, url: str, path: str, content_type: str, files: list[Path], model: str | None,
-              connections: int, args: argparse.Namespace, multipart: bool = False) -> Row:
-    preflight(url, path, content_type, files[0].read_bytes(), model, multipart)
-    # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
-    warm = run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus,
-                   multipart)
-    seconds = run_seconds(warm["rate"], connections, args)
-    if seconds != args.duration:
-        row.setup += f", {seconds} s runs"
+def load_runs(rows: list[tuple[Row, bool]], url: str, path: str, content_type: str, files: list[Path],
+              model: str | None, connections: int, args: argparse.Namespace) -> None:
+    """Fills each (row, multipart?) with `--repeats` runs, the rows taking turns run by run: raw and multipart
+    uploads to one server then see the same machine, even when its load drifts during the measurement."""
+    seconds = args.duration
+    for _, multipart in rows:
+        preflight(url, path, content_type, files[0].read_bytes(), model, multipart)
+        # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
+        warm = run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus,
+                       multipart)
+        seconds = max(seconds, run_seconds(warm["rate"], connections, args))
     for _ in range(args.repeats):
-        r = run_wrk(url, path, content_type, files, connections, seconds, args.client_cpus, multipart)
-        row.runs.append(r["rate"])
-        row.p50_ms.append(r["p50_ms"])
-        row.p99_ms.append(r["p99_ms"])
-        row.errors += r["errors"]
-    runs = ", ".join(f"{x:.1f}" for x in row.runs)
-    print(f"  {row.what} {row.model} x{connections}: {row.median:.1f} {row.unit} (runs {runs}),"
-          f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms, errors {row.errors}",
-          flush=True)
-    return row
+        for row, multipart in rows:
+            r = run_wrk(url, path, content_type, files, connections, seconds, args.client_cpus, multipart)
+            row.runs.append(r["rate"])
+            row.p50_ms.append(r["p50_ms"])
+            row.p99_ms.append(r["p99_ms"])
+            row.errors += r["errors"]
+    for row, _ in rows:
+        if seconds != args.duration:
+            row.setup += f", {seconds} s runs"
+        runs = ", ".join(f"{x:.1f}" for x in row.runs)
+        print(f"  {row.what} {row.model} x{connections}: {row.median:.1f} {row.unit} (runs {runs}),"
+              f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms, errors {row.errors}",
+              flush=True)
 
 
 def gc_under_load(url: str) -> dict[str, float]:
@@ -506,15 +511,18 @@ class Bench:
             print(f"  batch CLI: {row.median:.1f} img/s", flush=True)
             self.cli = (row, r)
 
-    def http(self, section: str, what: str, server, model: str | None, connections: int, limit: str,
-             setup: str, path: str = "", unit: str = "img/s", multipart: bool = False) -> Row:
+    def http(self, section: str, whats: dict[bool, str], server, model: str | None, connections: int, limit: str,
+             setup: str, path: str = "", unit: str = "img/s") -> dict[bool, Row]:
+        """One row per upload form in `whats` ({multipart?: what}), measured in turns (load_runs)."""
         m = model or "lenet5"
-        row = Row(section, what, model or "-", f"{self.pin}, {setup}, {connections} conns", [], unit=unit,
-                  limit=limit)
+        rows = {mp: Row(section, what, model or "-", f"{self.pin}, {setup}, {connections} conns", [], unit=unit,
+                        limit=limit if not mp or len(whats) == 1 else f"{limit}, plus multipart parsing")
+                for mp, what in whats.items()}
         path = path or f"/classify?model={m}&top_k={TOP_K[m]}"
-        load_runs(row, server.url, path, UPLOADS[m][0], self.files[m], model, connections, self.args, multipart)
-        self.rows.append(row)
-        return row
+        load_runs([(row, mp) for mp, row in rows.items()], server.url, path, UPLOADS[m][0], self.files[m],
+                  model, connections, self.args)
+        self.rows += rows.values()
+        return rows
 
     def service(self) -> None:
         print(f"2. the service, wrk on CPU(s) {self.args.client_cpus}, connections {self.levels}", flush=True)
@@ -528,12 +536,10 @@ class Bench:
                         step = gc_under_load(srv.url)
                         early = early or step
                         self.gc_series.append((time.monotonic() - started, step["old_objects"]))
-                    self.service_rows[m, c] = self.http(
-                        "2", "service (bentoml serve), raw uploads", srv, m, c, setup=UPLOADS[m][1],
-                        limit="decode + micro-batched model in the worker, plus HTTP")
-                    self.service_mp_rows[m, c] = self.http(
-                        "2", "service (bentoml serve), multipart uploads", srv, m, c, setup=UPLOADS[m][1],
-                        limit="as above, plus multipart parsing", multipart=True)
+                    rows = self.http("2", {False: "service (bentoml serve), raw uploads",
+                                           True: "service (bentoml serve), multipart uploads"}, srv, m, c,
+                                     setup=UPLOADS[m][1], limit="decode + micro-batched model in the worker, plus HTTP")
+                    self.service_rows[m, c], self.service_mp_rows[m, c] = rows[False], rows[True]
             self.gc = {**gc_under_load(srv.url), "old_objects_early": early.get("old_objects", float("nan"))}
             self.gc_series.append((time.monotonic() - started, self.gc["old_objects"]))
             print(f"  garbage collector under that load: {self.gc}", flush=True)
@@ -552,9 +558,9 @@ class Bench:
                                        log_dir=self.results, ready_path="/health") as lit:
                 for c in self.levels:
                     self.lit_rows[m, c] = self.http(
-                        "3b", f"LitServe {LITSERVE_VERSION}, multipart uploads", lit, m, c, path="/classify",
-                        setup="batch 32, 5 ms timeout, fast_queue, 1 worker", multipart=True,
-                        limit="decode in its single inference worker, ZeroMQ hop")
+                        "3b", {True: f"LitServe {LITSERVE_VERSION}, multipart uploads"}, lit, m, c, path="/classify",
+                        setup="batch 32, 5 ms timeout, fast_queue, 1 worker",
+                        limit="decode in its single inference worker, ZeroMQ hop")[True]
 
     def naive(self) -> None:
         print("3. naive Starlette baseline", flush=True)
@@ -564,16 +570,16 @@ class Bench:
             for m in self.models:
                 for c in self.levels:
                     self.naive_rows[m, c] = self.http(
-                        "3", "naive Starlette app, raw uploads", naive, m, c, setup="1 uvicorn worker",
-                        limit="one decode + one batch-1 call per request, no batching")
+                        "3", {False: "naive Starlette app, raw uploads"}, naive, m, c, setup="1 uvicorn worker",
+                        limit="one decode + one batch-1 call per request, no batching")[False]
 
     def hello(self) -> None:
         print("4. bare Starlette hello endpoint", flush=True)
         with servers.uvicorn_app("hello", "loadtests.baselines.hello_app:app", None, self.args.server_cpus,
                                  log_dir=self.results) as hello:
-            self.hello_row = self.http("4", "Starlette hello endpoint (reads the body)", hello, None,
+            self.hello_row = self.http("4", {False: "Starlette hello endpoint (reads the body)"}, hello, None,
                                        self.levels[-1], setup="1 uvicorn worker, LeNet-5's bodies", path="/hello",
-                                       unit="req/s", limit="HTTP parsing + ASGI in one Python process")
+                                       unit="req/s", limit="HTTP parsing + ASGI in one Python process")[False]
 
     def headlines(self) -> list[str]:
         """Fills in the ratios of (2) and (5) (now that (1) is complete) and returns the headline sentences."""
