@@ -1,6 +1,6 @@
 """The benchmark harness behind `make bench`: every number in docs/benchmarks.md, measured in one run.
 
-    python -m loadtests.bench                      # ~6-9 min on 2 cores; writes docs/benchmarks.md
+    python -m loadtests.bench                      # ~15 min on 2 cores; writes docs/benchmarks.md
     python -m loadtests.bench --quick              # 1 repeat, short runs: a smoke test of the harness
     python -m loadtests.bench --server-cpus 0-1 --client-cpus 0-1 --out /tmp/unpinned.md
 
@@ -8,13 +8,16 @@ What it measures, all on the same machine, each run bounded and repeated (median
 
 1. onnxruntime in process, per model, at batch 1 / 8 / 32, on pre-processed uint8 input: the model's own limit,
    pinned to the server's cores with as many intra-op threads as the server gets (the honest denominator);
-   plus decode + preprocess + onnxruntime per image in one thread, the in-process limit for uploads.
-   The in-process limit for uploads: decode + preprocess in one thread, then onnxruntime at batch 32.
+   plus decode + preprocess + onnxruntime per image in one thread. THE LIMIT for uploads: decode + preprocess of
+   32 uploads in one thread, then one onnxruntime call on them, sampled by a child that keeps the models loaded
+   (LimitProbe) before and after every round of (2)-(3b) and around (5).
 2. the service (`bentoml serve`) at saturation with real uploads: JPEG photos for AlexNet, PNG digits for LeNet-5,
    as raw bodies and as multipart (`curl -F`), and its garbage-collector pauses under that load (its /metrics).
 3. a naive Starlette app (loadtests/baselines/naive_app.py): one decode + one onnxruntime call per request;
    3b. LitServe (loadtests/baselines/litserve_app.py), the peer: batch 32, 5 ms batch timeout, fast_queue, our decode,
    multipart uploads (LitServe reads form or JSON bodies, not raw ones).
+   (2), (3) and (3b) are up at once and measured in rounds, side by side (load_runs); every ratio between them is
+   taken within a round, so a machine whose speed drifts during the benchmark does not decide it.
 4. a bare Starlette "hello" endpoint (loadtests/baselines/hello_app.py): the HTTP ceiling for LeNet-5's requests/s.
 5. the batch CLI over a folder of JPEGs (loadtests/batch_bench.py, owned by the batch CLI).
 6. the Open Inference Protocol (loadtests/v2_cost.py): server CPU per image of /classify vs v2 with encoded images
@@ -39,8 +42,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -109,23 +114,11 @@ def ort_child(argv: list[str]) -> None:
     blobs = [f.read_bytes() for f in files]
     arrays = [preprocess_bytes(b, model.recipe) for b in blobs]
 
-    def rate(step, per_call: int) -> tuple[float, float]:
-        """(images per wall second, images per CPU second of this process): the second is what the work costs
-        whatever else the machine runs, the first what it delivered in this moment."""
-        step()  # warm-up: first calls allocate
-        calls, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-        while True:
-            step()
-            calls += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= a.seconds and calls >= 3:
-                return calls * per_call / elapsed, calls * per_call / max(time.process_time() - cpu0, 1e-9)
-
     out = {"model": a.model, "threads": a.threads, "affinity": sorted(os.sched_getaffinity(0)), "batches": {},
            "batches_cpu": {}}
     for b in (int(x) for x in a.batches.split(",")):
         batch = stack_batch([arrays[i % len(arrays)] for i in range(b)])
-        runs = [rate(lambda batch=batch: model.logits(batch), b) for _ in range(a.repeats)]
+        runs = [timed_rate(lambda batch=batch: model.logits(batch), b, a.seconds) for _ in range(a.repeats)]
         out["batches"][str(b)], out["batches_cpu"][str(b)] = [r[0] for r in runs], [r[1] for r in runs]
     cursor = iter(range(1 << 62))
 
@@ -133,16 +126,81 @@ def ort_child(argv: list[str]) -> None:
         blob = blobs[next(cursor) % len(blobs)]
         model.logits(np.expand_dims(preprocess_bytes(blob, model.recipe), 0))
 
-    runs = [rate(pipeline_step, 1) for _ in range(a.repeats)]
+    runs = [timed_rate(pipeline_step, 1, a.seconds) for _ in range(a.repeats)]
     out["pipeline_b1"], out["pipeline_b1_cpu"] = [r[0] for r in runs], [r[1] for r in runs]
-
-    def pipeline_batch_step() -> None:  # what a server that batches perfectly does: decode 32, one call
-        batch = [preprocess_bytes(blobs[next(cursor) % len(blobs)], model.recipe) for _ in range(LIMIT_BATCH)]
-        model.logits(stack_batch(batch))
-
-    runs = [rate(pipeline_batch_step, LIMIT_BATCH) for _ in range(a.repeats)]
-    out["pipeline_b32"], out["pipeline_b32_cpu"] = [r[0] for r in runs], [r[1] for r in runs]
     print(json.dumps(out))
+
+
+def timed_rate(step, per_call: int, seconds: float) -> tuple[float, float]:
+    """Call `step` (after one uncounted warm-up call) for at least `seconds` and 3 calls: (images per wall second,
+    images per CPU second of this process). The second is what the work costs whatever else the machine runs, the
+    first what it delivered in this moment."""
+    step()
+    calls, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+    while True:
+        step()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and calls >= 3:
+            return calls * per_call / elapsed, calls * per_call / max(time.process_time() - cpu0, 1e-9)
+
+
+def limit_child(argv: list[str]) -> None:
+    """The in-process limit on demand: loads the models once, then for each model name read on stdin decodes and
+    preprocesses LIMIT_BATCH uploads in one thread and runs one onnxruntime call on them, for `--seconds`, and
+    answers a JSON line. Idle, it blocks on stdin and takes no CPU from the servers beside it."""
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench _limit")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("images", nargs="+", help="MODEL=FOLDER of that model's uploads")
+    a = p.parse_args(argv)
+    from serving.preprocess import preprocess_bytes, stack_batch
+    from serving.registry import DEFAULT_MODELS_DIR, load_model
+
+    steps = {}
+    for spec in a.images:
+        name, folder = spec.split("=", 1)
+        model = load_model(DEFAULT_MODELS_DIR / name, device="cpu", threads=a.threads)
+        blobs = [f.read_bytes() for f in sorted(Path(folder).iterdir())]
+
+        def step(model=model, blobs=blobs, cursor=iter(range(1 << 62))) -> None:
+            batch = [preprocess_bytes(blobs[next(cursor) % len(blobs)], model.recipe) for _ in range(LIMIT_BATCH)]
+            model.logits(stack_batch(batch))
+
+        steps[name] = step
+    for line in sys.stdin:
+        wall, cpu = timed_rate(steps[line.strip()], LIMIT_BATCH, a.seconds)
+        print(json.dumps({"rate": wall, "cpu_rate": cpu}), flush=True)
+
+
+class LimitProbe:
+    """The in-process limit (1), sampled on demand by a pinned child that keeps the models loaded (`_limit`): each
+    HTTP run is divided by the samples taken just before and just after its round, so a machine whose speed drifts
+    during the benchmark moves numerator and denominator together."""
+
+    def __init__(self, image_dirs: dict[str, Path], models: list[str], cpus: str | None, threads: int,
+                 seconds: float, log: Path) -> None:
+        cmd = [sys.executable, "-m", "loadtests.bench", "_limit", "--threads", str(threads), "--seconds", str(seconds),
+               *(f"{m}={image_dirs[m]}" for m in models)]
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(servers.pinned(cmd, cpus), cwd=REPO_ROOT, env=servers.base_env(), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.samples: dict[str, list[tuple[float, float]]] = {m: [] for m in models}  # (img/s, img per CPU-s)
+
+    def sample(self, model: str) -> float:
+        self.proc.stdin.write(model + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the in-process limit child exited ({self.proc.wait()}); see {self.log.name}")
+        r = json.loads(line)
+        self.samples[model].append((r["rate"], r["cpu_rate"]))
+        return r["rate"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
 
 
 def measure_ort(model: str, images: Path, cpus: str | None, threads: int, seconds: float, repeats: int) -> dict:
@@ -213,25 +271,46 @@ def run_seconds(rate: float, connections: int, args: argparse.Namespace) -> int:
     return max(args.duration, min(wanted, args.max_duration or args.duration))
 
 
-def load_runs(rows: list[tuple[Row, bool]], url: str, path: str, content_type: str, files: list[Path],
-              model: str | None, connections: int, args: argparse.Namespace) -> None:
-    """Fills each (row, multipart?) with `--repeats` runs, the rows taking turns run by run: raw and multipart
-    uploads to one server then see the same machine, even when its load drifts during the measurement."""
+@dataclass
+class Target:
+    """One row of (2)-(4): what wrk sends (`path`, raw or multipart bodies) to which running server."""
+
+    row: Row
+    server: servers.Server
+    path: str
+    multipart: bool = False
+
+
+def load_runs(targets: list[Target], content_type: str, files: list[Path], model: str | None, connections: int,
+              args: argparse.Namespace, between: Callable[[], object] | None = None) -> None:
+    """Fills each target's row with `--repeats` runs, in rounds: every target runs once per round, in turn, the
+    order reversed every other round (A B C, C B A, ...), and `between` (a sample of the in-process limit) runs
+    before the first round and after each. Targets that are compared are thus measured seconds apart, not minutes,
+    and a linear drift in the machine's speed cancels out of their ratio. Only the target measured is awake
+    (servers.awake): an idle server cannot slow it."""
     seconds = args.duration
-    for _, multipart in rows:
-        preflight(url, path, content_type, files[0].read_bytes(), model, multipart)
-        # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
-        warm = run_wrk(url, path, content_type, files, connections, max(2, args.duration // 3), args.client_cpus,
-                       multipart)
+    for t in targets:
+        with servers.awake(t.server):
+            preflight(t.server.url, t.path, content_type, files[0].read_bytes(), model, t.multipart)
+            # Warm-up at the same concurrency (not counted): lazy allocations, batch-size ramp, connection set-up.
+            warm = run_wrk(t.server.url, t.path, content_type, files, connections, max(2, args.duration // 3),
+                           args.client_cpus, t.multipart)
         seconds = max(seconds, run_seconds(warm["rate"], connections, args))
-    for _ in range(args.repeats):
-        for row, multipart in rows:
-            r = run_wrk(url, path, content_type, files, connections, seconds, args.client_cpus, multipart)
-            row.runs.append(r["rate"])
-            row.p50_ms.append(r["p50_ms"])
-            row.p99_ms.append(r["p99_ms"])
-            row.errors += r["errors"]
-    for row, _ in rows:
+    if between:
+        between()
+    for k in range(args.repeats):
+        for t in targets if k % 2 == 0 else targets[::-1]:
+            with servers.awake(t.server):
+                r = run_wrk(t.server.url, t.path, content_type, files, connections, seconds, args.client_cpus,
+                            t.multipart)
+            t.row.runs.append(r["rate"])
+            t.row.p50_ms.append(r["p50_ms"])
+            t.row.p99_ms.append(r["p99_ms"])
+            t.row.errors += r["errors"]
+        if between:
+            between()
+    for t in targets:
+        row = t.row
         if seconds != args.duration:
             row.setup += f", {seconds} s runs"
         runs = ", ".join(f"{x:.1f}" for x in row.runs)
@@ -241,23 +320,28 @@ def load_runs(rows: list[tuple[Row, bool]], url: str, path: str, content_type: s
 
 
 def gc_under_load(url: str) -> dict[str, float]:
-    """The service's garbage collector so far, from its /metrics: collections, the longest pause (upper bound of
-    its histogram bucket), full collections, and the oldest generation's size per worker at the end."""
+    """The service's garbage collector so far, from its /metrics: collections, the longest pause in wall time and in
+    the collecting thread's CPU time (upper bounds of their histogram buckets), full collections, and the oldest
+    generation's size per worker at the end."""
     text = httpx.get(url + "/metrics", timeout=30).text
-    buckets: dict[float, float] = {}
+    buckets: dict[str, dict[float, float]] = {"wall": {}, "cpu": {}}
     total = full = old = 0.0
     for line in text.splitlines():
-        if line.startswith("convnet_gc_pause_seconds_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
+        name, _, rest = line.partition("{")
+        if name in ("convnet_gc_pause_seconds_bucket", "convnet_gc_pause_cpu_seconds_bucket"):
+            le = rest.split('le="', 1)[1].split('"', 1)[0]
             bound = float("inf") if le == "+Inf" else float(le)
-            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
-        elif line.startswith("convnet_gc_pause_seconds_count{"):
+            kind = buckets["cpu" if "_cpu_" in name else "wall"]
+            kind[bound] = kind.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif name == "convnet_gc_pause_seconds_count":
             total += float(line.rsplit(" ", 1)[1])
             full += float(line.rsplit(" ", 1)[1]) if 'generation="2"' in line else 0.0
-        elif line.startswith("convnet_gc_old_objects{"):
+        elif name == "convnet_gc_old_objects":
             old = max(old, float(line.rsplit(" ", 1)[1]))
-    longest = min((b for b, n in buckets.items() if n >= total), default=float("nan"))
-    return {"collections": total, "longest_ms": longest * 1000, "full": full, "old_objects": old}
+    longest = {kind: min((b for b, n in counts.items() if n >= total), default=float("nan"))
+               for kind, counts in buckets.items()}
+    return {"collections": total, "longest_ms": longest["wall"] * 1000, "longest_cpu_ms": longest["cpu"] * 1000,
+            "full": full, "old_objects": old}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,9 +435,12 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
         "its default (serving/config.py); the naive and hello apps under one uvicorn worker",
         f"- Each number is the median of {args.repeats} runs of {args.duration} s after an uncounted warm-up (up to "
         f"{args.max_duration} s where the setup says so: a server that answers in batches of `conns` would otherwise "
-        f"count its rate in steps over {args.resolution:.0%} of it); (1) is "
-        f"the median of {2 * args.repeats} runs of {args.ort_seconds} s, half measured first and half last; the "
-        "individual runs are in the `runs` column",
+        f"count its rate in steps over {args.resolution:.0%} of it); the individual runs are in the `runs` column",
+        "- Side by side: the service, the naive app and LitServe are up at once on the same cores, each frozen "
+        "(SIGSTOP) while another is measured; at each model and `conns` they run in rounds, one run each, the order "
+        "reversed every other round, and the limit (1) is sampled for "
+        f"{args.ort_seconds} s before the first round and after each. onnxruntime alone (1) runs {args.repeats} "
+        "times first and as many last",
         f"- Load average (1/5/15 min) before: {load_before}; after: {load_after}",
     ]
     lines += [f"- Note: {n}" for n in ([args.note] if args.note else []) + notes]
@@ -363,17 +450,18 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
         "| limited by |",
         "|---|---|---|---|---:|---|---:|---:|---:|---:|---|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.section):  # stable: each section keeps its order
         runs = " / ".join(f"{x:.1f}" for x in r.runs)
         cpu, p50, p99 = (median_or_blank(v, "{:.1f}") for v in (r.per_cpu_s, r.p50_ms, r.p99_ms))
         lines.append(f"| {r.section} | {r.what} | {r.model} | {r.setup} | {r.median:.1f} {r.unit} | {runs} | {cpu} | "
                      f"{p50} | {p99} | {r.errors if r.section[0] in '234' else ''} | {r.ratio} | {r.limit} |")
-    lines += ["", "Ratios in the table: (2), (3b) and (5) are divided by the limit in (1) (decode + onnxruntime at",
-              f"batch {LIMIT_BATCH}, in one process, on the same cores); raw (2) also by (3), multipart (2) by (3b) at",
-              "the same number of connections. p50/p99: wrk's, uncorrected for coordinated omission.",
-              "`per CPU-s`: images per CPU second of the",
-              "in-process runs (median), which contention from other processes does not lower: with 1 thread it is",
-              "what that core delivers when nothing else runs.", "", "Headline ratios:", ""]
+    lines += ["", "Ratios in the table are taken per round, between runs measured side by side, then summarised as the",
+              "median (lowest–highest) over the rounds: (2), (3) and (3b) divided by the limit (1) (decode +",
+              f"onnxruntime at batch {LIMIT_BATCH}, one process, the same cores) sampled either side of their round;",
+              "raw (2) also by (3), multipart (2) by (3b) and by raw (2). (5) is divided by the limit sampled just",
+              "before and after it. p50/p99: wrk's, uncorrected for coordinated omission. `per CPU-s`: images per CPU",
+              "second of the in-process runs (median), which contention from other processes does not lower: with 1",
+              "thread it is what that core delivers when nothing else runs.", "", "Headline ratios:", ""]
     lines += [f"- {h}" for h in headlines] + [""]
     return "\n".join(lines)
 
@@ -423,6 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
 UPLOADS = {"alexnet": ("image/jpeg", "JPEG photos 320-1024 px"), "lenet5": ("image/png", "PNG digits")}
 
 
+def run_ratios(a: list[float], b: list[float]) -> list[float]:
+    """Run k of `a` over run k of `b`: ratios of numbers measured side by side, in the same round."""
+    return [x / y for x, y in zip(a, b, strict=True) if y]
+
+
+def ratio_text(ratios: list[float]) -> str:
+    """The median ratio, and its range over the rounds."""
+    if not ratios:
+        return ""
+    spread = f" ({min(ratios):.3g}–{max(ratios):.3g})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.3g}×{spread}"
+
+
 @dataclass
 class Bench:
     """One benchmark run: its settings, its image files, and the rows measured so far."""
@@ -432,20 +533,22 @@ class Bench:
     models: list[str]
     image_dirs: dict[str, Path]
     files: dict[str, list[Path]]
+    probe: LimitProbe
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)  # (1) at its best batch size, per model
-    limit: dict[str, float] = field(default_factory=dict)  # (1) decode + onnxruntime at batch 32: the upload limit
-    lit_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
-    gc: dict[str, float] = field(default_factory=dict)  # the service's collector under load (its /metrics)
-    gc_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into (2), oldest generation)
-    v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
+    limit: dict[str, float] = field(default_factory=dict)  # (1) the upload limit: median of all its samples
+    round_limit: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per round of a (2)-(3b) step
     first_half: dict[str, dict] = field(default_factory=dict)
     service_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # raw uploads
     service_mp_rows: dict[tuple[str, int], Row] = field(default_factory=dict)  # multipart uploads
     naive_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
+    lit_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
+    gc: dict[str, float] = field(default_factory=dict)  # the service's collector under load (its /metrics)
+    gc_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into (2), oldest generation)
+    v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
     hello_row: Row | None = None
-    cli: tuple[Row, dict] | None = None
+    cli: tuple[Row, dict, float] | None = None  # the row, batch_bench's JSON, the limit around it
 
     @property
     def n_server(self) -> int:
@@ -464,8 +567,9 @@ class Bench:
         return measure_ort(model, self.image_dirs[model], a.server_cpus, self.n_server, a.ort_seconds, a.repeats)
 
     def in_process_first_half(self) -> None:
-        # (1) runs twice, first and last, and both halves go into its medians: on a machine whose load drifts
-        # during the run, the denominator of every ratio then spans the same period as the numerators.
+        # onnxruntime alone runs twice, first and last, and both halves go into its medians: on a machine whose
+        # load drifts, these rows then span the same period as the rest. The limit itself is sampled around every
+        # round (LimitProbe).
         print(f"1. onnxruntime in process on CPU(s) {self.args.server_cpus}, {self.n_server} thread(s)", flush=True)
         self.first_half = {m: self.in_process(m) for m in self.models}
 
@@ -488,11 +592,11 @@ class Bench:
                        limit="serial decode then compute",
                        per_cpu_s=first["pipeline_b1_cpu"] + again["pipeline_b1_cpu"])
             pipe.ratio = f"{ratio(pipe.median, self.best[m])} of best (1)"
+            samples = self.probe.samples[m]
             limit = Row("1", f"decode + preprocess + onnxruntime in process, batch {LIMIT_BATCH}: THE LIMIT", m,
-                        f"{self.pin}, {UPLOADS[m][1]}, 1 thread of decode",
-                        first["pipeline_b32"] + again["pipeline_b32"],
-                        limit="serial decode then compute, perfectly batched",
-                        per_cpu_s=first["pipeline_b32_cpu"] + again["pipeline_b32_cpu"])
+                        f"{self.pin}, {UPLOADS[m][1]}, 1 thread of decode, {len(samples)} samples around the "
+                        "rounds of (2)-(3b) and (5)", [w for w, _ in samples],
+                        limit="serial decode then compute, perfectly batched", per_cpu_s=[c for _, c in samples])
             self.limit[m] = limit.median
             for r in [*ort_rows, pipe, limit]:
                 print(f"  {m} {r.what}: {r.median:.1f} img/s", flush=True)
@@ -501,110 +605,117 @@ class Bench:
 
     def batch_cli(self) -> None:
         print("5. batch CLI", flush=True)
+        before = self.probe.sample("alexnet")
         r = measure_batch_cli(self.args.server_cpus, self.n_server, 64 if self.args.quick else 256,
                               self.args.repeats, self.results, self.image_dirs["alexnet"])
+        after = self.probe.sample("alexnet")
         if r is not None:
             row = Row("5", "batch CLI (convnet-classify) over a folder", "alexnet",
                       f"{self.pin}, {r['images']} inputs cycling over (1)'s {UPLOADS['alexnet'][1]}, batch "
                       f"{r['batch_size']}, {r['workers']} decode threads", list(r["cli_img_s"]),
                       limit="decode threads + model on the same cores")
             print(f"  batch CLI: {row.median:.1f} img/s", flush=True)
-            self.cli = (row, r)
+            self.cli = (row, r, (before + after) / 2)
 
-    def http(self, section: str, whats: dict[bool, str], server, model: str | None, connections: int, limit: str,
-             setup: str, path: str = "", unit: str = "img/s") -> dict[bool, Row]:
-        """One row per upload form in `whats` ({multipart?: what}), measured in turns (load_runs)."""
-        m = model or "lenet5"
-        rows = {mp: Row(section, what, model or "-", f"{self.pin}, {setup}, {connections} conns", [], unit=unit,
-                        limit=limit if not mp or len(whats) == 1 else f"{limit}, plus multipart parsing")
-                for mp, what in whats.items()}
-        path = path or f"/classify?model={m}&top_k={TOP_K[m]}"
-        load_runs([(row, mp) for mp, row in rows.items()], server.url, path, UPLOADS[m][0], self.files[m],
-                  model, connections, self.args)
-        self.rows += rows.values()
-        return rows
-
-    def service(self) -> None:
-        print(f"2. the service, wrk on CPU(s) {self.args.client_cpus}, connections {self.levels}", flush=True)
+    def servers_in_turns(self) -> None:
+        """(2), (3) and (3b): the service, the naive app and LitServe up at once on the same cores, frozen but for
+        the one being measured, each step's rows measured in rounds with the limit sampled between rounds."""
+        a = self.args
+        print(f"2-3b. the service, the naive app and LitServe in turns, wrk on CPU(s) {a.client_cpus}, connections "
+              f"{self.levels}", flush=True)
         env = {"CONVNET_ORT_THREADS": str(self.n_server), "CONVNET_DEVICE": "cpu"}
-        with servers.service(self.models, env, self.args.server_cpus, log_dir=self.results) as srv:
+        naive_env = {"NAIVE_MODELS": ",".join(self.models), "NAIVE_THREADS": str(self.n_server), "NAIVE_DEVICE": "cpu"}
+        with (servers.service(self.models, env, a.server_cpus, log_dir=self.results) as srv,
+              servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", naive_env, a.server_cpus,
+                                  log_dir=self.results) as naive):
+            servers.freeze(srv)
+            servers.freeze(naive)
             early: dict[str, float] = {}
             started = time.monotonic()
             for m in self.models:
-                for c in self.levels:
-                    if self.service_rows:  # after each load step: the oldest generation over time ("flat")
-                        step = gc_under_load(srv.url)
-                        early = early or step
-                        self.gc_series.append((time.monotonic() - started, step["old_objects"]))
-                    rows = self.http("2", {False: "service (bentoml serve), raw uploads",
-                                           True: "service (bentoml serve), multipart uploads"}, srv, m, c,
-                                     setup=UPLOADS[m][1], limit="decode + micro-batched model in the worker, plus HTTP")
-                    self.service_rows[m, c], self.service_mp_rows[m, c] = rows[False], rows[True]
-            self.gc = {**gc_under_load(srv.url), "old_objects_early": early.get("old_objects", float("nan"))}
-            self.gc_series.append((time.monotonic() - started, self.gc["old_objects"]))
-            print(f"  garbage collector under that load: {self.gc}", flush=True)
-            print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
-            for m in self.models:
-                costs = v2_cost.measure(srv.url, srv.proc.pid, m, V2_IMAGES[m], requests=10 if self.args.quick else 60)
-                self.v2_tables.append(f"**{m}** (`{V2_IMAGES[m].relative_to(REPO_ROOT)}`, one image per request, "
-                                      f"sequential):\n\n{v2_cost.render(costs)}")
-                print(self.v2_tables[-1], flush=True)
+                lit_env = {"LIT_MODEL": m, "LIT_THREADS": str(self.n_server), "LIT_TOP_K": str(TOP_K[m])}
+                with servers.python_module("litserve", "loadtests.baselines.litserve_app", lit_env, a.server_cpus,
+                                           log_dir=self.results, ready_path="/health") as lit:
+                    servers.freeze(lit)
+                    for c in self.levels:
+                        if self.service_rows:  # after each load step: the oldest generation over time ("flat")
+                            with servers.awake(srv):
+                                step = gc_under_load(srv.url)
+                            early = early or step
+                            self.gc_series.append((time.monotonic() - started, step["old_objects"]))
+                        self.step(m, c, srv, naive, lit)
+            with servers.awake(srv):
+                self.gc = {**gc_under_load(srv.url), "old_objects_early": early.get("old_objects", float("nan"))}
+                self.gc_series.append((time.monotonic() - started, self.gc["old_objects"]))
+                print(f"  garbage collector under that load: {self.gc}", flush=True)
+                print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
+                for m in self.models:
+                    costs = v2_cost.measure(srv.url, srv.proc.pid, m, V2_IMAGES[m],
+                                            requests=10 if a.quick else 60)
+                    self.v2_tables.append(f"**{m}** (`{V2_IMAGES[m].relative_to(REPO_ROOT)}`, one image per request, "
+                                          f"sequential):\n\n{v2_cost.render(costs)}")
+                    print(self.v2_tables[-1], flush=True)
 
-    def litserve(self) -> None:
-        print("3b. LitServe peer (multipart uploads)", flush=True)
-        for m in self.models:
-            env = {"LIT_MODEL": m, "LIT_THREADS": str(self.n_server), "LIT_TOP_K": str(TOP_K[m])}
-            with servers.python_module("litserve", "loadtests.baselines.litserve_app", env, self.args.server_cpus,
-                                       log_dir=self.results, ready_path="/health") as lit:
-                for c in self.levels:
-                    self.lit_rows[m, c] = self.http(
-                        "3b", {True: f"LitServe {LITSERVE_VERSION}, multipart uploads"}, lit, m, c, path="/classify",
-                        setup="batch 32, 5 ms timeout, fast_queue, 1 worker",
-                        limit="decode in its single inference worker, ZeroMQ hop")[True]
-
-    def naive(self) -> None:
-        print("3. naive Starlette baseline", flush=True)
-        env = {"NAIVE_MODELS": ",".join(self.models), "NAIVE_THREADS": str(self.n_server), "NAIVE_DEVICE": "cpu"}
-        with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", env, self.args.server_cpus,
-                                 log_dir=self.results) as naive:
-            for m in self.models:
-                for c in self.levels:
-                    self.naive_rows[m, c] = self.http(
-                        "3", {False: "naive Starlette app, raw uploads"}, naive, m, c, setup="1 uvicorn worker",
-                        limit="one decode + one batch-1 call per request, no batching")[False]
+    def step(self, m: str, c: int, srv: servers.Server, naive: servers.Server, lit: servers.Server) -> None:
+        """One model at one concurrency: LitServe and the service multipart, the service raw and the naive app,
+        in rounds (load_runs), so that each pair that is compared runs side by side."""
+        ours = "decode + micro-batched model in the worker, plus HTTP"
+        raw = Row("2", "service (bentoml serve), raw uploads", m, f"{self.pin}, {UPLOADS[m][1]}, {c} conns", [],
+                  limit=ours)
+        mp = Row("2", "service (bentoml serve), multipart uploads", m, raw.setup, [],
+                 limit=f"{ours}, plus multipart parsing")
+        naive_row = Row("3", "naive Starlette app, raw uploads", m, f"{self.pin}, 1 uvicorn worker, {c} conns", [],
+                        limit="one decode + one batch-1 call per request, no batching")
+        lit_row = Row("3b", f"LitServe {LITSERVE_VERSION}, multipart uploads", m,
+                      f"{self.pin}, batch 32, 5 ms timeout, fast_queue, 1 worker, {c} conns", [],
+                      limit="decode in its single inference worker, ZeroMQ hop")
+        path = f"/classify?model={m}&top_k={TOP_K[m]}"
+        samples: list[float] = []
+        load_runs([Target(lit_row, lit, "/classify", True), Target(mp, srv, path, True), Target(raw, srv, path),
+                   Target(naive_row, naive, path)], UPLOADS[m][0], self.files[m], m, c, self.args,
+                  between=lambda: samples.append(self.probe.sample(m)))
+        self.round_limit[m, c] = [(x + y) / 2 for x, y in pairwise(samples)]
+        self.service_rows[m, c], self.service_mp_rows[m, c] = raw, mp
+        self.naive_rows[m, c], self.lit_rows[m, c] = naive_row, lit_row
+        self.rows += [raw, mp, naive_row, lit_row]
 
     def hello(self) -> None:
         print("4. bare Starlette hello endpoint", flush=True)
         with servers.uvicorn_app("hello", "loadtests.baselines.hello_app:app", None, self.args.server_cpus,
                                  log_dir=self.results) as hello:
-            self.hello_row = self.http("4", {False: "Starlette hello endpoint (reads the body)"}, hello, None,
-                                       self.levels[-1], setup="1 uvicorn worker, LeNet-5's bodies", path="/hello",
-                                       unit="req/s", limit="HTTP parsing + ASGI in one Python process")[False]
+            self.hello_row = Row("4", "Starlette hello endpoint (reads the body)", "-",
+                                 f"{self.pin}, 1 uvicorn worker, LeNet-5's bodies, {self.levels[-1]} conns", [],
+                                 unit="req/s", limit="HTTP parsing + ASGI in one Python process")
+            load_runs([Target(self.hello_row, hello, "/hello")], UPLOADS["lenet5"][0], self.files["lenet5"], None,
+                      self.levels[-1], self.args)
+            self.rows.append(self.hello_row)
 
     def headlines(self) -> list[str]:
-        """Fills in the ratios of (2) and (5) (now that (1) is complete) and returns the headline sentences."""
+        """Fills in the ratios of (2)-(5) (now that (1) is complete) and returns the headline sentences. Every ratio
+        is per round (numbers measured side by side), then the median and range over the rounds."""
         out = []
-        for (m, c), row in self.service_rows.items():
-            row.ratio = (f"{ratio(row.median, self.limit[m])} of the limit (1); "
-                         f"{ratio(row.median, self.naive_rows[m, c].median)} of naive (3)")
-        for (m, c), row in self.service_mp_rows.items():
-            row.ratio = (f"{ratio(row.median, self.limit[m])} of the limit (1); "
-                         f"{ratio(row.median, self.lit_rows[m, c].median)} of LitServe (3b); "
-                         f"{ratio(row.median, self.service_rows[m, c].median)} of raw")
-        for (m, _), row in self.lit_rows.items():
-            row.ratio = f"{ratio(row.median, self.limit[m])} of the limit (1)"
+        of_limit = {key: {} for key in self.round_limit}
+        for key, limits in self.round_limit.items():
+            raw, mp, lit, naive = (rows[key] for rows in (self.service_rows, self.service_mp_rows, self.lit_rows,
+                                                          self.naive_rows))
+            of_limit[key] = {id(r): ratio_text(run_ratios(r.runs, limits)) for r in (raw, mp, lit, naive)}
+            raw.ratio = (f"{of_limit[key][id(raw)]} of the limit (1); "
+                         f"{ratio_text(run_ratios(raw.runs, naive.runs))} of naive (3)")
+            mp.ratio = (f"{of_limit[key][id(mp)]} of the limit (1); {ratio_text(run_ratios(mp.runs, lit.runs))} of "
+                        f"LitServe (3b); {ratio_text(run_ratios(mp.runs, raw.runs))} of raw")
+            lit.ratio = f"{of_limit[key][id(lit)]} of the limit (1)"
+            naive.ratio = f"{of_limit[key][id(naive)]} of the limit (1)"
         low = self.levels[0]
         for m in self.models:
-            top = max((self.service_rows[m, c] for c in self.levels), key=lambda r: r.median)
-            top_mp = max((self.service_mp_rows[m, c] for c in self.levels), key=lambda r: r.median)
-            top_lit = max((self.lit_rows[m, c] for c in self.levels), key=lambda r: r.median)
-            top_naive = max((self.naive_rows[m, c] for c in self.levels), key=lambda r: r.median)
-            out.append(f"**{m} at saturation**: the service {top.median:.1f} img/s raw, {top_mp.median:.1f} multipart "
-                       f"= **{ratio(top.median, self.limit[m])}** / {ratio(top_mp.median, self.limit[m])} of the "
-                       f"in-process limit ({self.limit[m]:.1f} img/s); **{ratio(top_mp.median, top_lit.median)} of "
-                       f"LitServe** ({top_lit.median:.1f}, multipart both); **{ratio(top.median, top_naive.median)} of "
-                       f"the naive app** ({top_naive.median:.1f}, raw both); multipart "
-                       f"{ratio(top_mp.median, top.median)} of raw")
+            c = max(self.levels, key=lambda c: self.service_rows[m, c].median)  # saturation: the best level
+            raw, mp, lit, naive = (rows[m, c] for rows in (self.service_rows, self.service_mp_rows, self.lit_rows,
+                                                           self.naive_rows))
+            out.append(f"**{m} at saturation** ({c} conns): the service {raw.median:.1f} img/s raw, {mp.median:.1f} "
+                       f"multipart = **{of_limit[m, c][id(raw)]}** / {of_limit[m, c][id(mp)]} of the in-process "
+                       f"limit ({statistics.median(self.round_limit[m, c]):.1f} img/s around these rounds); "
+                       f"**{ratio_text(run_ratios(mp.runs, lit.runs))} of LitServe** ({lit.median:.1f}, multipart "
+                       f"both); **{ratio_text(run_ratios(raw.runs, naive.runs))} of the naive app** "
+                       f"({naive.median:.1f}, raw both); multipart {ratio_text(run_ratios(mp.runs, raw.runs))} of raw")
             tail = self.service_rows[m, low]
             if tail.p50_ms and tail.p99_ms:
                 n50, n99 = (statistics.median(v) for v in (self.naive_rows[m, low].p50_ms,
@@ -615,7 +726,8 @@ class Bench:
                            f"the naive app's {n99 / n50:.2f}")
         if self.gc:
             out.append(f"garbage collector in the service's worker(s) over all of (2): {self.gc['collections']:.0f} "
-                       f"collections, the longest ≤ {self.gc['longest_ms']:g} ms (histogram bucket), "
+                       f"collections, the longest ≤ {self.gc['longest_ms']:g} ms of wall time and ≤ "
+                       f"{self.gc['longest_cpu_ms']:g} ms of the collecting thread's CPU time (histogram buckets), "
                        f"{self.gc['full']:.0f} full; oldest generation {self.gc['old_objects_early']:.0f} objects "
                        f"after the first row, {self.gc['old_objects']:.0f} at the end (per worker, largest); "
                        "after each load step (s into (2): objects): "
@@ -624,14 +736,14 @@ class Bench:
             top = max((self.service_rows["lenet5", c] for c in self.levels), key=lambda r: r.median)
             out.append(f"lenet5: the service's {top.median:.1f} req/s = {ratio(top.median, self.hello_row.median)} of "
                        f"the bare Starlette hello endpoint's {self.hello_row.median:.1f} req/s (the HTTP ceiling on "
-                       "the same core(s))")
+                       "the same core(s), measured after (2))")
         if self.cli is not None:
-            row, r = self.cli
-            row.ratio = (f"{ratio(row.median, self.limit['alexnet'])} of the limit (1); {r['ratio']:.3g}× of "
-                         "onnxruntime on the same pre-decoded images (its own run)")
+            row, r, limit = self.cli
+            row.ratio = (f"{ratio(row.median, limit)} of the limit (1) sampled just before and after it; "
+                         f"{r['ratio']:.3g}× of onnxruntime on the same pre-decoded images (its own run)")
             self.rows.append(row)
-            out.append(f"alexnet: the batch CLI does {row.median:.1f} img/s = "
-                       f"**{ratio(row.median, self.limit['alexnet'])} of the in-process limit** (the same images, "
+            out.append(f"alexnet: the batch CLI does {row.median:.1f} img/s = **{ratio(row.median, limit)} of the "
+                       f"in-process limit** ({limit:.1f} img/s, sampled just before and after it; the same images, "
                        f"model loading excluded; {statistics.median(r['cli_outer_wall_s']):.1f} s end to end for "
                        f"{r['images']} images, start-up included); against onnxruntime at batch {r['batch_size']} "
                        f"on the same pre-decoded images, interleaved in its own run, {r['ratio']:.3g}×")
@@ -642,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_ort"]:
         ort_child(argv[1:])
+        return 0
+    if argv[:1] == ["_limit"]:
+        limit_child(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -661,15 +776,17 @@ def main(argv: list[str] | None = None) -> int:
              for m in models}
     if "lenet5" not in files:  # the hello endpoint posts LeNet-5's bodies
         files["lenet5"] = write_pool(for_model(build_pool(photos=0, pngs=0), "lenet5"), image_dirs["lenet5"])
-    bench = Bench(args, results, models, image_dirs, files)
     info = machine()
-
-    bench.in_process_first_half()
-    if "alexnet" in models and not args.skip_batch_cli:
-        bench.batch_cli()
-    bench.service()
-    bench.naive()
-    bench.litserve()
+    probe = LimitProbe(image_dirs, models, args.server_cpus, servers.cpu_count_of(args.server_cpus),
+                       args.ort_seconds, results / "limit.log")
+    try:
+        bench = Bench(args, results, models, image_dirs, files, probe)
+        bench.in_process_first_half()
+        if "alexnet" in models and not args.skip_batch_cli:
+            bench.batch_cli()
+        bench.servers_in_turns()
+    finally:
+        probe.close()
     bench.hello()
     bench.in_process_second_half()
     headlines = bench.headlines()

@@ -104,9 +104,89 @@ def wait_ready(server: Server, path: str, timeout: float = READY_TIMEOUT_S) -> f
     raise TimeoutError(f"{server.name} at {server.url} not ready after {timeout:.0f}s:\n{server.log_tail()}")
 
 
+def _proc_stats() -> dict[int, list[str]]:
+    """/proc/PID/stat of every process, split after the command name: state, ppid, pgrp, ..., utime (11), stime (12)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            out[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # exited meanwhile
+            continue
+    return out
+
+
+def tree_pids(server: Server, stats: dict[int, list[str]] | None = None) -> list[int]:
+    """The server's process and all its descendants, parents first. Not its process group: BentoML's arbiter starts
+    each worker in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in (stats or _proc_stats()).items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    pids = [server.proc.pid]
+    for pid in pids:  # grows while it is walked: breadth first
+        pids.extend(children.get(pid, []))
+    return pids
+
+
+def signal_tree(server: Server, sig: int) -> None:
+    """Send `sig` to the server's process and every descendant (BentoML's arbiter and workers, LitServe's API server
+    and inference worker); processes already gone are skipped."""
+    for pid in tree_pids(server):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def freeze(server: Server) -> None:
+    """Stop the server's processes (SIGSTOP) until `awake`: an idle server then takes no CPU from the one measured.
+    LitServe's idle inference loop, for one, polls its queue at ~16% of a core. Returns once every process is
+    stopped (signals are delivered asynchronously)."""
+    signal_tree(server, signal.SIGSTOP)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        stats = _proc_stats()
+        if all(stats[pid][0] in "TtZX" for pid in tree_pids(server, stats) if pid in stats):
+            return
+        time.sleep(0.005)
+
+
+def tree_cpu_seconds(server: Server) -> float:
+    """CPU time (user + system) used so far by the server's process and its descendants now alive."""
+    stats = _proc_stats()
+    ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree_pids(server, stats) if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(server: Server, share: float = 0.3, window: float = 0.25, timeout: float = 15.0) -> bool:
+    """Wait until the server uses less than `share` of a core over `window` seconds (it has finished what a load
+    generator left in flight), at most `timeout` seconds; whether it got there."""
+    deadline = time.monotonic() + timeout
+    before = tree_cpu_seconds(server)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = tree_cpu_seconds(server)
+        if now - before < share * window:
+            return True
+        before = now
+    return False
+
+
+@contextmanager
+def awake(server: Server) -> Iterator[Server]:
+    """The server running (SIGCONT) for the block, then, once it has finished its work in flight (so that no
+    request and no garbage collection is cut in the middle), frozen again."""
+    signal_tree(server, signal.SIGCONT)
+    try:
+        yield server
+    finally:
+        wait_idle(server)
+        freeze(server)
+
+
 def stop(server: Server, timeout: float = 20.0) -> None:
     """SIGTERM the server's process group, SIGKILL whatever is left after `timeout`."""
     proc = server.proc
+    signal_tree(server, signal.SIGCONT)  # a frozen process could not act on SIGTERM
     try:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:

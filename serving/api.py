@@ -106,11 +106,17 @@ class Metrics:
         self.gc_pause_seconds = prom.Histogram(
             "convnet_gc_pause_seconds", "Garbage-collector pauses in the front workers, by generation", ["generation"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5))
+        # The same pauses in the collecting thread's CPU time: what the collector itself did. On a core it shares
+        # with onnxruntime's compute threads, a pause's wall time above also counts the slices the model ran in.
+        self.gc_pause_cpu_seconds = prom.Histogram(
+            "convnet_gc_pause_cpu_seconds", "CPU time of the collecting thread in each garbage-collector pause, by "
+            "generation", ["generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5))
         self.gc_old_objects = prom.Gauge(
             "convnet_gc_old_objects", "Objects in the oldest generation (not frozen at start-up) after the last "
             "collection of generation 1 or 2, per worker: flat under steady load", multiprocess_mode="all")
-        self._gc_started = 0.0
-        self._gc_pauses: deque[tuple[str, float]] = deque(maxlen=100_000)  # (generation, seconds), not yet reported
+        self._gc_started = (0.0, 0.0)  # (wall, thread CPU) when the running collection began
+        # (generation, wall seconds, CPU seconds) of each collection not yet reported
+        self._gc_pauses: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         self._gc_old: int | None = None
         self._render = self._renderer(prom)
 
@@ -123,17 +129,19 @@ class Metrics:
         its non-reentrant lock (observing here then deadlocked the worker; seen in the container). So it only
         records, and `flush_gc` reports."""
         if phase == "start":
-            self._gc_started = time.perf_counter()
+            self._gc_started = (time.perf_counter(), time.thread_time())
             return
-        self._gc_pauses.append((str(info["generation"]), time.perf_counter() - self._gc_started))
+        wall, cpu = self._gc_started
+        self._gc_pauses.append((str(info["generation"]), time.perf_counter() - wall, time.thread_time() - cpu))
         if info["generation"] >= 1:  # what a full collection would have to scan (frozen objects excluded): cheap
             self._gc_old = len(gc.get_objects(generation=2))
 
     def flush_gc(self) -> None:
         """Report the collections recorded since the last call (after each request, and before /metrics renders)."""
         while self._gc_pauses:
-            generation, seconds = self._gc_pauses.popleft()
-            self.gc_pause_seconds.labels(generation).observe(seconds)
+            generation, wall, cpu = self._gc_pauses.popleft()
+            self.gc_pause_seconds.labels(generation).observe(wall)
+            self.gc_pause_cpu_seconds.labels(generation).observe(cpu)
         if self._gc_old is not None:
             old, self._gc_old = self._gc_old, None
             self.gc_old_objects.set(old)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -134,6 +137,78 @@ def test_naive_baseline_answers_like_the_service(tmp_path):
         bad = httpx.post(f"{naive.url}/classify?model=lenet5", content=b"not an image", timeout=30)
         assert bad.status_code == 400 and bad.json()["error"] == "not_an_image"
     assert naive.proc.poll() is not None  # stopped with its process group
+
+
+def proc_state(pid: int) -> str:
+    """The state letter in /proc/PID/stat ("T": stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_frozen_server_takes_no_cpu_and_answers_once_awake(tmp_path):
+    """`make bench` keeps the servers it compares up at once and freezes all but the one it measures."""
+    digit = for_model(build_pool(photos=0, pngs=0, digits=1), "lenet5")[0]
+    env = {"NAIVE_MODELS": "lenet5", "NAIVE_THREADS": "1"}
+    with servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", env, log_dir=tmp_path) as naive:
+        servers.freeze(naive)
+        assert proc_state(naive.proc.pid) == "T"
+        with servers.awake(naive):
+            assert proc_state(naive.proc.pid) != "T"
+            r = httpx.post(f"{naive.url}/classify?model=lenet5", content=digit.data,
+                           headers={"Content-Type": "image/png"}, timeout=30)
+            assert r.status_code == 200, r.text
+        assert proc_state(naive.proc.pid) == "T"
+    assert naive.proc.poll() is not None  # a frozen server still stops
+
+
+def test_freezing_reaches_workers_in_sessions_of_their_own(tmp_path):
+    """BentoML's arbiter starts each worker with setsid, outside the server's process group: freezing, CPU
+    accounting and stopping follow the process tree instead."""
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+              "start_new_session=True); time.sleep(600)")
+    server = servers.launch("tree", [sys.executable, "-c", script], 0, log_dir=tmp_path)
+    try:
+        for _ in range(100):
+            pids = servers.tree_pids(server)
+            if len(pids) == 2:
+                break
+            time.sleep(0.05)
+        assert len(pids) == 2 and os.getsid(pids[1]) != os.getsid(pids[0]), pids
+        servers.freeze(server)
+        assert [proc_state(p) for p in pids] == ["T", "T"]
+        with servers.awake(server):
+            assert "T" not in [proc_state(p) for p in pids]
+        assert servers.tree_cpu_seconds(server) >= 0.0
+    finally:
+        servers.stop(server)
+        os.kill(pids[1], signal.SIGKILL)  # the child outlives its parent: it is not in the group stop() ends
+    assert server.proc.poll() is not None
+
+
+def test_ratios_are_taken_round_by_round():
+    """A machine that slows down during the run moves both sides of a round together: the per-round ratio stays."""
+    from loadtests.bench import ratio_text, run_ratios
+
+    ours, peer = [120.0, 60.0, 90.0], [100.0, 50.0, 75.0]  # the machine halved its speed in round 2
+    assert run_ratios(ours, peer) == pytest.approx([1.2, 1.2, 1.2])
+    assert ratio_text(run_ratios(ours, [100.0, 40.0, 100.0])) == "1.2× (0.9–1.5)"
+    assert ratio_text([1.07]) == "1.07×" and ratio_text([]) == ""
+    with pytest.raises(ValueError):  # runs that were not measured in the same rounds cannot be paired
+        run_ratios([1.0, 2.0], [1.0])
+
+
+def test_the_limit_probe_samples_on_demand(tmp_path):
+    """The child behind the limit (1): models loaded once, one sample per request, each a positive rate."""
+    from loadtests.bench import LimitProbe
+    from loadtests.images import write_pool
+
+    write_pool(for_model(build_pool(photos=0, pngs=0, digits=4), "lenet5"), tmp_path / "lenet5")
+    probe = LimitProbe({"lenet5": tmp_path / "lenet5"}, ["lenet5"], None, 1, 0.2, tmp_path / "limit.log")
+    try:
+        assert probe.sample("lenet5") > 0 and probe.sample("lenet5") > 0
+    finally:
+        probe.close()
+    assert len(probe.samples["lenet5"]) == 2 and min(c for _, c in probe.samples["lenet5"]) > 0
+    assert probe.proc.returncode == 0  # it ends when its stdin closes
 
 
 def test_in_process_onnxruntime_measurement(tmp_path):

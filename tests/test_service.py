@@ -263,6 +263,8 @@ def test_our_metrics_count_each_request(server):
     assert rose == {"ok": 1, "refused": 1, "batch_ok": 1, "decode_failures": 2, "images": 3, "preprocessed": 5}, rose
     pauses = metric_samples(server, "convnet_gc_pause_seconds_count")  # the collector's pauses, per generation
     assert any('generation="0"' in k and v >= 1 for k, v in pauses.items()), pauses
+    cpu = metric_samples(server, "convnet_gc_pause_cpu_seconds_count")  # the same pauses in the thread's CPU time
+    assert set(cpu) == set(pauses) and all(v >= 1 for v in cpu.values()), (cpu, pauses)
 
 
 # ---- bad input: always a JSON 4xx and a healthy server afterwards --------------------------------------------
