@@ -694,24 +694,25 @@ class Bench:
         """Fills in the ratios of (2)-(5) (now that (1) is complete) and returns the headline sentences. Every ratio
         is per round (numbers measured side by side), then the median and range over the rounds."""
         out = []
-        of_limit = {key: {} for key in self.round_limit}
-        for key, limits in self.round_limit.items():
+        def of_limit(row: Row, key: tuple[str, int]) -> str:
+            return ratio_text(run_ratios(row.runs, self.round_limit[key]))
+
+        for key in self.round_limit:
             raw, mp, lit, naive = (rows[key] for rows in (self.service_rows, self.service_mp_rows, self.lit_rows,
                                                           self.naive_rows))
-            of_limit[key] = {id(r): ratio_text(run_ratios(r.runs, limits)) for r in (raw, mp, lit, naive)}
-            raw.ratio = (f"{of_limit[key][id(raw)]} of the limit (1); "
+            raw.ratio = (f"{of_limit(raw, key)} of the limit (1); "
                          f"{ratio_text(run_ratios(raw.runs, naive.runs))} of naive (3)")
-            mp.ratio = (f"{of_limit[key][id(mp)]} of the limit (1); {ratio_text(run_ratios(mp.runs, lit.runs))} of "
+            mp.ratio = (f"{of_limit(mp, key)} of the limit (1); {ratio_text(run_ratios(mp.runs, lit.runs))} of "
                         f"LitServe (3b); {ratio_text(run_ratios(mp.runs, raw.runs))} of raw")
-            lit.ratio = f"{of_limit[key][id(lit)]} of the limit (1)"
-            naive.ratio = f"{of_limit[key][id(naive)]} of the limit (1)"
+            lit.ratio = f"{of_limit(lit, key)} of the limit (1)"
+            naive.ratio = f"{of_limit(naive, key)} of the limit (1)"
         low = self.levels[0]
         for m in self.models:
             c = max(self.levels, key=lambda c: self.service_rows[m, c].median)  # saturation: the best level
             raw, mp, lit, naive = (rows[m, c] for rows in (self.service_rows, self.service_mp_rows, self.lit_rows,
                                                            self.naive_rows))
             out.append(f"**{m} at saturation** ({c} conns): the service {raw.median:.1f} img/s raw, {mp.median:.1f} "
-                       f"multipart = **{of_limit[m, c][id(raw)]}** / {of_limit[m, c][id(mp)]} of the in-process "
+                       f"multipart = **{of_limit(raw, (m, c))}** / {of_limit(mp, (m, c))} of the in-process "
                        f"limit ({statistics.median(self.round_limit[m, c]):.1f} img/s around these rounds); "
                        f"**{ratio_text(run_ratios(mp.runs, lit.runs))} of LitServe** ({lit.median:.1f}, multipart "
                        f"both); **{ratio_text(run_ratios(raw.runs, naive.runs))} of the naive app** "

@@ -104,37 +104,59 @@ def wait_ready(server: Server, path: str, timeout: float = READY_TIMEOUT_S) -> f
     raise TimeoutError(f"{server.name} at {server.url} not ready after {timeout:.0f}s:\n{server.log_tail()}")
 
 
-def _proc_stats() -> dict[int, list[str]]:
-    """/proc/PID/stat of every process, split after the command name: state, ppid, pgrp, ..., utime (11), stime (12)."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            out[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # exited meanwhile
-            continue
-    return out
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def tree_pids(server: Server, stats: dict[int, list[str]] | None = None) -> list[int]:
-    """The server's process and all its descendants, parents first. Not its process group: BentoML's arbiter starts
-    each worker in a session of its own."""
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, parents first, from the parent field of every /proc/<pid>/stat. Not its
+    process group: BentoML's arbiter starts each worker in a session of its own."""
     children: dict[int, list[int]] = {}
-    for pid, fields in (stats or _proc_stats()).items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    pids = [server.proc.pid]
-    for pid in pids:  # grows while it is walked: breadth first
-        pids.extend(children.get(pid, []))
-    return pids
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):  # exited meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree = [pid]
+    for p in tree:  # grows while it is walked: breadth first
+        tree.extend(children.get(p, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (utime, stime: fields 14 and 15 of stat)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = _stat_fields(p)
+        except OSError:  # exited in between
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
 
 
 def signal_tree(server: Server, sig: int) -> None:
     """Send `sig` to the server's process and every descendant (BentoML's arbiter and workers, LitServe's API server
     and inference worker); processes already gone are skipped."""
-    for pid in tree_pids(server):
+    for pid in process_tree(server.proc.pid):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _stopped_or_gone(pid: int) -> bool:
+    try:
+        return _stat_fields(pid)[0] in "TtZX"
+    except OSError:
+        return True
 
 
 def freeze(server: Server) -> None:
@@ -143,28 +165,18 @@ def freeze(server: Server) -> None:
     stopped (signals are delivered asynchronously)."""
     signal_tree(server, signal.SIGSTOP)
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        stats = _proc_stats()
-        if all(stats[pid][0] in "TtZX" for pid in tree_pids(server, stats) if pid in stats):
-            return
+    while time.monotonic() < deadline and not all(map(_stopped_or_gone, process_tree(server.proc.pid))):
         time.sleep(0.005)
-
-
-def tree_cpu_seconds(server: Server) -> float:
-    """CPU time (user + system) used so far by the server's process and its descendants now alive."""
-    stats = _proc_stats()
-    ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree_pids(server, stats) if pid in stats)
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def wait_idle(server: Server, share: float = 0.3, window: float = 0.25, timeout: float = 15.0) -> bool:
     """Wait until the server uses less than `share` of a core over `window` seconds (it has finished what a load
     generator left in flight), at most `timeout` seconds; whether it got there."""
     deadline = time.monotonic() + timeout
-    before = tree_cpu_seconds(server)
+    before = cpu_seconds(server.proc.pid)
     while time.monotonic() < deadline:
         time.sleep(window)
-        now = tree_cpu_seconds(server)
+        now = cpu_seconds(server.proc.pid)
         if now - before < share * window:
             return True
         before = now

@@ -31,12 +31,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from loadtests.servers import cpu_seconds
 from serving.preprocess import preprocess_bytes
 from serving.registry import DEFAULT_MODELS_DIR, read_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO_ROOT / "examples" / "grace_hopper.jpg"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -47,42 +47,6 @@ class Cost:
     latency_ms_per_image_p90: float
     server_cpu_ms_per_image: float
     client_decode_ms_per_image: float = 0.0
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, from the parent field of every /proc/<pid>/stat."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int(_stat_fields(entry / "stat")[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += parents.get(p, [])
-    return tree
-
-
-def _stat_fields(path: Path) -> list[str]:
-    """The fields of a /proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
-    text = path.read_text()
-    return text[text.rindex(")") + 2:].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its live descendants (utime, stime: fields 14 and 15 of stat)."""
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            fields = _stat_fields(Path(f"/proc/{p}/stat"))
-        except OSError:  # exited in between
-            continue
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return total
 
 
 def _timed(fn, *args) -> float:

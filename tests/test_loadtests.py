@@ -168,7 +168,7 @@ def test_freezing_reaches_workers_in_sessions_of_their_own(tmp_path):
     server = servers.launch("tree", [sys.executable, "-c", script], 0, log_dir=tmp_path)
     try:
         for _ in range(100):
-            pids = servers.tree_pids(server)
+            pids = servers.process_tree(server.proc.pid)
             if len(pids) == 2:
                 break
             time.sleep(0.05)
@@ -177,7 +177,7 @@ def test_freezing_reaches_workers_in_sessions_of_their_own(tmp_path):
         assert [proc_state(p) for p in pids] == ["T", "T"]
         with servers.awake(server):
             assert "T" not in [proc_state(p) for p in pids]
-        assert servers.tree_cpu_seconds(server) >= 0.0
+        assert servers.cpu_seconds(server.proc.pid) >= 0.0
     finally:
         servers.stop(server)
         os.kill(pids[1], signal.SIGKILL)  # the child outlives its parent: it is not in the group stop() ends

@@ -431,7 +431,8 @@ def test_cost_measurement_runs_all_three_paths_and_reads_server_cpu(server):
     """loadtests/v2_cost.measure, what `make bench` calls: real requests, real CPU seconds from /proc."""
     import psutil
 
-    from loadtests.v2_cost import measure, process_tree
+    from loadtests.servers import process_tree
+    from loadtests.v2_cost import measure
 
     port = int(server.rsplit(":", 1)[1])
     listening = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
