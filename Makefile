@@ -73,7 +73,7 @@ ALEXNET_WEIGHTS ?= data/alexnet-owt-7be5be79.pth
 MNIST_DIR ?= ../shared/data/mnist
 .PHONY: alexnet-official
 
-models: setup models/lenet5/1/model.onnx models/alexnet/1/model.onnx
+models: setup models/lenet5/1/model.onnx models/alexnet/1/model.onnx models/alexnet/1/model.fp16.onnx
 
 models/lenet5/1/model.onnx:
 	@echo "models/lenet5 is part of the repository: restore it with git checkout, or rebuild it with make train-lenet"; exit 1
@@ -87,10 +87,16 @@ models/alexnet/1/model.onnx: | $(STAMP)
 	  $(PY) -m training.export --model alexnet --seed 0; \
 	fi
 
-# Rebuild AlexNet from the official weights (download them first with DOWNLOAD=1 if you have a network).
+# AlexNet's float16 copy for GPUs (docs/models.md): converted from the float32 file, checked against it on CPU, and
+# recorded in the card and config.pbtxt; rebuilt whenever the float32 file is.
+models/alexnet/1/model.fp16.onnx: models/alexnet/1/model.onnx | $(STAMP)
+	$(PY) -m training.fp16 models/alexnet
+
+# Rebuild AlexNet (and its float16 copy) from the official weights (download them first with DOWNLOAD=1 if you have
+# a network).
 alexnet-official: setup
 	$(if $(DOWNLOAD),$(PY) -m training.import_weights --download "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt,$(PY) -m training.import_weights "$(ALEXNET_WEIGHTS)" --output runs/alexnet/imported.pt)
-	$(PY) -m training.export --checkpoint runs/alexnet/imported.pt
+	$(PY) -m training.export --checkpoint runs/alexnet/imported.pt --precision fp16
 
 # Train LeNet-5 on MNIST (docs/training.md: <= 0.8% test error, a few minutes on 2 CPU cores), then export best.pt
 # to models/lenet5 (the exporter re-measures the error through the serving preprocessing and writes the card).

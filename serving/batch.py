@@ -40,7 +40,16 @@ from serving.errors import ClientError, CorruptImage, ModelRepositoryError, erro
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
 from serving.keys import CLIENT_KEY_ENV, client_headers
 from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess_bytes, stack_batch
-from serving.registry import CARD_FILE, DEFAULT_MODELS_DIR, ServedModel, discover, load_model, read_card, read_labels
+from serving.registry import (
+    CARD_FILE,
+    DEFAULT_MODELS_DIR,
+    PRECISIONS,
+    ServedModel,
+    discover,
+    load_model,
+    read_card,
+    read_labels,
+)
 from serving.runtime import DEVICES, DeviceUnavailable
 
 PROG = "convnet-classify"
@@ -129,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheduling niceness added to decode threads so they yield the CPU to onnxruntime "
                    f"(default {DEFAULT_DECODE_NICE})")
     p.add_argument("--device", choices=DEVICES, default="auto", help="execution device (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="model file: auto = the float16 one on a GPU when the card has it, else float32; fp32; "
+                   "fp16 (GPU only)")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N inputs of the listing")
     p.add_argument("--resume", action="store_true",
                    help="append to --output, skipping inputs it already has a record for")
@@ -665,7 +677,7 @@ def _load_local(args: argparse.Namespace) -> tuple[LocalBackend, Path]:
         raise UsageError(f"unknown model {args.model!r}; the repository {args.models_dir} has: "
                          f"{', '.join(have) or 'nothing (run `make models`)'}")
     try:
-        model = load_model(model_dir, device=args.device, threads=args.threads)
+        model = load_model(model_dir, device=args.device, threads=args.threads, precision=args.precision)
     except (ModelRepositoryError, DeviceUnavailable) as e:
         raise UsageError(str(e)) from None
     if args.top_k > model.card.num_classes:
@@ -711,7 +723,9 @@ def summary_line(summary: dict[str, Any]) -> str:
             parts.append(f"{ev['unlabelled']} in unknown class folders")
     state = " (interrupted)" if summary["interrupted"] else " (stopped at the first failure)" if summary[
         "stopped_early"] else ""
-    return f"{PROG}: {', '.join(parts)}; model {summary['model']} v{summary['version']} on {summary['device']}{state}"
+    precision = f" ({summary['precision']})" if summary.get("precision") else ""
+    return (f"{PROG}: {', '.join(parts)}; model {summary['model']} v{summary['version']} on {summary['device']}"
+            f"{precision}{state}")
 
 
 def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
@@ -724,10 +738,10 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
             args.timeout, args.workers, args.api_key)
         local_dir = Path(args.models_dir) / args.model
         model_dir = local_dir if (local_dir / CARD_FILE).is_file() else None
-        device = args.url
+        device, precision = args.url, None  # the service decides
     else:
         backend, model_dir = _load_local(args)
-        device = backend.model.session.device
+        device, precision = backend.model.session.device, backend.model.precision
     evaluator = Evaluator.for_model(model_dir) if args.eval else None
     writer, done, out_file = _open_output(args, fmt, args.top_k)
     bar = _progress_bar(args, done)
@@ -749,8 +763,8 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         "images_per_s": stats.processed / pipeline_s, "pipeline_s": pipeline_s,
         "pipeline_cpu_s": stats.cpu_end - stats.cpu_start,
         "wall_s": time.perf_counter() - stats.started, "model": backend.name, "version": backend.version,
-        "device": device, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
-        "decode_nice": args.decode_nice,
+        "device": device, "precision": precision, "batch_size": args.batch_size, "workers": args.workers,
+        "threads": args.threads, "decode_nice": args.decode_nice,
         "output": args.output, "format": fmt, "interrupted": stats.interrupted, "stopped_early": stats.stopped_early,
     }
     if evaluator is not None:

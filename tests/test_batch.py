@@ -305,6 +305,25 @@ def test_limit_takes_the_first_n_inputs_of_the_listing(digits: Path, tmp_path: P
     assert r.returncode == 2 and "--limit" in r.stderr
 
 
+def test_precision_reaches_the_summary_and_fp16_is_refused_without_a_gpu(tmp_path: Path):
+    """--precision picks the model file; the summary (line and JSON) says which one ran. On this CPU-only machine
+    fp16 stops with the reason and the fix, before any input is read."""
+    digit = str(REPO_ROOT / "examples" / "digit-7.png")
+    summary_path = tmp_path / "summary.json"
+    r = cli(digit, "--model", LENET, "--precision", "fp32", "--summary-json", str(summary_path),
+            "-o", str(tmp_path / "out.jsonl"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(summary_path.read_text())
+    assert (summary["precision"], summary["device"], summary["processed"]) == ("fp32", "cpu", 1)
+    assert r.stderr.strip().splitlines()[-1].endswith("model lenet5 v1 on cpu (fp32)")
+    r = cli(digit, "--model", LENET, "--precision", "fp16", "-o", str(tmp_path / "fp16.jsonl"))
+    assert r.returncode == 2 and "no float16 ONNX" in r.stderr and "make models" in r.stderr, r.stderr
+    r = cli(digit, "--model", "alexnet", "--precision", "fp16", "-o", str(tmp_path / "fp16.jsonl"))
+    assert r.returncode == 2 and "GPU providers only" in r.stderr, r.stderr
+    r = cli(digit, "--model", LENET, "--precision", "int8")
+    assert r.returncode == 2 and "--precision" in r.stderr
+
+
 def test_resume_refuses_an_output_from_another_model(digits: Path, tmp_path: Path):
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"path": "x.png", "model": "alexnet", "version": "1", "predictions": []}) + "\n")

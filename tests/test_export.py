@@ -140,15 +140,17 @@ def test_shipped_lenet_scores_on_full_mnist_through_the_service_preprocessing():
 def test_make_models_builds_alexnet_from_the_weights_file_in_data(tmp_path):
     """`make models` with data/alexnet-owt-7be5be79.pth present and no AlexNet ONNX imports that file: the built
     model computes what those weights compute, and its card says "imported" (the file is not torchvision's, so
-    not "imagenet1k-official"). Run in a scratch copy of the repository, so the real models/ is left alone."""
+    not "imagenet1k-official"), and its float16 copy is built from it. Run in a scratch copy of the repository, so
+    the real models/ is left alone."""
     repo = DEFAULT_MODELS_DIR.parent
     root = tmp_path / "repo"
     root.mkdir()
     for name in ("Makefile", "pyproject.toml", "uv.lock"):
         shutil.copy2(repo / name, root / name)
-    for name in ("serving", "training"):
+    for name in ("serving", "training", "examples"):  # examples/: the real photo of the float16 parity check
         shutil.copytree(repo / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(repo / "models", root / "models", ignore=shutil.ignore_patterns("model.onnx", "trt_cache"))
+    shutil.copytree(repo / "models", root / "models",
+                    ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "trt_cache"))
     shutil.copy2(repo / "models" / "lenet5" / "1" / "model.onnx", root / "models" / "lenet5" / "1" / "model.onnx")
     for name in (".venv", ".tools"):
         (root / name).symlink_to(repo / name)
@@ -165,6 +167,8 @@ def test_make_models_builds_alexnet_from_the_weights_file_in_data(tmp_path):
     assert "UNTRAINED" not in r.stdout
     card = read_card(root / "models" / "alexnet")
     assert card.weights == "imported" and card.trained
+    assert card.onnx_fp16["from_sha256"] == card.onnx["sha256"]  # the float16 copy of this very file
+    assert card.onnx_fp16["sha256"] == sha256_file(root / "models" / "alexnet" / card.onnx_fp16["path"])
     built = load_model(root / "models" / "alexnet", device="cpu")
     x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     tail = UInt8Input(IMAGENET.mean, IMAGENET.std)

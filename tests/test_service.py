@@ -106,6 +106,7 @@ def test_models_lists_cards_with_runtime(server):
         assert runtime["device"] == DEVICE_OF_PROVIDER[runtime["providers"][0]], runtime
         if not gpu_driver_present():
             assert runtime["device"] == "cpu", runtime
+            assert (runtime["precision"], runtime["onnx"]) == ("fp32", card["onnx"]["path"]), runtime  # fp16: GPU only
         print(f"{card['name']} ran on {runtime['device']} ({runtime['providers'][0]})")
         assert card["version"] and card["weights"] and card["preprocessing"]["kind"] in ("imagenet", "digit")
     # On a CPU both models run in the front worker itself (no hop), micro-batched.
