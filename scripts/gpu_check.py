@@ -1,24 +1,34 @@
-"""Verify the GPU path end to end and record GPU throughput (run by scripts/gpu_check.sh on a GPU machine).
+"""Verify the GPU path on real hardware and measure it, one stage at a time (scripts/gpu_check.sh runs them all).
 
-1. onnxruntime sees CUDA (and TensorRT, if installed); serving.runtime picks them for `auto`.
-2. Each model loads with device=cuda (and tensorrt when available): the session really runs on that provider,
-   and its logits match the CPU session's on the same real inputs.
-3. In-process throughput per batch size with I/O binding (serving.runtime.OnnxModel.run).
-4. Optionally (--service, needs bentoml): `bentoml serve` with CONVNET_DEVICE, /models reports the device, and a short
-   concurrent HTTP run with JPEG uploads measures end-to-end throughput.
-Writes a JSON report (--output) and exits 1 if any check failed.
+    python scripts/gpu_check.py STAGE --out DIR [--models-dir DIR] [--device cuda]
+
+Stages (each writes DIR/STAGE.json, so one that breaks costs only its own numbers):
+  env      the machine: GPU, driver, CPU, versions, the execution providers onnxruntime offers, TensorRT libraries
+  inproc   each model on the device vs the CPU session on the same real inputs (fp32 and, for AlexNet, fp16), then
+           model-only img/s by batch size with I/O binding (input and output stay on the GPU), and the service's
+           own call (`ServedModel.logits`: host uint8 in, host logits out)
+  decode   JPEG → 224² crop: serving.preprocess on one core and on every core, and nvJPEG (torchvision.io on CUDA)
+           with the same resize/crop recipe, with its parity against serving.preprocess
+  service  `bentoml serve` with CONVNET_DEVICE, wrk POSTing real JPEGs; img/s, p50/p99, where the CPU time goes
+           (front workers vs the model worker), GPU utilisation and BentoML's adaptive batch size
+  batch    the batch CLI on a folder of photos with --device
+  summary  one table of everything above
+`--device cpu` rehearses every stage on a machine without a GPU (what CI-like machines can check).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
+import threading
 import time
-import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,146 +40,389 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import onnxruntime as ort  # noqa: E402
 
-try:  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu >= 1.21); system libraries work without it
-    ort.preload_dlls()
-except Exception as exc:  # noqa: BLE001
-    print(f"onnxruntime.preload_dlls: {exc}", file=sys.stderr)
-
+from loadtests.images import photo_jpegs  # noqa: E402
 from serving.preprocess import IMAGENET, preprocess_bytes  # noqa: E402
 from serving.registry import DEFAULT_MODELS_DIR, load_model  # noqa: E402
 from serving.runtime import candidate_providers  # noqa: E402
 
+PHOTO_SIDES = (375, 500)  # photo-sized JPEGs, e.g. 500×375
+BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 
-def photo_jpegs(n: int) -> list[bytes]:
-    import io
 
-    from PIL import Image
+def photos(n: int, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs (gradients, shapes, noise; mixed quality, progressive and 4:4:4 among them) plus the one
+    real photograph the repository ships."""
+    real = (REPO / "examples" / "grace_hopper.jpg").read_bytes()
+    return [real] + [p.data for p in photo_jpegs(np.random.default_rng(seed), n - 1, *PHOTO_SIDES)]
 
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        w, h = int(rng.integers(400, 1024)), int(rng.integers(300, 768))
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        a = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], -1) + rng.normal(0, 8, (h, w, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
+
+def sh(cmd: str) -> str:
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    return (proc.stdout + proc.stderr).strip()
+
+
+def timed_rate(step, per_call: int, seconds: float, warm_up: int = 3) -> float:
+    for _ in range(warm_up):  # cuDNN picks its algorithms on the first runs of each shape
+        step()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        step()
+        n += per_call
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return n / elapsed
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Logits against a float32 CPU reference: absolute and relative error, top-1 agreement."""
+    diff = float(np.abs(got.astype(np.float64) - ref).max())
+    return {"max_abs_diff": diff, "max_abs_ref": float(np.abs(ref).max()),
+            "rel_diff": diff / max(float(np.abs(ref).max()), 1e-30),
+            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()), "n": len(ref)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_env(args: argparse.Namespace) -> dict:
+    import ctypes
+
+    trt = {}
+    for lib in ("libnvinfer.so.10", "libnvinfer.so.8"):
+        try:
+            ctypes.CDLL(lib)
+            trt[lib] = "loads"
+        except OSError as e:
+            trt[lib] = f"missing ({str(e)[:80]})"
+    versions = {"python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
+    for name in ("torch", "torchvision", "bentoml", "PIL"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception as e:  # noqa: BLE001 - a version we can't read is reported, not fatal
+            versions[name] = f"unavailable: {type(e).__name__}"
+    return {"gpu": sh("nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader"),
+            "cpu": sh("lscpu | sed -n 's/^Model name:[ ]*//p'"), "cpus": os.cpu_count(),
+            "kernel": platform.release(), "versions": versions,
+            "available_providers": ort.get_available_providers(), "auto_picks": candidate_providers("auto"),
+            "tensorrt_libraries": trt, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "auto_session": auto_session(args)}
+
+
+def auto_session(args: argparse.Namespace) -> dict:
+    """What `CONVNET_DEVICE=auto` really starts (a provider listed as available may fail to load its libraries)."""
+    t0 = time.perf_counter()
+    try:
+        model = load_model(args.models_dir / "lenet5", device="auto")
+        return {"providers": model.session.providers, "device": model.session.device,
+                "seconds": round(time.perf_counter() - t0, 2)}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def bound_rate(sess: ort.InferenceSession, batch: np.ndarray, seconds: float, device: str) -> float:
+    """Model-only img/s: the input is copied to the device once, the logits stay there (I/O binding)."""
+    binding = sess.io_binding()
+    where = "cuda" if device in ("cuda", "tensorrt") else "cpu"
+    x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), where, 0)
+    binding.bind_ortvalue_input(sess.get_inputs()[0].name, x)
+    binding.bind_output(sess.get_outputs()[0].name, where)
+    return timed_rate(lambda: sess.run_with_iobinding(binding), len(batch), seconds)
+
+
+def stage_inproc(args: argparse.Namespace) -> dict:
+    jpegs = photos(64)
+    alex_x = np.stack([preprocess_bytes(j, IMAGENET) for j in jpegs])
+    rng = np.random.default_rng(1)
+    out: dict = {"parity": {}, "model_only": {}, "service_call": {}, "inputs": f"{len(jpegs)} JPEGs: "
+                 "examples/grace_hopper.jpg + photo-like 375-500 px, through serving.preprocess"}
+    cpu_ref = {"alexnet": load_model(args.models_dir / "alexnet", device="cpu").logits(alex_x)}
+    lenet_x = rng.integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)
+    cpu_ref["lenet5"] = load_model(args.models_dir / "lenet5", device="cpu").logits(lenet_x)
+    variants = [("alexnet", "fp32"), ("alexnet", "fp16"), ("lenet5", "fp32")]
+    if args.device == "cpu":
+        variants = [v for v in variants if v[1] == "fp32"]
+    for name, precision in variants:
+        key = f"{name}/{precision}"
+        try:
+            t0 = time.perf_counter()
+            model = load_model(args.models_dir / name, device=args.device, precision=precision)
+            model.warm_up(256 if name == "alexnet" else 64)
+            x = alex_x if name == "alexnet" else lenet_x
+            out["parity"][key] = {**compare(cpu_ref[name], model.logits(x)), "providers": model.session.providers,
+                                  "load_and_warm_up_s": round(time.perf_counter() - t0, 2)}
+            print(f"parity {key}: {out['parity'][key]}", flush=True)
+            sizes = BATCH_SIZES if name == "alexnet" else (64, 256)
+            out["model_only"][key] = {}
+            out["service_call"][key] = {}
+            sess, logits = model.session.session, model.logits
+            for bs in sizes:
+                batch = np.stack([x[i % len(x)] for i in range(bs)])
+                out["model_only"][key][bs] = round(bound_rate(sess, batch, args.seconds, args.device), 1)
+                out["service_call"][key][bs] = round(timed_rate(lambda b=batch, f=logits: f(b), bs, args.seconds), 1)
+                print(f"{key} batch {bs}: model-only {out['model_only'][key][bs]} img/s, "
+                      f"service call {out['service_call'][key][bs]} img/s", flush=True)
+            del model, sess, logits  # free the GPU memory before the next variant
+        except Exception as e:  # noqa: BLE001 - report, keep measuring the other variants
+            out["parity"][key] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{key}: {type(e).__name__}: {e}", flush=True)
+    if args.device != "cpu":
+        out["prefer_nhwc_model_only"] = nhwc_rates(args, alex_x)
     return out
 
 
-def inputs_for(model, jpegs: list[bytes], n: int) -> np.ndarray:
-    r = model.recipe
-    if r.kind == "imagenet":
-        crops = [preprocess_bytes(j, IMAGENET) for j in jpegs]
-    else:
-        rng = np.random.default_rng(1)
-        crops = [rng.integers(0, 256, (r.size, r.size, r.channels), dtype=np.uint8) for _ in range(8)]
-    return np.stack([crops[i % len(crops)] for i in range(n)])
+def nhwc_rates(args: argparse.Namespace, x: np.ndarray) -> dict:
+    """The CUDA provider's NHWC convolutions (tensor-core friendly layout), model-only at the large batches."""
+    from serving.registry import read_card
+
+    card, out = read_card(args.models_dir / "alexnet"), {}
+    files = {"fp32": card.onnx["path"], "fp16": (card.onnx_fp16 or {}).get("path")}
+    for precision, rel in files.items():
+        try:
+            sess = ort.InferenceSession(str(args.models_dir / "alexnet" / rel), providers=[
+                ("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"])
+            out[precision] = {bs: round(bound_rate(sess, np.stack([x[i % len(x)] for i in range(bs)]),
+                                                   args.seconds, args.device), 1) for bs in (64, 256)}
+        except Exception as e:  # noqa: BLE001
+            out[precision] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(f"prefer_nhwc {precision}: {out[precision]}", flush=True)
+    return out
 
 
-def throughput(model, batch: np.ndarray, seconds: float) -> float:
-    model.logits(batch)
+def _cpu_decode_rate(args: tuple[list[bytes], float]) -> tuple[int, float]:
+    jpegs, seconds = args
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        model.logits(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - t0)
+        preprocess_bytes(jpegs[n % len(jpegs)], IMAGENET)
+        n += 1
+    return n, time.perf_counter() - t0
 
 
-async def http_run(base: str, jpegs: list[bytes], concurrency: int, seconds: float) -> dict:
+def gpu_decoder():
+    """nvJPEG through torchvision: decode a batch on the GPU, then torchvision's Resize(256) + CenterCrop(224)
+    (bilinear, antialiased) on the GPU: the recipe serving.preprocess reproduces with Pillow."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    def run(jpegs: list[bytes]) -> np.ndarray:
+        data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+        crops = [F.center_crop(F.resize(im, [256], antialias=True), [224]) for im in images]
+        return torch.stack(crops).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    return run
+
+
+def stage_decode(args: argparse.Namespace) -> dict:
+    jpegs = photos(64, seed=2)
+    one_core = _cpu_decode_rate((jpegs, args.seconds))
+    cpus = os.cpu_count() or 1
+    with ProcessPoolExecutor(cpus) as pool:
+        parts = list(pool.map(_cpu_decode_rate, [(jpegs, args.seconds)] * cpus))
+    out: dict = {"inputs": "64 JPEGs, 375-500 px", "pillow_one_core": round(one_core[0] / one_core[1], 1),
+                 "pillow_all_cores": round(sum(n for n, _ in parts) / max(s for _, s in parts), 1),
+                 "cpus": cpus}
+    print(f"decode: Pillow {out['pillow_one_core']} img/s on one core, {out['pillow_all_cores']} on {cpus}", flush=True)
+    try:
+        run = gpu_decoder()
+        ref = np.stack([preprocess_bytes(j, IMAGENET) for j in jpegs])
+        got = run(jpegs)
+        d = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        out["nvjpeg_parity"] = {"max_abs_diff": int(d.max()), "mean_abs_diff": float(d.mean()),
+                                "share_within_2": float((d <= 2).mean())}
+        model = load_model(args.models_dir / "alexnet", device="cpu")
+        out["nvjpeg_parity"]["top1_agreement_fp32"] = float(
+            (model.logits(got).argmax(1) == model.logits(ref).argmax(1)).mean())
+        for bs in (64, 256):
+            batch = [jpegs[i % len(jpegs)] for i in range(bs)]
+            out[f"nvjpeg_batch{bs}"] = round(timed_rate(lambda b=batch: run(b), bs, args.seconds), 1)
+        print(f"decode: nvJPEG {out}", flush=True)
+    except Exception as e:  # noqa: BLE001 - no CUDA torchvision here: say so
+        out["nvjpeg_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"decode: nvJPEG unavailable: {out['nvjpeg_error']}", flush=True)
+    return out
+
+
+class Sampler:
+    """Background samples while a load runs: CPU seconds per server process, GPU utilisation."""
+
+    def __init__(self, pids: dict[str, int], gpu: bool) -> None:
+        from loadtests.servers import cpu_seconds
+
+        self.cpu_seconds, self.pids = cpu_seconds, pids
+        self.gpu = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                     "-lms", "250"], stdout=subprocess.PIPE, text=True) if gpu else None
+        self.t0, self.start = time.perf_counter(), {k: self._cpu(p) for k, p in pids.items()}
+
+    def _cpu(self, pid: int) -> float:
+        try:
+            return self.cpu_seconds(pid)
+        except OSError:
+            return 0.0
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        busy = {k: round((self._cpu(p) - self.start[k]) / wall, 2) for k, p in self.pids.items()}
+        front = [v for k, v in busy.items() if not k.startswith("convnet_models")]
+        out = {"model_worker_cores": sum(v for k, v in busy.items() if k.startswith("convnet_models")),
+               "front_workers_cores": round(sum(front), 2), "front_workers": len(front),
+               "busiest_front_worker": max(front, default=0.0)}
+        if self.gpu is not None:
+            self.gpu.terminate()
+            samples = [float(s) for s in self.gpu.communicate()[0].split() if re.fullmatch(r"[\d.]+", s)]
+            out["gpu_util_mean_pct"] = round(sum(samples) / max(len(samples), 1), 1)
+        return out
+
+
+def profile(pids: dict[str, int], args: argparse.Namespace) -> subprocess.Popen | None:
+    """py-spy (sampling, GIL or not) on the first model worker for most of the load run: where its time goes."""
+    model_workers = sorted(k for k in pids if k.startswith("convnet_models"))
+    if not args.profile or not model_workers or shutil.which("py-spy") is None:
+        return None
+    return subprocess.Popen(["py-spy", "record", "-p", str(pids[model_workers[0]]), "-d", str(args.load_seconds - 3),
+                             "-r", "200", "-f", "raw", "-o", str(args.out / f"profile{args.label}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def batch_size_mean(metrics_text: str) -> float | None:
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return round(total / count, 1) if count else None
+
+
+def stage_service(args: argparse.Namespace) -> dict:
     import httpx
+    from serverproc import free_port, start_server, stop_server, wait_ready, worker_pids
 
-    done = {"ok": 0, "other": 0}
+    from loadtests.bench import run_wrk
 
-    async def client(i: int, deadline: float) -> None:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-            while time.perf_counter() < deadline:
-                r = await c.post("/classify?model=alexnet", content=jpegs[i % len(jpegs)],
-                                 headers={"Content-Type": "image/jpeg"})
-                done["ok" if r.status_code == 200 else "other"] += 1
-                i += concurrency
+    folder = Path("/tmp/gpu_check_photos")
+    folder.mkdir(exist_ok=True)
+    files = []
+    for i, j in enumerate(photos(32, seed=3)):
+        files.append(folder / f"p{i:02d}.jpg")
+        files[-1].write_bytes(j)
+    port = free_port()
+    env = {"CONVNET_DEVICE": args.device, "CONVNET_MODELS_DIR": str(args.models_dir), **dict(
+        kv.split("=", 1) for kv in args.server_env)}
+    log_dir = args.out if not args.label else Path("/tmp")  # files back from the GPU machine are few: one log
+    proc = start_server(port, env=env, log_path=log_dir / f"server{args.label}.log")
+    out: dict = {"env": env, "runs": []}
+    try:
+        base = f"http://127.0.0.1:{port}"
+        out["ready_s"] = round(wait_ready(base, proc, timeout=300), 1)
+        out["models"] = {c["name"]: c["runtime"] for c in httpx.get(f"{base}/models").json()["models"]}
+        print(f"service ready in {out['ready_s']} s: {out['models']}", flush=True)
+        r = httpx.post(f"{base}/classify?model=alexnet", content=files[0].read_bytes(),
+                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        out["preflight"] = {"status": r.status_code, "body": r.json()}
+        pids = worker_pids(proc)
+        lenet = [("lenet5", 64)] if "lenet5" in out["models"] else []
+        for model, connections in [("alexnet", c) for c in args.connections] + lenet:
+            path = f"/classify?model={model}"
+            run_files = files if model == "alexnet" else [REPO / "examples" / "digit-7.png"]
+            ctype = "image/jpeg" if model == "alexnet" else "image/png"
+            metrics_before = httpx.get(f"{base}/metrics").text
+            sampler = Sampler(pids, gpu=args.device != "cpu")
+            profiler = profile(pids, args) if model == "alexnet" and connections == args.connections[0] else None
+            run = run_wrk(base, path, ctype, run_files, connections, args.load_seconds, None)
+            if profiler is not None:
+                profiler.wait(timeout=30)
+            run.update(sampler.stop())
+            before, after = batch_size_mean(metrics_before), batch_size_mean(httpx.get(f"{base}/metrics").text)
+            run.update({"model": model, "connections": connections, "server_env": " ".join(args.server_env),
+                        "adaptive_batch_mean_overall": after,
+                        "adaptive_batch_mean_before": before})
+            out["runs"].append(run)
+            print(f"service {model} c{connections}: {json.dumps(run)}", flush=True)
+    finally:
+        stop_server(proc)
+    return out
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(i, t0 + seconds) for i in range(concurrency)))
-    return {"images_per_s": round(done["ok"] / (time.perf_counter() - t0), 1), "non_200": done["other"]}
+
+def stage_batch(args: argparse.Namespace) -> dict:
+    folder = Path("/tmp/gpu_check_batch")
+    folder.mkdir(exist_ok=True)
+    jpegs = photos(64, seed=4)
+    for i in range(args.batch_images):
+        (folder / f"{i:05d}.jpg").write_bytes(jpegs[i % len(jpegs)])
+    out: dict = {"images": args.batch_images, "runs": []}
+    for batch_size in (64, 256):
+        summary = Path("/tmp/gpu_check_batch_summary.json")
+        summary.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "serving.batch", str(folder), "--model", "alexnet", "--device", args.device,
+               "--models-dir", str(args.models_dir), "--batch-size", str(batch_size), "--output", "/tmp/batch.jsonl",
+               "--summary-json", str(summary), "--progress", "off"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        s = json.loads(summary.read_text()) if summary.exists() else {}
+        run = {"batch_size": batch_size, "rc": proc.returncode, "end_to_end_img_s": round(args.batch_images / wall, 1),
+               **{k: s.get(k) for k in ("images_per_s", "device", "precision", "workers", "failed")},
+               "stderr_tail": proc.stderr[-300:]}
+        out["runs"].append(run)
+        print(f"batch CLI: {json.dumps(run)}", flush=True)
+    return out
+
+
+def stage_summary(args: argparse.Namespace) -> dict:
+    def load(stage: str) -> dict:
+        path = args.out / f"{stage}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    env, inproc, decode, batch = (load(s) for s in ("env", "inproc", "decode", "batch"))
+    services = [load(path.stem) for path in sorted(args.out.glob("service*.json"))]
+    lines = [f"GPU: {env.get('gpu')}; CPU: {env.get('cpu')} x{env.get('cpus')}; {env.get('versions')}",
+             f"providers: {env.get('available_providers')}; TensorRT libraries: {env.get('tensorrt_libraries')}"]
+    for key, p in inproc.get("parity", {}).items():
+        lines.append(f"parity {key}: {p}")
+    for key, rates in inproc.get("model_only", {}).items():
+        lines.append(f"model-only {key}: {rates}; service call: {inproc['service_call'].get(key)}")
+    lines.append(f"decode: {decode}")
+    for run in [run for service in services for run in service.get("runs", [])]:
+        lines.append(f"service [{run.get('server_env', '')}] {run['model']} c{run['connections']}: "
+                     f"{run['rate']:.0f} img/s, p50 {run['p50_ms']:.1f} p99 {run['p99_ms']:.1f} ms, "
+                     f"errors {run['errors']}, front {run.get('front_workers_cores')} cores "
+                     f"({run.get('front_workers')} workers), model worker {run.get('model_worker_cores')}, "
+                     f"GPU {run.get('gpu_util_mean_pct')}%, batch {run.get('adaptive_batch_mean_overall')}")
+    for run in batch.get("runs", []):
+        lines.append(f"batch CLI bs{run['batch_size']}: {run}")
+    print("\n".join(lines))
+    return {"lines": lines}
+
+
+STAGES = {"env": stage_env, "inproc": stage_inproc, "decode": stage_decode, "service": stage_service,
+          "batch": stage_batch, "summary": stage_summary}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--out", type=Path, required=True, help="folder for STAGE.json and logs")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
-    p.add_argument("--batch-sizes", default="1,8,32,64,128")
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--service", action="store_true", help="also serve over HTTP and measure (needs bentoml)")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--output", type=Path, default=REPO / "results" / "gpu_check.json")
+    p.add_argument("--device", default="cuda", choices=("cuda", "tensorrt", "cpu"))
+    p.add_argument("--seconds", type=float, default=1.5, help="per throughput point")
+    p.add_argument("--load-seconds", type=int, default=15, help="per wrk run")
+    p.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[64, 256])
+    p.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra CONVNET_* settings")
+    p.add_argument("--batch-images", type=int, default=2000)
+    p.add_argument("--profile", action="store_true", help="service: py-spy a model worker during the first run")
+    p.add_argument("--label", default="", help="suffix of this run's file names (a second service configuration)")
     args = p.parse_args()
-    report: dict = {"python": platform.python_version(), "onnxruntime": ort.__version__,
-                    "available_providers": ort.get_available_providers(), "checks": {}, "throughput": {}}
-    failures: list[str] = []
-
-    def check(name: str, ok: bool, detail) -> None:
-        report["checks"][name] = {"ok": bool(ok), "detail": detail}
-        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}", flush=True)
-        if not ok:
-            failures.append(name)
-
-    auto = candidate_providers("auto")
-    check("auto prefers a GPU provider", auto[0] != "CPUExecutionProvider", auto)
-    devices = ["cuda"] + (["tensorrt"] if "TensorrtExecutionProvider" in ort.get_available_providers() else [])
-    jpegs = photo_jpegs(16)
-    for name in ("alexnet", "lenet5"):
-        model_dir = args.models_dir / name
-        if not (model_dir / "model.json").exists():
-            check(f"{name} present", False, f"no card under {model_dir}: run make models")
-            continue
-        cpu = load_model(model_dir, device="cpu")
-        x = inputs_for(cpu, jpegs, 16)
-        ref = cpu.logits(x)
-        for device in devices:
-            key = f"{name}/{device}"
-            try:
-                t0 = time.perf_counter()
-                gpu = load_model(model_dir, device=device)
-                gpu.warm_up()
-                load_s = time.perf_counter() - t0
-                check(f"{key} runs on {device}", gpu.session.device == device,
-                      {"providers": gpu.session.providers, "load_and_warm_up_s": round(load_s, 2)})
-                diff = float(np.abs(gpu.logits(x) - ref).max())
-                tol = 5e-2 if device == "tensorrt" else 1e-2  # TensorRT builds fp16 engines
-                check(f"{key} matches CPU logits", diff <= tol * max(1.0, float(np.abs(ref).max())),
-                      {"max_abs_diff": diff})
-                report["throughput"][key] = {
-                    str(bs): round(throughput(gpu, inputs_for(gpu, jpegs, bs), args.seconds), 1)
-                    for bs in (int(b) for b in args.batch_sizes.split(","))}
-                print(f"{key} images/s by batch size: {report['throughput'][key]}", flush=True)
-            except Exception as e:  # noqa: BLE001 (report every failure, keep checking the rest)
-                check(f"{key} loads", False, f"{type(e).__name__}: {e}")
-                traceback.print_exc()
-
-    if args.service:
-        from serverproc import free_port, start_server, stop_server, wait_ready
-
-        port = free_port()
-        proc = start_server(port, env={"CONVNET_DEVICE": "cuda", "CONVNET_MODELS_DIR": str(args.models_dir)})
-        try:
-            base = f"http://127.0.0.1:{port}"
-            ready_s = wait_ready(base, proc)
-            import httpx
-
-            cards = httpx.get(f"{base}/models").json()["models"]
-            check("service /models reports cuda", all(c["runtime"]["device"] == "cuda" for c in cards),
-                  {c["name"]: c["runtime"] for c in cards})
-            run = asyncio.run(http_run(base, jpegs, args.concurrency, args.seconds * 4))
-            report["service"] = {"ready_s": round(ready_s, 1), "concurrency": args.concurrency, **run}
-            check("service answers 200 under load", run["non_200"] == 0 and run["images_per_s"] > 0, run)
-        finally:
-            stop_server(proc)
-
-    report["failures"] = failures
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.output} ({'all checks passed' if not failures else f'FAILED: {failures}'})")
-    return 1 if failures else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    threading.current_thread().name = args.stage
+    result = STAGES[args.stage](args)
+    result["stage_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.stage != "summary":
+        (args.out / f"{args.stage}{args.label}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"{args.stage}: done in {result['stage_seconds']} s", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

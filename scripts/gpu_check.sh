@@ -1,21 +1,70 @@
 #!/usr/bin/env bash
-# Verify the CUDA (and TensorRT, if installed) path and record GPU throughput, in one call, on a GPU machine:
+# The GPU check in one call (docs/gpu.md): install what the GPU machine lacks, build the models there, then run
+# every stage of scripts/gpu_check.py, each under its own time limit, writing OUT/<stage>.json and OUT/gpu_check.log.
 #
-#   scripts/gpu_check.sh                  # in-process checks + throughput -> results/gpu_check.json
-#   scripts/gpu_check.sh --service        # + bentoml serve with CONVNET_DEVICE=cuda and an HTTP run
+#   scripts/gpu_check.sh --out DIR [--device cuda|cpu] [extra gpu_check.py options]
 #
-# Needs the model repository (make models) and onnxruntime-gpu with CUDA 12/13 libraries (system, or pip's
-# nvidia-* wheels). PYTHON picks the interpreter (default .venv/bin/python, else python3); a wheel installed with
-# --target (see ../shared/gpu/README.md) is found through PYTHONPATH. Exit 0 only if every check passed.
-set -euo pipefail
+# On the lent GPU machine (Python 3.12, CUDA 13, torch; no package registry) it first installs, when present:
+#   /tmp/ortgpu/part-*  onnxruntime-gpu, carried in parts (../shared/gpu/README.md), joined by .ortgpu/install.sh
+#   .whl/*.whl          the locked cp312 wheels of everything else (deploy/requirements.gpu.txt) into /tmp/site
+#   .gpu/bin/wrk        the load generator (with its libraries in .gpu/lib)
+# `--device cpu` rehearses the whole thing here, on a machine without a GPU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export BENTOML_DO_NOT_TRACK=true ORT_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
+OUT=results/gpu DEVICE=cuda
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT=$2; shift 2 ;;
+    --device) DEVICE=$2; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+if ls /tmp/ortgpu/part-* >/dev/null 2>&1 && [ -f .ortgpu/install.sh ] && [ ! -d /tmp/site/onnxruntime ]; then
+  say "installing onnxruntime-gpu from $(ls /tmp/ortgpu/part-* | wc -l) parts"
+  bash .ortgpu/install.sh 2>&1 | tail -3 | tee -a "$LOG"
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  say "installing $(ls .whl/*.whl | wc -l) locked wheels into /tmp/site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v "^WARNING: Target directory" | tail -3 | tee -a "$LOG"
+fi
+if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+[ -x .gpu/bin/wrk ] && export PATH=$PWD/.gpu/bin:$PATH
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; then
-  echo "gpu_check: no NVIDIA GPU/driver visible here (nvidia-smi failed)" >&2
-  exit 2
+
+# The model repository: LeNet-5 is in git; AlexNet's ONNX (and its float16 twin) is built where it runs.
+MODELS=${MODELS:-/tmp/convnet-models}
+if [ ! -f "$MODELS/alexnet/1/model.fp16.onnx" ]; then
+  say "building the model repository in $MODELS"
+  mkdir -p "$MODELS/alexnet"
+  cp -r models/lenet5 "$MODELS/"
+  cp models/alexnet/labels.txt models/alexnet/wnids.txt "$MODELS/alexnet/"
+  if [ -f models/alexnet/1/model.onnx ] && [ -f models/alexnet/1/model.fp16.onnx ]; then
+    cp -r models/alexnet/. "$MODELS/alexnet/"
+  else
+    timeout 300 "$PYTHON" -m training.export --model alexnet --seed 0 --models-dir "$MODELS" 2>&1 | tail -2 | tee -a "$LOG"
+    timeout 120 "$PYTHON" -m training.fp16 "$MODELS/alexnet" 2>&1 | tail -2 | tee -a "$LOG"
+  fi
 fi
-"$PYTHON" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
-exec "$PYTHON" scripts/gpu_check.py "$@"
+
+failed=()
+STAGES=${STAGES:-env inproc decode service batch}
+for stage_limit in env:30 inproc:150 decode:60 service:180 batch:90; do
+  stage=${stage_limit%%:*}
+  [[ " $STAGES " == *" $stage "* ]] || continue
+  say "stage $stage (limit ${stage_limit##*:} s)"
+  timeout -k 10 "${stage_limit##*:}" "$PYTHON" scripts/gpu_check.py "$stage" --out "$OUT" --models-dir "$MODELS" \
+    --device "$DEVICE" "${args[@]}" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$stage")
+done
+"$PYTHON" scripts/gpu_check.py summary --out "$OUT" 2>&1 | tee -a "$LOG"
+say "failed stages: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]

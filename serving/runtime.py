@@ -37,6 +37,16 @@ def _gpu_driver_present() -> bool:
         return False
 
 
+def _tensorrt_present() -> bool:
+    # onnxruntime-gpu lists TensorRT as available whether or not TensorRT itself is installed; a session asked for it
+    # then prints an error page and starts again without it (seen on an H200 without TensorRT: docs/gpu.md).
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+        return True
+    except OSError:
+        return False
+
+
 def _preload_cuda_libraries() -> None:
     # CUDA/cuDNN may come from pip wheels (nvidia-*; the GPU image does this) rather than the system: onnxruntime
     # finds those only once preloaded. Where they are missing the CUDA provider fails to start and we fall back.
@@ -57,7 +67,7 @@ def candidate_providers(device: str = "auto") -> list[str]:
         if not _gpu_driver_present():
             return ["CPUExecutionProvider"]
         _preload_cuda_libraries()
-        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        wanted = (["TensorrtExecutionProvider"] if _tensorrt_present() else []) + ["CUDAExecutionProvider"]
         return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
     provider = _PROVIDER_OF[device]
     _preload_cuda_libraries()
@@ -66,7 +76,15 @@ def candidate_providers(device: str = "auto") -> list[str]:
             f"device {device!r} requested but {provider} is not usable here "
             f"(available: {sorted(available)}, GPU driver present: {_gpu_driver_present()})"
         )
+    if device == "tensorrt" and not _tensorrt_present():
+        raise DeviceUnavailable("device 'tensorrt' requested but TensorRT (libnvinfer.so.10) is not installed; "
+                                "use cuda, or install TensorRT 10")
     return [provider] + (["CUDAExecutionProvider"] if device == "tensorrt" else []) + ["CPUExecutionProvider"]
+
+
+# NHWC convolutions suit the tensor cores: AlexNet on an H200, batch 256, model only, went from 54.5k to 79.2k img/s
+# (fp32) and from 63.4k to 97.2k (fp16) with it (docs/gpu.md).
+CUDA_OPTIONS = {"prefer_nhwc": "1"}
 
 
 def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:
@@ -74,6 +92,8 @@ def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:
         cache_dir.mkdir(parents=True, exist_ok=True)
         return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
                 "trt_fp16_enable": "True"}
+    if provider == "CUDAExecutionProvider":
+        return dict(CUDA_OPTIONS)
     return {}
 
 

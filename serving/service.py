@@ -84,7 +84,8 @@ class WorkerLifeRecord:
 
 def load_warm(names: list[str], device: str, threads: int) -> dict[str, ServedModel]:
     """Load the named models and run one real inference on each (readiness means they answer)."""
-    models = load_repository(CFG.models_dir, names, device, threads, session_config=NO_SPIN) if names else {}
+    models = load_repository(CFG.models_dir, names, device, threads, session_config=NO_SPIN,
+                             precision=CFG.precision) if names else {}
     for model in models.values():
         model.warm_up(CFG.max_batch_size)  # memory at its working size before the worker says it is ready
         log.info("model %s ready on %s (providers %s)", model.name, model.session.device, model.session.providers)
@@ -146,6 +147,7 @@ Models = bentoml.service(
     name="convnet_models", workers=WORKERS["model_workers"], threads=1, traffic={"timeout": CFG.timeout_s},
     resources={"gpu": 1} if USES_GPU else {}, runner_connection=RUNNER_CONNECTION,
     logging={"access": {"enabled": False}},  # the front service counts every request already
+    tracing={} if CFG.tracing else {"excluded_urls": [r"/logits_"]},  # a fifth of a GPU model worker's CPU
 )(type("Models", (_ModelWorker,), {endpoint_name(n): _logits_endpoint(n) for n in IN_MODEL_SERVICE}))
 
 API = ClassifierAPI(CFG, MODEL_INFOS)

@@ -47,6 +47,33 @@ class CancellingTimeoutMiddleware(traffic.TimeoutMiddleware):
             await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
+def _cached_mime_type(mime_type: Any) -> classmethod:
+    """BentoML's `IOMixin.mime_type`, computed once per IO class.
+
+    Upstream derives an endpoint's response media type from its pydantic JSON schema, rebuilt (a TypeAdapter and a
+    schema generator) for every response: 13% of a GPU model worker's time under load (py-spy, docs/gpu.md). The
+    answer depends on the class alone.
+    """
+    known: dict[type, str] = {}
+
+    def cached(cls: type) -> str:
+        if cls not in known:
+            known[cls] = mime_type(cls)
+        return known[cls]
+
+    return classmethod(cached)
+
+
+_installed = False
+
+
 def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from _bentoml_sdk.io_models import IOMixin
+
     # BentoML's app factory imports TimeoutMiddleware from this module each time it builds an app.
     traffic.TimeoutMiddleware = CancellingTimeoutMiddleware
+    IOMixin.mime_type = _cached_mime_type(IOMixin.mime_type.__func__)

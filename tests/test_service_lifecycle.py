@@ -161,17 +161,22 @@ def test_config_layers(tmp_path):
         load_config({"CONVNET_MAX_BODY_BYTES": "lots"})
     with pytest.raises(ValueError, match="CONVNET_DEVICE"):
         load_config({"CONVNET_DEVICE": "tpu"})
+    assert load_config({"CONVNET_PRECISION": "fp16"}).precision == "fp16"
+    with pytest.raises(ValueError, match="CONVNET_PRECISION must be one of auto, fp32, fp16"):
+        load_config({"CONVNET_PRECISION": "int8"})
     with pytest.raises(ValueError, match="CONVNET_MAX_BATCH_SIZE"):
         load_config({"CONVNET_MAX_BATCH_SIZE": "0"})
-    # Automatic parallelism: on CPU inference runs in each front worker (one per CPU, at most 4); on a GPU one model
-    # worker and many decoding fronts.
+    # Automatic parallelism: on CPU inference runs in each front worker (one per CPU, at most 4); on a GPU a quarter
+    # of the CPUs are model workers sharing the GPU, the rest decoding fronts (measured on an H200: docs/gpu.md).
     def workers(cfg, gpu, service, cpus):
         w = parallelism(cfg, gpu, service, cpus)
         return w["api_workers"], w["front_ort_threads"], w["model_workers"], w["model_ort_threads"]
 
     assert workers(ServiceConfig(), False, False, 2) == (2, 1, 2, 1)  # CPU: inference in each front worker
     assert workers(ServiceConfig(), False, False, 16) == (4, 4, 4, 4)
-    assert workers(ServiceConfig(), True, True, 16) == (16, 1, 1, 16)  # GPU: 16 decoding fronts, one GPU worker
+    assert workers(ServiceConfig(), True, True, 16) == (12, 1, 4, 4)  # GPU: 12 decoding fronts, 4 GPU workers
+    assert workers(ServiceConfig(), True, True, 2) == (1, 2, 1, 2)
+    assert workers(ServiceConfig(model_workers=1), True, True, 16) == (15, 1, 1, 16)
     assert workers(ServiceConfig(model_workers=1, ort_threads=3), False, True, 2) == (2, 3, 1, 3)
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):

@@ -65,3 +65,34 @@ def test_a_late_answer_is_a_504_in_our_error_shape_and_a_started_one_is_not_cut(
     assert late.status_code == 504
     assert late.json()["error"] == "timeout" and "0.1 s" in late.json()["detail"]
     assert streamed.status_code == 200 and streamed.text == "started finished"
+
+
+def test_response_media_type_is_derived_once_per_io_class():
+    """BentoML rebuilds an endpoint's JSON schema for every response just to name its media type (13% of a GPU model
+    worker, docs/gpu.md); after install() each IO class pays for it once, with the same answer."""
+    from typing import Annotated
+
+    import numpy as np
+    import pydantic
+    from _bentoml_sdk.io_models import IORootModel, ensure_io_descriptor
+    from bentoml.validators import DType
+
+    from serving import upstream
+
+    upstream.install()
+    io_class = ensure_io_descriptor(Annotated[np.ndarray, DType("float32")])
+    assert issubclass(io_class, IORootModel)
+    builds = []
+    original = pydantic.TypeAdapter.json_schema
+
+    def counting(self, *args, **kwargs):
+        builds.append(1)
+        return original(self, *args, **kwargs)
+
+    pydantic.TypeAdapter.json_schema = counting
+    try:
+        answers = {io_class.mime_type() for _ in range(5)}
+    finally:
+        pydantic.TypeAdapter.json_schema = original
+    assert answers == {"application/json"}  # a numpy array answers as JSON (or pickle to another service)
+    assert len(builds) <= 1

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Prepare, on a machine with a package registry, what scripts/gpu_check.sh needs on a GPU machine without one
+# (Python 3.12, CUDA 13, torch; docs/gpu.md). Writes three git-ignored folders:
+#   .ortgpu/  onnxruntime-gpu (the version deploy/requirements.gpu.txt locks) in PARTS parts + its installer
+#   .whl/     every other locked package of deploy/requirements.gpu.txt as cp312 manylinux wheels (CUDA libraries
+#             excepted: the GPU machine's torch brings them)
+#   .gpu/     wrk and its LuaJIT (the GPU image has OpenSSL), for the HTTP load; py-spy too when it is on the PATH
+# Each GPU call can carry at most 64 MiB with the working tree: 4 parts of ~61 MiB fit beside a ~2 MiB tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PARTS=${PARTS:-4}
+SHARED=${SHARED:-../shared/gpu}
+mkdir -p .git/info
+for d in .ortgpu .whl .gpu; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
+
+ort_version=$(sed -n 's/^onnxruntime-gpu==\([^ ]*\).*/\1/p' deploy/requirements.gpu.txt)
+bash "$SHARED/split-ort-gpu.sh" "$ort_version" >/dev/null
+wheel=.ortgpu/$(cat .ortgpu/WHEEL_NAME)
+rm -f .ortgpu/part-*
+split -n "$PARTS" -d "$wheel" .ortgpu/part-
+
+rm -rf .whl && mkdir .whl
+grep -E '^[a-z0-9]' deploy/requirements.gpu.txt | grep -v "implementation_name == 'pypy'" \
+  | grep -v -e '^nvidia-' -e '^onnxruntime-gpu' | sed 's/ .*//' > .whl/requirements.txt
+platforms=()
+for p in manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1; do
+  platforms+=(--platform "${p}_x86_64")
+done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
+  -d .whl -r .whl/requirements.txt
+
+mkdir -p .gpu/bin .gpu/lib
+cp "$(command -v wrk)" .gpu/bin/wrk.bin
+for lib in $(ldd "$(command -v wrk)" | awk '/luajit/ {print $3}'); do cp -L "$lib" .gpu/lib/; done
+if command -v py-spy >/dev/null; then cp "$(command -v py-spy)" .gpu/bin/; fi  # gpu_check.py service --profile
+cat > .gpu/bin/wrk <<'EOF'
+#!/bin/sh
+# wrk with its own libraries beside it (the GPU machine has no package registry)
+here=$(dirname "$(readlink -f "$0")")
+LD_LIBRARY_PATH="$here/../lib" exec "$here/wrk.bin" "$@"
+EOF
+chmod +x .gpu/bin/wrk
+du -sh .ortgpu/part-* .whl .gpu
+echo "gpu_prepare: $PARTS parts of onnxruntime-gpu $ort_version, $(ls .whl/*.whl | wc -l) wheels, wrk: ready to carry"
