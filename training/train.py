@@ -470,6 +470,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log(f"dry run OK: {args.model} would train {args.epochs - start_epoch} epochs × {steps_per_epoch} steps and "
             f"write {out_dir / CHECKPOINT}, {out_dir / BEST}, {out_dir / METRICS_LOG}")
     if d.enabled:
+        # Every rank reaches teardown together: a rank that tore gloo down while rank 0 was still writing the
+        # checkpoint once aborted on exit ("terminate called without an active exception", SIGABRT) in CI.
+        dist.barrier()
         dist.destroy_process_group()
     return metrics
 
