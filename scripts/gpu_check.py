@@ -152,7 +152,7 @@ def stage_inproc(args: argparse.Namespace) -> dict:
             out["parity"][key] = {**compare(cpu_ref[name], model.logits(x)), "providers": model.session.providers,
                                   "load_and_warm_up_s": round(time.perf_counter() - t0, 2)}
             print(f"parity {key}: {out['parity'][key]}", flush=True)
-            sizes = BATCH_SIZES if name == "alexnet" else (64, 256)
+            sizes = args.batch_sizes if name == "alexnet" else (64, 256)
             out["model_only"][key] = {}
             out["service_call"][key] = {}
             sess, logits = model.session.session, model.logits
@@ -407,6 +407,8 @@ def main() -> int:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--device", default="cuda", choices=("cuda", "tensorrt", "cpu"))
     p.add_argument("--seconds", type=float, default=1.5, help="per throughput point")
+    p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=list(BATCH_SIZES),
+                   help="AlexNet's throughput points (default %(default)s)")
     p.add_argument("--load-seconds", type=int, default=15, help="per wrk run")
     p.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[64, 256])
     p.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra CONVNET_* settings")

@@ -22,12 +22,12 @@ def test_env_and_inproc_stages_run_and_report_on_cpu(tmp_path):
     env = stage("env", tmp_path)
     assert env["auto_picks"] == ["CPUExecutionProvider"] and env["auto_session"]["device"] == "cpu"
     assert set(env["tensorrt_libraries"]) == {"libnvinfer.so.10", "libnvinfer.so.8"}
-    inproc = stage("inproc", tmp_path, "--seconds", "0.05")
+    inproc = stage("inproc", tmp_path, "--seconds", "0.05", "--batch-sizes", "1,8")
     for key in ("alexnet/fp32", "lenet5/fp32"):
         parity = inproc["parity"][key]
         assert parity["providers"] == ["CPUExecutionProvider"] and parity["top1_agreement"] == 1.0, parity
         assert all(rate > 0 for rate in inproc["model_only"][key].values())
         assert all(rate > 0 for rate in inproc["service_call"][key].values())
-    assert set(inproc["model_only"]["alexnet/fp32"]) == {"1", "8", "32", "64", "128", "256"}
+    assert set(inproc["model_only"]["alexnet/fp32"]) == {"1", "8"}
     summary = stage("summary", tmp_path)["stdout"]
     assert "parity alexnet/fp32" in summary and "model-only lenet5/fp32" in summary
