@@ -40,6 +40,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import onnxruntime as ort  # noqa: E402
 
+from loadtests.bench import timed_rate  # noqa: E402
 from loadtests.images import photo_jpegs  # noqa: E402
 from serving.preprocess import IMAGENET, preprocess_bytes  # noqa: E402
 from serving.registry import DEFAULT_MODELS_DIR, load_model  # noqa: E402
@@ -61,16 +62,9 @@ def sh(cmd: str) -> str:
     return (proc.stdout + proc.stderr).strip()
 
 
-def timed_rate(step, per_call: int, seconds: float, warm_up: int = 3) -> float:
-    for _ in range(warm_up):  # cuDNN picks its algorithms on the first runs of each shape
-        step()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        step()
-        n += per_call
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return n / elapsed
+def rate(step, per_call: int, seconds: float) -> float:
+    """Images per second, after one uncounted call (cuDNN picks its algorithms on a shape's first run)."""
+    return timed_rate(step, per_call, seconds)[0]
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -127,7 +121,7 @@ def bound_rate(sess: ort.InferenceSession, batch: np.ndarray, seconds: float, de
     x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), where, 0)
     binding.bind_ortvalue_input(sess.get_inputs()[0].name, x)
     binding.bind_output(sess.get_outputs()[0].name, where)
-    return timed_rate(lambda: sess.run_with_iobinding(binding), len(batch), seconds)
+    return rate(lambda: sess.run_with_iobinding(binding), len(batch), seconds)
 
 
 def stage_inproc(args: argparse.Namespace) -> dict:
@@ -159,33 +153,13 @@ def stage_inproc(args: argparse.Namespace) -> dict:
             for bs in sizes:
                 batch = np.stack([x[i % len(x)] for i in range(bs)])
                 out["model_only"][key][bs] = round(bound_rate(sess, batch, args.seconds, args.device), 1)
-                out["service_call"][key][bs] = round(timed_rate(lambda b=batch, f=logits: f(b), bs, args.seconds), 1)
+                out["service_call"][key][bs] = round(rate(lambda b=batch, f=logits: f(b), bs, args.seconds), 1)
                 print(f"{key} batch {bs}: model-only {out['model_only'][key][bs]} img/s, "
                       f"service call {out['service_call'][key][bs]} img/s", flush=True)
             del model, sess, logits  # free the GPU memory before the next variant
         except Exception as e:  # noqa: BLE001 - report, keep measuring the other variants
             out["parity"][key] = {"error": f"{type(e).__name__}: {e}"}
             print(f"{key}: {type(e).__name__}: {e}", flush=True)
-    if args.device != "cpu":
-        out["prefer_nhwc_model_only"] = nhwc_rates(args, alex_x)
-    return out
-
-
-def nhwc_rates(args: argparse.Namespace, x: np.ndarray) -> dict:
-    """The CUDA provider's NHWC convolutions (tensor-core friendly layout), model-only at the large batches."""
-    from serving.registry import read_card
-
-    card, out = read_card(args.models_dir / "alexnet"), {}
-    files = {"fp32": card.onnx["path"], "fp16": (card.onnx_fp16 or {}).get("path")}
-    for precision, rel in files.items():
-        try:
-            sess = ort.InferenceSession(str(args.models_dir / "alexnet" / rel), providers=[
-                ("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"])
-            out[precision] = {bs: round(bound_rate(sess, np.stack([x[i % len(x)] for i in range(bs)]),
-                                                   args.seconds, args.device), 1) for bs in (64, 256)}
-        except Exception as e:  # noqa: BLE001
-            out[precision] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        print(f"prefer_nhwc {precision}: {out[precision]}", flush=True)
     return out
 
 
@@ -236,7 +210,7 @@ def stage_decode(args: argparse.Namespace) -> dict:
             (model.logits(got).argmax(1) == model.logits(ref).argmax(1)).mean())
         for bs in (64, 256):
             batch = [jpegs[i % len(jpegs)] for i in range(bs)]
-            out[f"nvjpeg_batch{bs}"] = round(timed_rate(lambda b=batch: run(b), bs, args.seconds), 1)
+            out[f"nvjpeg_batch{bs}"] = round(rate(lambda b=batch: run(b), bs, args.seconds), 1)
         print(f"decode: nvJPEG {out}", flush=True)
     except Exception as e:  # noqa: BLE001 - no CUDA torchvision here: say so
         out["nvjpeg_error"] = f"{type(e).__name__}: {str(e)[:300]}"

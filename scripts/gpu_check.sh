@@ -50,8 +50,8 @@ if [ ! -f "$MODELS/alexnet/1/model.fp16.onnx" ]; then
   if [ -f models/alexnet/1/model.onnx ] && [ -f models/alexnet/1/model.fp16.onnx ]; then
     cp -r models/alexnet/. "$MODELS/alexnet/"
   else
-    timeout 300 "$PYTHON" -m training.export --model alexnet --seed 0 --models-dir "$MODELS" 2>&1 | tail -2 | tee -a "$LOG"
-    timeout 120 "$PYTHON" -m training.fp16 "$MODELS/alexnet" 2>&1 | tail -2 | tee -a "$LOG"
+    timeout 400 "$PYTHON" -m training.export --model alexnet --seed 0 --precision fp16 --models-dir "$MODELS" 2>&1 \
+      | tail -3 | tee -a "$LOG"
   fi
 fi
 

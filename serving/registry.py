@@ -143,7 +143,9 @@ class ServedModel:
         self.logits(np.zeros((batch, r.size, r.size, r.channels), dtype=np.uint8))
 
 
-def _verified(model_dir: Path, entry: dict[str, Any], verify_hash: bool) -> Path:
+def verified_onnx(model_dir: Path, entry: dict[str, Any], verify_hash: bool = True) -> Path:
+    """The ONNX file a card entry (`onnx` or `onnx_fp16`) names, checked to exist and, with `verify_hash`, to match
+    the sha256 the card recorded."""
     path = model_dir / entry["path"]
     if not path.is_file():
         raise ModelRepositoryError(f"{path} is missing: run `make models`")
@@ -184,7 +186,7 @@ def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_h
     card = read_card(model_dir)
     fp16 = _wants_fp16(model_dir, card, device, precision)
     entry = card.onnx_fp16 if fp16 and card.onnx_fp16 else card.onnx
-    session = OnnxModel(_verified(model_dir, entry, verify_hash), device=device, threads=threads,
+    session = OnnxModel(verified_onnx(model_dir, entry, verify_hash), device=device, threads=threads,
                         trt_cache_dir=model_dir / "trt_cache", session_config=session_config)
     if fp16 and session.device == "cpu":  # device auto, and the GPU provider failed to start: no float16 on a CPU
         if precision == "fp16":
@@ -192,7 +194,7 @@ def load_model(model_dir: Path, device: str = "auto", threads: int = 0, verify_h
                                        f"{session.providers[0]}")
         log.warning("%s: the GPU provider did not start; serving the float32 file on the CPU", card.name)
         fp16, entry = False, card.onnx
-        session = OnnxModel(_verified(model_dir, entry, verify_hash), device=device, threads=threads,
+        session = OnnxModel(verified_onnx(model_dir, entry, verify_hash), device=device, threads=threads,
                             trt_cache_dir=model_dir / "trt_cache", session_config=session_config)
     model = ServedModel(card, read_labels(model_dir, card), card.recipe, session,
                         precision="fp16" if fp16 else "fp32", onnx_file=entry["path"])

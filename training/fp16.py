@@ -37,7 +37,7 @@ from onnx import AttributeProto, TensorProto, numpy_helper
 
 from serving.errors import ModelRepositoryError
 from serving.preprocess import Recipe, preprocess_bytes
-from serving.registry import REPO_ROOT, ModelCard, read_card, sha256_file, write_card
+from serving.registry import REPO_ROOT, ModelCard, read_card, sha256_file, verified_onnx, write_card
 from serving.runtime import OnnxModel
 from training.export import dropout_nodes, sample_photos, triton_config
 
@@ -205,13 +205,8 @@ def add_fp16(model_dir: Path, photos: list[bytes] | None = None) -> ModelCard:
     (`onnx_fp16`) and regenerate config.pbtxt (Triton then loads it on GPU instances). Returns the new card."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
-    src = model_dir / card.onnx["path"]
-    if not src.is_file():
-        raise ModelRepositoryError(f"{src} is missing: run `make models`")
-    src_sha = sha256_file(src)
-    if card.onnx.get("sha256") and src_sha != card.onnx["sha256"]:
-        raise ModelRepositoryError(f"{src} sha256 {src_sha[:12]}… does not match its card "
-                                   f"({card.onnx['sha256'][:12]}…): rebuild with `make models`")
+    src = verified_onnx(model_dir, card.onnx)
+    src_sha = card.onnx.get("sha256") or sha256_file(src)
     rel = str(PurePosixPath(card.onnx["path"]).with_name(FP16_FILE))
     dst = model_dir / rel
     to_float16(src, dst)
