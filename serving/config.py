@@ -48,6 +48,9 @@ class ServiceConfig:
     # The request-facing service.
     api_workers: int = 0  # 0 = auto: one per CPU up to 4 when inference runs in front, else one per CPU up to 16
     decode_threads: int = 2  # Pillow decodes in this many threads per worker (it releases the GIL)
+    # 1: each front worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads connections evenly;
+    # 0: BentoML's one shared socket, where one worker can take every connection of a burst (docs/service.md).
+    socket_per_worker: int = 1
     max_body_bytes: int = 20 * MIB
     max_pixels: int = 40_000_000
     max_batch_images: int = 64  # images in one /classify_batch request
@@ -80,7 +83,8 @@ class ServiceConfig:
             raise ValueError(f"CONVNET_PLACEMENT must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
         if self.metrics_auth not in ("open", "key"):
             raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
-        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "api_workers", "access_log", "tracing")
+        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "api_workers", "access_log", "tracing",
+                   "socket_per_worker")
         for f in fields(self):
             if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "

@@ -49,6 +49,8 @@ log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the 
 upstream.install()
 
 CFG = load_config()
+if CFG.socket_per_worker:
+    upstream.balance_connections()  # takes effect in the arbiter, which builds the sockets after importing this
 install_connection_limits(CFG)  # header timeout, connection cap, keep-alive: uvicorn's protocol, in every worker
 MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"

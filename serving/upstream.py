@@ -7,6 +7,7 @@ Starlette app, so the app is built with the fixed classes.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from bentoml._internal.server.http import traffic
@@ -62,6 +63,81 @@ def _cached_mime_type(mime_type: Any) -> classmethod:
         return known[cls]
 
     return classmethod(cached)
+
+
+# BentoML's name for the public HTTP socket (_bentoml_impl.server.serving.API_SERVER_NAME).
+API_SOCKET = "_bento_api_server"
+
+
+def _port_is_free(host: str, port: int, family: int) -> None:
+    """Fail the start as before when something already listens on the port: sockets that each set SO_REUSEPORT
+    would otherwise share it silently with another server of the same user."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror} (is another server running?)") from None
+    finally:
+        probe.close()
+
+
+def _marked_per_worker(init: Any) -> Any:
+    """circus's `CircusSocket.__init__`, marking BentoML's public HTTP socket `so_reuseport`: circus then never binds
+    it in the arbiter, and `_bound_per_worker` binds one for each worker."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        mine = (kwargs.get("name") == API_SOCKET and "so_reuseport" not in kwargs and kwargs.get("path") is None
+                and kwargs.get("port"))
+        if not mine:  # every other socket, and the copies bound for each worker (they pass so_reuseport)
+            init(self, *args, **kwargs)
+            return
+        _port_is_free(kwargs.get("host", "localhost"), int(kwargs["port"]), kwargs.get("family", socket.AF_INET))
+        init(self, *args, so_reuseport=True, **kwargs)
+        # What each worker's socket is made from (circus keeps this only for sockets read from its config file).
+        self._cfg = {"name": self.name, "host": self.host, "port": self.port,
+                     "family": socket.AddressFamily(self.family).name, "type": "SOCK_STREAM",
+                     "backlog": self.backlog, "so_reuseport": True}
+
+    return __init__
+
+
+def _bound_per_worker(get_fds: Any) -> Any:
+    """circus's `Process._get_sockets_fds` (run in the arbiter as it spawns a worker), handing the worker a socket of
+    its own for BentoML's public HTTP socket. circus does this itself for `so_reuseport` sockets named in a
+    watcher's `cmd`; BentoML names the socket in `args`."""
+
+    def _get_sockets_fds(self) -> dict[str, int] | None:
+        from circus.sockets import CircusSocket
+
+        fds = get_fds(self)
+        shared = (self.watcher.sockets or {}).get(API_SOCKET) if self.watcher is not None else None
+        if fds and shared is not None and shared.so_reuseport and API_SOCKET in fds \
+                and any(f"circus.sockets.{API_SOCKET}" in str(a) for a in self.watcher.args or ()):
+            own = CircusSocket.load_from_config(shared._cfg)
+            own.bind_and_listen()
+            fds[API_SOCKET] = own.fileno()
+            self._sockets.append(own)  # circus lets go of it once the worker is forked
+        return fds
+
+    return _get_sockets_fds
+
+
+def balance_connections() -> None:
+    """One listening socket per front worker (SO_REUSEPORT), so that the kernel spreads new connections evenly.
+
+    Upstream, every worker accepts on one shared socket, and whichever wakes first takes every connection waiting:
+    with a client's keep-alive pool, all 32 connections landed on one of two workers in the first run of three, and
+    the other core idled (BentoML #5426; docs/service.md). Call in the arbiter, before it builds its sockets; the
+    arbiter then checks the port is free, and binds a socket for each worker as it spawns it.
+    """
+    from circus.process import Process
+    from circus.sockets import CircusSocket
+
+    if hasattr(socket, "SO_REUSEPORT") and not getattr(CircusSocket.__init__, "_per_worker", False):
+        CircusSocket.__init__ = _marked_per_worker(CircusSocket.__init__)
+        CircusSocket.__init__._per_worker = True
+        Process._get_sockets_fds = _bound_per_worker(Process._get_sockets_fds)
 
 
 _installed = False

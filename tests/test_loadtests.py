@@ -273,7 +273,10 @@ def test_bench_harness_produces_every_row(tmp_path):
     for r in rows:
         assert r["runs"] and min(r["runs"]) > 0, r
         assert r["errors"] == 0, r
+        if r["section"] in ("2", "3", "3b"):  # what an answer costs: one CPU measurement per run, of the whole tree
+            assert len(r["per_cpu_s"]) == len(r["runs"]) and min(r["per_cpu_s"]) > 0, r
     text = out.read_text()
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
+                   "what an image costs", "of LitServe's images",
                    "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
         assert phrase in text, phrase
