@@ -80,7 +80,7 @@ class Row:
     unit: str = "img/s"
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
-    per_cpu_s: list[float] = field(default_factory=list)  # in-process only: images per CPU second
+    per_cpu_s: list[float] = field(default_factory=list)  # images (answers) per CPU second of the process(es)
     errors: int = 0
     ratio: str = ""
     limit: str = ""
@@ -243,7 +243,8 @@ def run_wrk(url: str, path: str, content_type: str, files: list[Path], connectio
     r = json.loads(lines[-1])
     e = r["errors"]
     # Only answered requests with a 2xx status count towards throughput; the rest are reported as errors.
-    return {"rate": (r["requests"] - e["status"]) / (r["duration_us"] / 1e6), "p50_ms": r["latency_us"]["p50"] / 1000,
+    ok = r["requests"] - e["status"]
+    return {"rate": ok / (r["duration_us"] / 1e6), "ok": ok, "p50_ms": r["latency_us"]["p50"] / 1000,
             "p99_ms": r["latency_us"]["p99"] / 1000, "errors": sum(e.values()), "requests": r["requests"]}
 
 
@@ -304,9 +305,13 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
     for k in range(args.repeats):
         for t in targets if k % 2 == 0 else targets[::-1]:
             with servers.awake(t.server):
+                cpu_before = servers.cpu_seconds(t.server.proc.pid)
                 r = run_wrk(t.server.url, t.path, content_type, files, connections, seconds, args.client_cpus,
                             t.multipart)
+                cpu = servers.cpu_seconds(t.server.proc.pid) - cpu_before
             t.row.runs.append(r["rate"])
+            if cpu > 0:  # answers per CPU second of the server's whole process tree: what an answer costs
+                t.row.per_cpu_s.append(r["ok"] / cpu)
             t.row.p50_ms.append(r["p50_ms"])
             t.row.p99_ms.append(r["p99_ms"])
             t.row.errors += r["errors"]
@@ -463,8 +468,10 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
               f"onnxruntime at batch {LIMIT_BATCH}, one process, the same cores) sampled either side of their round;",
               "raw (2) also by (3), multipart (2) by (3b) and by raw (2). (5) is divided by the limit sampled just",
               "before and after it. p50/p99: wrk's, uncorrected for coordinated omission. `per CPU-s`: images per CPU",
-              "second of the in-process runs (median), which contention from other processes does not lower: with 1",
-              "thread it is what that core delivers when nothing else runs.", "", "Headline ratios:", ""]
+              "second (median): of the in-process run's process, or of the server's whole process tree (user +",
+              "system, /proc) while wrk ran. Contention from other processes (a noisy neighbour, steal) slows a",
+              "run but does not lower this number, so it compares what an image costs more steadily than img/s.", "",
+              "Headline ratios:", ""]
     lines += [f"- {h}" for h in headlines] + [""]
     return "\n".join(lines)
 
@@ -720,6 +727,17 @@ class Bench:
                        f"**{ratio_text(run_ratios(mp.runs, lit.runs))} of LitServe** ({lit.median:.1f}, multipart "
                        f"both); **{ratio_text(run_ratios(raw.runs, naive.runs))} of the naive app** "
                        f"({naive.median:.1f}, raw both); multipart {ratio_text(run_ratios(mp.runs, raw.runs))} of raw")
+            if all(len(r.per_cpu_s) == len(r.runs) for r in (raw, mp, lit, naive)):
+                limit_cpu = statistics.median(c for _, c in self.probe.samples[m])
+                out.append(f"**{m}, what an image costs** ({c} conns), images per CPU second of each server's "
+                           f"processes: the service {median_or_blank(raw.per_cpu_s, '{:.1f}')} raw / "
+                           f"{median_or_blank(mp.per_cpu_s, '{:.1f}')} multipart, LitServe "
+                           f"{median_or_blank(lit.per_cpu_s, '{:.1f}')}, the naive app "
+                           f"{median_or_blank(naive.per_cpu_s, '{:.1f}')}, the limit {limit_cpu:.1f}: the service "
+                           f"gets **{ratio_text(run_ratios(mp.per_cpu_s, lit.per_cpu_s))} of LitServe's images** out "
+                           f"of a CPU second (multipart both), {ratio_text(run_ratios(raw.per_cpu_s, naive.per_cpu_s))}"
+                           f" of the naive app's (raw both), {ratio(statistics.median(raw.per_cpu_s), limit_cpu)} of "
+                           f"the limit's; multipart {ratio_text(run_ratios(mp.per_cpu_s, raw.per_cpu_s))} of raw")
             tail = self.service_rows[m, low]
             if tail.p50_ms and tail.p99_ms:
                 n50, n99 = (statistics.median(v) for v in (self.naive_rows[m, low].p50_ms,
