@@ -53,6 +53,7 @@ import httpx
 from loadtests import servers, v2_cost
 from loadtests.contract import check_predictions
 from loadtests.images import build_pool, for_model, write_pool
+from serving.config import ServiceConfig, parallelism
 
 try:  # the load group has it; a GPU machine running only run_wrk (scripts/gpu_check.py) may not
     LITSERVE_VERSION = version("litserve")
@@ -407,6 +408,11 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), **versions, "wrk": wrk_version() or "not installed"}
 
 
+def service_parallelism(cpus: int) -> str:
+    w = parallelism(ServiceConfig(), uses_gpu=False, model_service=False, cpus=cpus)
+    return f"{w['api_workers']} worker(s) × {w['front_ort_threads']} onnxruntime thread(s)"
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.3g}×" if b else ""
 
@@ -439,8 +445,9 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
         f"locust {info['locust']}, {info['wrk']}",
         f"- CPU split: servers and in-process runs {server_side}; load generator wrk, 1 thread, {client_side}, "
         f"closed loop over {args.connections} keep-alive connections (the `conns` in each setup)",
-        f"- Servers: the service with `CONVNET_ORT_THREADS={n_server} CONVNET_DEVICE=cpu` and every other setting at "
-        "its default (serving/config.py); the naive and hello apps under one uvicorn worker",
+        f"- Servers: the service with `CONVNET_DEVICE=cpu` and every other setting at its default (serving/config.py: "
+        f"on {n_server} core(s), {service_parallelism(n_server)}); the naive app and LitServe with onnxruntime at "
+        f"{n_server} intra-op thread(s); the naive and hello apps under one uvicorn worker",
         f"- Each number is the median of {args.repeats} runs of {args.duration} s after an uncounted warm-up (up to "
         f"{args.max_duration} s where the setup says so: a server that answers in batches of `conns` would otherwise "
         f"count its rate in steps over {args.resolution:.0%} of it); the individual runs are in the `runs` column",
@@ -633,7 +640,10 @@ class Bench:
         a = self.args
         print(f"2-3b. the service, the naive app and LitServe in turns, wrk on CPU(s) {a.client_cpus}, connections "
               f"{self.levels}", flush=True)
-        env = {"CONVNET_ORT_THREADS": str(self.n_server), "CONVNET_DEVICE": "cpu"}
+        # The service at its defaults: on several cores it runs several workers, each with its own onnxruntime
+        # threads (CPUs / workers). Forcing every worker to use every core oversubscribes them (p99 at 4 connections
+        # 1.3-2× p50 instead of 1.2-1.4×, measured unpinned on 2 cores).
+        env = {"CONVNET_DEVICE": "cpu"}
         naive_env = {"NAIVE_MODELS": ",".join(self.models), "NAIVE_THREADS": str(self.n_server), "NAIVE_DEVICE": "cpu"}
         with (servers.service(self.models, env, a.server_cpus, log_dir=self.results) as srv,
               servers.uvicorn_app("naive", "loadtests.baselines.naive_app:app", naive_env, a.server_cpus,
