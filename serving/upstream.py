@@ -127,9 +127,10 @@ def balance_connections() -> None:
     """One listening socket per front worker (SO_REUSEPORT), so that the kernel spreads new connections evenly.
 
     Upstream, every worker accepts on one shared socket, and whichever wakes first takes every connection waiting:
-    with a client's keep-alive pool, all 32 connections landed on one of two workers in the first run of three, and
-    the other core idled (BentoML #5426; docs/service.md). Call in the arbiter, before it builds its sockets; the
-    arbiter then checks the port is free, and binds a socket for each worker as it spawns it.
+    the first keep-alive pool of 32 connections after a start landed entirely on one of two workers, half of the pools
+    measured split 25/7 or worse, and the other core idled (BentoML #5426; docs/service.md). Call in the arbiter,
+    before it builds its sockets; the arbiter then checks the port is free, and binds a socket for each worker as it
+    spawns it.
     """
     from circus.process import Process
     from circus.sockets import CircusSocket
