@@ -778,6 +778,18 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if any(t.name == "feeder" and t.is_alive() for t in threading.enumerate()):
+        # Stopped (Ctrl-C) while the feeder waits on a stdin that is still open: no thread can wake it, and
+        # interpreter shutdown would then abort on stdin's lock ("Fatal Python error: _enter_buffered_busy", exit
+        # -6 instead of 130). Everything is written by now, so leave without that shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # inputs may come before, between and after options
     try:
