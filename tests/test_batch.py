@@ -287,10 +287,7 @@ def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path):
         while not (out.exists() and out.read_bytes().count(b"\n") >= 8) and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # while it waits on stdin for the rest of the third batch
-        # Not communicate(): it closes stdin, and a CLI that saw the end of its input before the signal would finish
-        # the third batch and exit 0 (it happened once in CI). The signal alone must stop it.
-        proc.wait(timeout=30)
-        stderr = proc.stderr.read()
+        _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
