@@ -54,6 +54,7 @@ from serving.runtime import DEVICES, DeviceUnavailable
 
 PROG = "convnet-classify"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+FEEDER = "feeder"  # the thread that lists the inputs (and may sit in a read of stdin): main() looks for it by name
 EVAL_K = 5  # --eval needs the top 5 whatever --top-k asks to print
 # Decode threads run this much nicer than onnxruntime's (see _nice_current_thread); measured with
 # loadtests/batch_bench.py, see docs/batch.md.
@@ -554,7 +555,7 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
                               initializer=_nice_current_thread if decode_nice else None,
                               initargs=(decode_nice,) if decode_nice else ())
     feeder = threading.Thread(target=feed, args=(paths, lambda p: pool.submit(backend.prepare, p), pending, stop,
-                                                 slots), name="feeder", daemon=True)
+                                                 slots), name=FEEDER, daemon=True)
     stats.pipeline_start, stats.cpu_start = time.perf_counter(), time.process_time()
     feeder.start()
     finished = False
@@ -779,7 +780,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if any(t.name == "feeder" and t.is_alive() for t in threading.enumerate()):
+    if any(t.name == FEEDER and t.is_alive() for t in threading.enumerate()):
         # Stopped (Ctrl-C) while the feeder waits on a stdin that is still open: no thread can wake it, and
         # interpreter shutdown would then abort on stdin's lock ("Fatal Python error: _enter_buffered_busy", exit
         # -6 instead of 130). Everything is written by now, so leave without that shutdown.
