@@ -118,7 +118,18 @@ class Metrics:
         # (generation, wall seconds, CPU seconds) of each collection not yet reported
         self._gc_pauses: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         self._gc_old: int | None = None
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._render = self._renderer(prom)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client checks the labels and takes a lock on every
+        `labels()` call, and each request counted itself several times (#10). Label values are a small set (endpoints,
+        models, error codes), as for prometheus_client's own table of children."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def watch_gc(self) -> None:
         """Time every collection from now on (call it after start-up, so the pauses shown are serving-time ones)."""
@@ -140,8 +151,8 @@ class Metrics:
         """Report the collections recorded since the last call (after each request, and before /metrics renders)."""
         while self._gc_pauses:
             generation, wall, cpu = self._gc_pauses.popleft()
-            self.gc_pause_seconds.labels(generation).observe(wall)
-            self.gc_pause_cpu_seconds.labels(generation).observe(cpu)
+            self.child(self.gc_pause_seconds, generation).observe(wall)
+            self.child(self.gc_pause_cpu_seconds, generation).observe(cpu)
         if self._gc_old is not None:
             old, self._gc_old = self._gc_old, None
             self.gc_old_objects.set(old)
@@ -317,16 +328,16 @@ class ClassifierAPI:
                 return await loop.run_in_executor(self.pool, preprocess_opened, im, model.recipe)
         except ClientError as exc:
             if self.metrics is not None and exc.code in DECODE_ERRORS:
-                self.metrics.decode_failures.labels(model.name, exc.code).inc()
+                self.metrics.child(self.metrics.decode_failures, model.name, exc.code).inc()
             raise
         except Exception as exc:  # a decoder bug on hostile bytes is still the bytes' fault, but log it
             log.warning("unexpected error decoding an upload for %s", model.name, exc_info=True)
             if self.metrics is not None:
-                self.metrics.decode_failures.labels(model.name, "corrupt_image").inc()
+                self.metrics.child(self.metrics.decode_failures, model.name, "corrupt_image").inc()
             raise CorruptImage(f"the image could not be decoded ({type(exc).__name__})") from exc
         finally:
             if self.metrics is not None:
-                self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - t0)
+                self.metrics.child(self.metrics.preprocess_seconds, model.name).observe(time.perf_counter() - t0)
 
     @staticmethod
     def _header(model: ModelInfo) -> dict[str, Any]:
@@ -335,9 +346,9 @@ class ClassifierAPI:
     def _count(self, endpoint: str, model: str, outcome: str, images: int = 0) -> None:
         if self.metrics is not None:
             self.metrics.flush_gc()
-            self.metrics.requests.labels(endpoint, model, outcome).inc()
+            self.metrics.child(self.metrics.requests, endpoint, model, outcome).inc()
             if images:
-                self.metrics.images.labels(model).inc(images)
+                self.metrics.child(self.metrics.images, model).inc(images)
 
     def _error(self, endpoint: str, model: str, exc: BaseException) -> JSONResponse:
         status, body = error_body(exc)
