@@ -1,5 +1,6 @@
 """serving/http.py's multipart parsing: the fast path for the usual shape of body gives exactly what python-multipart's
-full parser gives, and leaves every other body (and every error) to it."""
+full parser gives, and leaves every other body (and every error) to it. Its query-string reader gives what Starlette's
+`dict(request.query_params)` gives."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import random
 
 import httpx
 import pytest
+from starlette.datastructures import QueryParams
 
 from serving.errors import ClientError
-from serving.http import MAX_PARTS, _parse_full, _split_simple, parse_multipart
+from serving.http import MAX_PARTS, _parse_full, _split_simple, parse_multipart, query_dict
 
 BOUNDARY = "convnet-test-7f3a9c"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -94,3 +96,13 @@ def test_part_cap_is_enforced_by_both_paths() -> None:
         parse_multipart(body, CONTENT_TYPE)
     assert len(parse_multipart(encode([(b'Content-Disposition: form-data; name="image"', b"x")] * MAX_PARTS),
                                CONTENT_TYPE)) == MAX_PARTS
+
+
+def test_query_string_reads_as_starlette_reads_it() -> None:
+    pieces = ["model", "top_k", "=", "&", "3", "lenet5", "", "%20", "%zz", "+", ";", "é", "==", "&&", "a b"]
+    rng = random.Random(7)
+    strings = ["", "model=lenet5&top_k=3", "top_k=", "top_k", "&model=a&model=b&", "a=b=c"]
+    strings += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(20_000)]
+    for text in strings:
+        raw = text.encode("utf-8")
+        assert query_dict(raw) == dict(QueryParams(raw)), text
