@@ -99,6 +99,18 @@ def test_slowloris_is_closed_on_time_while_normal_requests_keep_answering(limite
           f"{max(t for t, _ in bodies):.1f} s (bodies)")
 
 
+def test_slow_headers_of_a_second_request_on_a_kept_alive_connection_are_timed_out(limited):
+    # The header deadline holds for every request on a connection, not only the first: here the first request
+    # arrives whole and is answered, then the second's headers drip.
+    port = int(limited.rsplit(":", 1)[1])
+    first = b"GET /models HTTP/1.1\r\nHost: x\r\n\r\nPOST /classify HTTP/1.1\r\nHost: x\r\n"
+    give_up = HEADER_TIMEOUT_S + SLACK_S + 10
+    closed_after, answer = asyncio.run(_slow_client(port, first, b"X-Drip: 1\r\n", 1.0, give_up))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]  # the first request was answered
+    assert b"HTTP/1.1 408 " in answer and b'"request_timeout"' in answer, answer[-300:]
+    assert closed_after <= HEADER_TIMEOUT_S + SLACK_S, closed_after
+
+
 def test_idle_keepalive_connection_is_closed(limited):
     port = int(limited.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=KEEPALIVE_S + SLACK_S) as s:

@@ -1,0 +1,40 @@
+"""serving.runtime.top_k, which every answer goes through (/classify, /classify_batch, /v2, the batch CLI): the k
+best classes by softmax probability, best first, ties in class order, for short rows (sorted whole) and long ones
+(partitioned first) alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.runtime import softmax, top_k
+
+
+def reference(logits: np.ndarray, k: int, labels: list[str]) -> list[list[dict]]:
+    """The definition, spelled out: sort every class by probability, keep the first k."""
+    out = []
+    for row in softmax(np.atleast_2d(logits)):
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        out.append([{"index": i, "label": labels[i], "score": float(row[i])} for i in order])
+    return out
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_top_k_is_the_k_most_probable_in_order(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    labels = [f"class {i}" for i in range(classes)]
+    for _ in range(200):
+        logits = (rng.standard_normal((int(rng.integers(1, 4)), classes)) * rng.choice([0.1, 3.0, 30.0]))
+        logits = logits.astype(np.float32)
+        if rng.random() < 0.3:  # ties: the earlier class first
+            logits[:, classes // 2] = logits[:, 1]
+        for k in (1, 3, 5, classes):
+            got = top_k(logits, k, labels)
+            assert got == reference(logits, k, labels)
+            assert all(type(p["index"]) is int and type(p["score"]) is float for row in got for p in row)
+
+
+def test_top_k_leaves_the_logits_alone() -> None:
+    logits = np.arange(10, dtype=np.float32)[None]
+    top_k(logits, 3, [str(i) for i in range(10)])
+    assert logits.tolist() == [list(range(10))]
