@@ -39,7 +39,8 @@ THUMBNAIL_BYTES = 64 * 1024
 
 # Truncated files are errors, never silently grey-filled images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# We enforce our own cap before decoding; Pillow's bomb check (which only warns up to ~180 MP) becomes a hard stop.
+# Our own pixel cap (open_image) is the hard stop, before decoding; Pillow's bomb check (it only warns up to ~180 MP)
+# is off, so it never warns either.
 Image.MAX_IMAGE_PIXELS = None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
