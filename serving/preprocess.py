@@ -10,7 +10,9 @@ the ONNX graph, so clients send compact bytes and nothing can normalise twice.
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import struct
 import threading
 import zlib
@@ -334,7 +336,7 @@ def normalize_digit(gray: np.ndarray, box: int = 20, size: int = 32) -> np.ndarr
     h, w = a.shape
     scale = box / max(h, w)
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    fitted = np.asarray(Image.fromarray(a.astype(np.uint8), "L").resize((nw, nh), Image.Resampling.LANCZOS))
+    fitted = resize_lanczos(a.astype(np.uint8), nw, nh)
     mass = int(fitted.sum(dtype=np.int64))
     if mass > 0:
         cy = int(fitted.sum(axis=1, dtype=np.int64) @ np.arange(nh)) / mass
@@ -348,6 +350,70 @@ def normalize_digit(gray: np.ndarray, box: int = 20, size: int = 32) -> np.ndarr
     pad = (size - 28) // 2
     out[pad + y0:pad + y1, pad + x0:pad + x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
     return out
+
+
+def resize_lanczos(gray: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pillow's `Image.resize((width, height), LANCZOS)` of a uint8 H×W picture, the same values exactly.
+
+    Pillow computes its filter weights (sines) again on every call, and for a digit that costs more than the
+    resampling: a third of `normalize_digit` in the service (#10). Here the weights of each (size → size) are kept,
+    and the two passes are a matrix product each. Pillow's arithmetic is followed step by step (Resample.c, 13.0):
+    weights normalised, then rounded to integers of 22 fraction bits; each pass sums pixel × weight plus half, shifts,
+    clips to 0-255; the vertical pass goes first when the height shrinks by more than twice what the width does.
+    Every sum is an integer below 2**53, so float64 products are exact. tests/test_preprocess.py compares the two on
+    every size a digit can have.
+    """
+    h, w = gray.shape
+    out = gray.astype(np.float64)
+    vertical_first = h - height > 0 and h - height > (w - width) * 2
+    for vertical in (vertical_first, not vertical_first):
+        if vertical and height != h:
+            out = _clip8(_lanczos_weights(h, height) @ out)
+        elif not vertical and width != w:
+            out = _clip8(out @ _lanczos_weights(w, width).T)
+    return out.astype(np.uint8)
+
+
+_PRECISION_BITS = 22  # Pillow's PRECISION_BITS for 8-bit resampling
+
+
+def _clip8(sums: np.ndarray) -> np.ndarray:
+    np.floor_divide(sums + (1 << (_PRECISION_BITS - 1)), 1 << _PRECISION_BITS, out=sums)
+    return np.clip(sums, 0, 255, out=sums)
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+@functools.lru_cache(maxsize=4096)
+def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for LANCZOS: an (out_size, in_size) matrix of integer
+    weights (as float64), read-only because it is shared."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    inv_filterscale = 1.0 / filterscale
+    weights = np.zeros((out_size, in_size))
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        k = []
+        for x in range(xmax):
+            t = (x + xmin - center + 0.5) * inv_filterscale
+            k.append(_sinc(t) * _sinc(t / 3) if -3.0 <= t < 3.0 else 0.0)
+        ww = 0.0
+        for v in k:
+            ww += v
+        for x, v in enumerate(k):
+            v = v / ww if ww != 0.0 else v
+            weights[xx, xmin + x] = math.trunc(v * (1 << _PRECISION_BITS) + (-0.5 if v < 0 else 0.5))
+    weights.flags.writeable = False
+    return weights
 
 
 def stack_batch(items: list[np.ndarray]) -> np.ndarray:
