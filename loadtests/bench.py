@@ -25,8 +25,10 @@ What it measures, all on the same machine, each run bounded and repeated (median
 
 The load generator is wrk (C, epoll; `apt-get install wrk`) with loadtests/wrk_post.lua: one thread pinned to the
 client cores, far lighter than Python generators, so on a 2-core box the server keeps its core to itself. wrk is a
-closed loop: its percentiles are per answered request, uncorrected for coordinated omission (wrk2 would correct them;
-it is not packaged here), so they understate the tail an open-loop client would see at the same rate.
+closed loop, and it corrects its latencies for coordinated omission: a response slower than twice a connection's mean
+interval adds the samples a client keeping that pace would have waited for (wrk 4's stats_correct). Both are
+reported: p50/p99 of the answered requests as they were (`undo_wrk_correction` recovers them exactly from the
+histogram wrk_post.lua writes) and wrk's corrected ones, which show what a stall costs the requests behind it.
 """
 
 from __future__ import annotations
@@ -79,8 +81,10 @@ class Row:
     setup: str
     runs: list[float]  # images/s (or requests/s) of each repeat
     unit: str = "img/s"
-    p50_ms: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)  # of the answered requests, as they were
     p99_ms: list[float] = field(default_factory=list)
+    p50_co_ms: list[float] = field(default_factory=list)  # wrk's, corrected for coordinated omission
+    p99_co_ms: list[float] = field(default_factory=list)
     per_cpu_s: list[float] = field(default_factory=list)  # images (answers) per CPU second of the process(es)
     errors: int = 0
     ratio: str = ""
@@ -93,6 +97,12 @@ class Row:
 
 def median_or_blank(values: list[float], fmt: str = "{:.0f}") -> str:
     return fmt.format(statistics.median(values)) if values else ""
+
+
+def tail_text(p50_ms: list[float], p99_ms: list[float]) -> str:
+    """p99/p50 of the medians, with both: "1.27 (72.4 / 92.2 ms)"."""
+    p50, p99 = statistics.median(p50_ms), statistics.median(p99_ms)
+    return f"{p99 / p50:.2f} ({p50:.1f} / {p99:.1f} ms)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,8 +255,56 @@ def run_wrk(url: str, path: str, content_type: str, files: list[Path], connectio
     e = r["errors"]
     # Only answered requests with a 2xx status count towards throughput; the rest are reported as errors.
     ok = r["requests"] - e["status"]
-    return {"rate": ok / (r["duration_us"] / 1e6), "ok": ok, "p50_ms": r["latency_us"]["p50"] / 1000,
-            "p99_ms": r["latency_us"]["p99"] / 1000, "errors": sum(e.values()), "requests": r["requests"]}
+    flat = r["histogram"]
+    measured = undo_wrk_correction(dict(zip(flat[::2], flat[1::2], strict=True)),
+                                   wrk_interval_us(r["duration_us"], r["requests"], connections))
+    return {"rate": ok / (r["duration_us"] / 1e6), "ok": ok, "errors": sum(e.values()), "requests": r["requests"],
+            "p50_ms": wrk_percentile(measured, 50) / 1000, "p99_ms": wrk_percentile(measured, 99) / 1000,
+            "p50_co_ms": r["latency_us"]["p50"] / 1000, "p99_co_ms": r["latency_us"]["p99"] / 1000,
+            "latencies_us": measured}
+
+
+def wrk_interval_us(duration_us: int, requests: int, connections: int) -> int:
+    """The interval wrk 4 corrects with: the run's length over the requests one connection made (integer maths, as
+    in wrk.c); 0 when no connection finished a request, and then wrk corrects nothing."""
+    per_connection = requests // connections
+    return duration_us // per_connection if per_connection else 0
+
+
+def undo_wrk_correction(corrected: dict[int, int], interval_us: int) -> dict[int, int]:
+    """wrk's latency histogram (µs → count) as measured, before its coordinated-omission correction.
+
+    stats_correct (wrk 4, stats.c) adds, for every measured latency n >= 2 × interval, its count at n - interval,
+    n - 2 × interval, ... while above the interval. A bucket only ever receives from larger ones, so going down from
+    the largest, each bucket's own count is what it holds minus what the larger ones (already recovered) added.
+    """
+    if interval_us <= 0:
+        return dict(corrected)
+    measured: dict[int, int] = {}
+    added: dict[int, int] = {}
+    for n in sorted(corrected, reverse=True):
+        count = corrected[n] - added.pop(n, 0)
+        if count < 0:
+            raise ValueError(f"not a histogram wrk corrected with a {interval_us} us interval (bucket {n} us)")
+        if count:
+            measured[n] = count
+            m = n - interval_us
+            while n >= 2 * interval_us and m > interval_us:
+                added[m] = added.get(m, 0) + count
+                m -= interval_us
+    return measured
+
+
+def wrk_percentile(histogram: dict[int, int], p: float) -> int:
+    """wrk's own percentile rule (stats_percentile): the smallest value whose cumulative count reaches
+    round(p / 100 × count + 0.5)."""
+    rank = math.floor(p / 100 * sum(histogram.values()) + 0.5 + 0.5)  # C round() of a positive number
+    total = 0
+    for value in sorted(histogram):
+        total += histogram[value]
+        if total >= rank:
+            return value
+    return 0
 
 
 def preflight(url: str, path: str, content_type: str, body: bytes, model: str | None, multipart: bool = False) -> None:
@@ -313,8 +371,8 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
             t.row.runs.append(r["rate"])
             if cpu > 0:  # answers per CPU second of the server's whole process tree: what an answer costs
                 t.row.per_cpu_s.append(r["ok"] / cpu)
-            t.row.p50_ms.append(r["p50_ms"])
-            t.row.p99_ms.append(r["p99_ms"])
+            for key in ("p50_ms", "p99_ms", "p50_co_ms", "p99_co_ms"):
+                getattr(t.row, key).append(r[key])
             t.row.errors += r["errors"]
         if between:
             between()
@@ -324,7 +382,8 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
             row.setup += f", {seconds} s runs"
         runs = ", ".join(f"{x:.1f}" for x in row.runs)
         print(f"  {row.what} {row.model} x{connections}: {row.median:.1f} {row.unit} (runs {runs}),"
-              f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms, errors {row.errors}",
+              f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms (corrected "
+              f"{median_or_blank(row.p50_co_ms)} / {median_or_blank(row.p99_co_ms)}), errors {row.errors}",
               flush=True)
 
 
@@ -461,20 +520,26 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
     lines += [f"- Note: {n}" for n in ([args.note] if args.note else []) + notes]
     lines += [
         "",
-        "| # | measurement | model | setup | median | runs | per CPU-s | p50 ms | p99 ms | errors | ratio "
-        "| limited by |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---:|---|---|",
+        "| # | measurement | model | setup | median | runs | per CPU-s | p50 ms | p99 ms | p50 / p99 ms corrected "
+        "| errors | ratio | limited by |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r.section):  # stable: each section keeps its order
         runs = " / ".join(f"{x:.1f}" for x in r.runs)
-        cpu, p50, p99 = (median_or_blank(v, "{:.1f}") for v in (r.per_cpu_s, r.p50_ms, r.p99_ms))
+        cpu, p50, p99, p50_co, p99_co = (median_or_blank(v, "{:.1f}") for v in (r.per_cpu_s, r.p50_ms, r.p99_ms,
+                                                                                   r.p50_co_ms, r.p99_co_ms))
+        corrected = f"{p50_co} / {p99_co}" if p50_co else ""
         lines.append(f"| {r.section} | {r.what} | {r.model} | {r.setup} | {r.median:.1f} {r.unit} | {runs} | {cpu} | "
-                     f"{p50} | {p99} | {r.errors if r.section[0] in '234' else ''} | {r.ratio} | {r.limit} |")
+                     f"{p50} | {p99} | {corrected} | {r.errors if r.section[0] in '234' else ''} | {r.ratio} | "
+                     f"{r.limit} |")
     lines += ["", "Ratios in the table are taken per round, between runs measured side by side, then summarised as the",
               "median (lowest–highest) over the rounds: (2), (3) and (3b) divided by the limit (1) (decode +",
               f"onnxruntime at batch {LIMIT_BATCH}, one process, the same cores) sampled either side of their round;",
               "raw (2) also by (3), multipart (2) by (3b) and by raw (2). (5) is divided by the limit sampled just",
-              "before and after it. p50/p99: wrk's, uncorrected for coordinated omission. `per CPU-s`: images per CPU",
+              "before and after it. p50/p99: of the answered requests, as they were measured; `corrected`: wrk's",
+              "own, corrected for coordinated omission (each response slower than twice a connection's mean",
+              "interval also counts the requests a client keeping that pace would have sent meanwhile), which",
+              "shows what a stall costs the requests behind it. `per CPU-s`: images per CPU",
               "second (median): of the in-process run's process, or of the server's whole process tree (user +",
               "system, /proc) while wrk ran. Contention from other processes (a noisy neighbour, steal) slows a",
               "run but does not lower this number, so it compares what an image costs more steadily than img/s.", "",
@@ -748,14 +813,12 @@ class Bench:
                            f"of a CPU second (multipart both), {ratio_text(run_ratios(raw.per_cpu_s, naive.per_cpu_s))}"
                            f" of the naive app's (raw both), {ratio(statistics.median(raw.per_cpu_s), limit_cpu)} of "
                            f"the limit's; multipart {ratio_text(run_ratios(mp.per_cpu_s, raw.per_cpu_s))} of raw")
-            tail = self.service_rows[m, low]
-            if tail.p50_ms and tail.p99_ms:
-                n50, n99 = (statistics.median(v) for v in (self.naive_rows[m, low].p50_ms,
-                                                            self.naive_rows[m, low].p99_ms))
-                out.append(f"{m} tail at {low} connections: p99/p50 = "
-                           f"{statistics.median(tail.p99_ms) / statistics.median(tail.p50_ms):.2f} "
-                           f"({median_or_blank(tail.p50_ms, '{:.1f}')} / {median_or_blank(tail.p99_ms, '{:.1f}')} ms); "
-                           f"the naive app's {n99 / n50:.2f}")
+            tail, naive_tail = self.service_rows[m, low], self.naive_rows[m, low]
+            if tail.p50_ms and tail.p99_ms and tail.p50_co_ms:
+                out.append(f"{m} tail at {low} connections: p99/p50 = {tail_text(tail.p50_ms, tail.p99_ms)} as "
+                           f"measured, {tail_text(tail.p50_co_ms, tail.p99_co_ms)} corrected for coordinated "
+                           f"omission (wrk's); the naive app's {tail_text(naive_tail.p50_ms, naive_tail.p99_ms)} / "
+                           f"{tail_text(naive_tail.p50_co_ms, naive_tail.p99_co_ms)}")
         if self.gc:
             out.append(f"garbage collector in the service's worker(s) over all of (2): {self.gc['collections']:.0f} "
                        f"collections, the longest ≤ {self.gc['longest_ms']:g} ms of wall time and ≤ "

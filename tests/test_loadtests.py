@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,6 +197,94 @@ def test_ratios_are_taken_round_by_round():
         run_ratios([1.0, 2.0], [1.0])
 
 
+def wrk_stats_correct(measured: dict[int, int], interval: int) -> dict[int, int]:
+    """wrk 4's stats_correct (src/stats.c), line for line, on a dict histogram."""
+    data = dict(measured)
+    for n in range(interval * 2, max(data) + 1):
+        count, m = data.get(n, 0), n - interval
+        while count and m > interval:
+            data[m] = data.get(m, 0) + count
+            m -= interval
+    return data
+
+
+def test_wrk_correction_is_undone_exactly():
+    """Whatever wrk added for coordinated omission comes off again, bucket for bucket: smooth runs, runs with stalls
+    many intervals long, intervals of 1 µs, and none at all."""
+    import random
+
+    from loadtests.bench import undo_wrk_correction, wrk_interval_us, wrk_percentile
+
+    rng = random.Random(7)
+    for trial in range(200):
+        interval = rng.choice([1, 2, 50, 997, 2400, 70_000])
+        values = [max(1, int(rng.lognormvariate(0, 0.6) * interval)) for _ in range(rng.randint(1, 400))]
+        values += [interval * rng.randint(2, 40) + rng.randint(0, interval) for _ in range(rng.randint(0, 5))]
+        measured: dict[int, int] = {}
+        for v in values:
+            measured[v] = measured.get(v, 0) + 1
+        assert undo_wrk_correction(wrk_stats_correct(measured, interval), interval) == measured, trial
+    assert undo_wrk_correction({5: 3, 9: 1}, 0) == {5: 3, 9: 1}  # no interval: wrk corrected nothing
+    assert wrk_interval_us(8_000_000, 31, 32) == 0 and wrk_interval_us(8_000_000, 3200, 32) == 80_000
+    # wrk's rank rule: round(p/100 * count + 0.5), the first value whose running count reaches it
+    assert [wrk_percentile({10: 1, 20: 1, 30: 1, 40: 1}, p) for p in (25, 50, 75, 99)] == [20, 30, 40, 40]
+    with pytest.raises(ValueError):  # a bucket below what larger ones would have added: not wrk's correction
+        undo_wrk_correction({10: 0, 30: 1, 50: 5}, 10)
+
+
+STALL_SERVER = """
+import asyncio, sys
+answered = 0
+async def handle(reader, writer):
+    global answered
+    try:
+        while await reader.readline():
+            length = 0
+            while (line := await reader.readline()) not in (b"\\r\\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            answered += 1
+            if answered % 200 == 0:  # one request in two hundred waits 100 ms: a stall
+                await asyncio.sleep(0.1)
+            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+            await writer.drain()
+    except ConnectionError:
+        pass
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def test_wrk_latencies_are_reported_as_measured_and_as_wrk_corrects_them(tmp_path):
+    """Real wrk against a server that stalls 100 ms on every 200th request, one connection: the answered
+    requests' own p50/p99 stay fast (199 in 200 were), wrk's corrected p99 shows the stall (a client keeping pace
+    would have waited behind it), and the recovered histogram counts each answered request exactly once."""
+    from loadtests.bench import run_wrk
+
+    port = servers.free_port()
+    proc = subprocess.Popen([sys.executable, "-c", STALL_SERVER, str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        r = run_wrk(f"http://127.0.0.1:{port}", "/", "image/png", [REPO_ROOT / "examples" / "digit-7.png"], 1, 3, None)
+    finally:
+        proc.kill()
+    assert r["errors"] == 0 and r["requests"] > 300, r
+    assert sum(r["latencies_us"].values()) == r["requests"]
+    stalls = sum(c for v, c in r["latencies_us"].items() if v >= 100_000)
+    assert abs(stalls - r["requests"] / 200) <= 2, (stalls, r["requests"])
+    assert r["p50_ms"] < 20 and r["p99_ms"] < 20, r  # 99.5% of the answers came without a stall
+    assert r["p99_co_ms"] >= 50, r  # ... but a client sending at the run's pace would have queued behind each
+
+
 def test_the_limit_probe_samples_on_demand(tmp_path):
     """The child behind the limit (1): models loaded once, one sample per request, each a positive rate."""
     from loadtests.bench import LimitProbe
@@ -275,8 +364,11 @@ def test_bench_harness_produces_every_row(tmp_path):
         assert r["errors"] == 0, r
         if r["section"] in ("2", "3", "3b"):  # what an answer costs: one CPU measurement per run, of the whole tree
             assert len(r["per_cpu_s"]) == len(r["runs"]) and min(r["per_cpu_s"]) > 0, r
+        if r["section"] in ("2", "3", "3b", "4"):  # latencies as measured and as wrk corrects them, every run
+            assert len(r["p99_ms"]) == len(r["p99_co_ms"]) == len(r["runs"]), r
     text = out.read_text()
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
+                   "corrected for coordinated omission",
                    "what an image costs", "of LitServe's images",
                    "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
         assert phrase in text, phrase
