@@ -305,6 +305,7 @@ def stage_service(args: argparse.Namespace) -> dict:
             sampler = Sampler(pids, gpu=args.device != "cpu")
             profiler = profile(pids, args) if model == "alexnet" and connections == args.connections[0] else None
             run = run_wrk(base, path, ctype, run_files, connections, args.load_seconds, None)
+            run.pop("latencies_us")  # the whole histogram: p50/p99 of it are in the run already
             if profiler is not None:
                 profiler.wait(timeout=30)
             run.update(sampler.stop())
