@@ -288,8 +288,8 @@ def undo_wrk_correction(corrected: dict[int, int], interval_us: int) -> dict[int
             raise ValueError(f"not a histogram wrk corrected with a {interval_us} us interval (bucket {n} us)")
         if count:
             measured[n] = count
-            m = n - interval_us
-            while n >= 2 * interval_us and m > interval_us:
+            m = n - interval_us  # below 2 × interval, m is already at or under it: nothing was added
+            while m > interval_us:
                 added[m] = added.get(m, 0) + count
                 m -= interval_us
     return measured

@@ -362,7 +362,7 @@ def stage_summary(args: argparse.Namespace) -> dict:
     for run in [run for service in services for run in service.get("runs", [])]:
         lines.append(f"service [{run.get('server_env', '')}] {run['model']} c{run['connections']}: "
                      f"{run['rate']:.0f} img/s, p50 {run['p50_ms']:.1f} p99 {run['p99_ms']:.1f} ms "
-                     f"(corrected {run.get('p50_co_ms', 0):.1f} / {run.get('p99_co_ms', 0):.1f}), "
+                     f"(corrected {run['p50_co_ms']:.1f} / {run['p99_co_ms']:.1f}), "
                      f"errors {run['errors']}, front {run.get('front_workers_cores')} cores "
                      f"({run.get('front_workers')} workers), model worker {run.get('model_worker_cores')}, "
                      f"GPU {run.get('gpu_util_mean_pct')}%, batch {run.get('adaptive_batch_mean_overall')}")
