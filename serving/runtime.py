@@ -136,8 +136,10 @@ class OnnxModel:
         return binding.copy_outputs_to_cpu()[0]
 
 
-# Rows of at most this many classes (LeNet-5's 10) are scored in plain Python: numpy's per-call overhead on a
-# 10-element row cost more than the arithmetic, on every request (#10: LeNet-5 served 5% faster).
+# Rows of at most this many classes (LeNet-5's 10) are scored in plain Python. The numpy way took eight calls on a
+# 10-element row, each costing more than its arithmetic, and `np.argsort` releases the GIL: in a worker whose decode
+# threads wait for it, that was a hand-off to another thread and back on every request (#10; docs/service.md,
+# "Sixth pass": LeNet-5 served 5-10% faster).
 SHORT_ROW = 64
 
 
