@@ -137,9 +137,9 @@ class OnnxModel:
 
 
 # Rows of at most this many classes (LeNet-5's 10) are scored in plain Python. The numpy way took eight calls on a
-# 10-element row, each costing more than its arithmetic, and `np.argsort` releases the GIL: in a worker whose decode
-# threads wait for it, that was a hand-off to another thread and back on every request (#10; docs/service.md,
-# "Sixth pass": LeNet-5 served 5-10% faster).
+# 10-element row, each costing more than its arithmetic, and `np.argsort` releases the GIL, which in a worker whose
+# decode threads wait for it can hand the core to another thread and back (#10; docs/service.md, "Sixth pass":
+# LeNet-5 served 5-10% faster).
 SHORT_ROW = 64
 
 
