@@ -33,9 +33,9 @@ def _form_field_sent_as_array(failure, case) -> bool:
     """Multipart has no arrays: a form field given as a list goes out as one part per item, so [] is no field at
     all and [7] is the field 7. The bytes on the wire are those of a valid request, and accepting them is right."""
     message = failure.message or ""
-    found = re.search(r"at /properties/(\w+) \(was \w+, became array\)", message)
     if message.count("violates ") != 1:  # that mutation and no other
         return False
+    found = re.search(r"at /properties/(\w+) \(was \w+, became array\)", message)
     if case.media_type != "multipart/form-data" or not isinstance(case.body, dict) or not found:
         return False
     value = case.body.get(found.group(1))
