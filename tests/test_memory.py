@@ -19,9 +19,10 @@ from serving.preprocess import DIGIT, IMAGENET, PixelBudget, _shrink, decode, to
 
 MIB = 1 << 20
 PEAK_BOUND_MIB = 768  # per worker, any moment of any pass (docs/hardening.md: measured ~0.45 GB front, ~0.4 GB models)
-# A leak climbs pass after pass: the second half of the passes may not rise above the first half's highest by more
-# than this (catches ≥ 3.2 MiB a pass). A one-time step is not a leak: since each front worker listens on its own
-# socket, both get the large uploads, and in CI one stepped once by 66 MiB (426 → 492 at pass 4) and then held flat.
+# A leak climbs pass after pass: from the first pass to the last, RSS may not grow by more than this beyond its largest
+# single rise (catches ≥ 2 MiB a pass). A one-time step is not a leak: since each front worker listens on its own
+# socket, both get the large uploads, and one worker steps once by 57-77 MiB and then holds flat, at any pass (seen at
+# passes 2, 4 and 6: 426 → 492 in CI; 442 → 500 and 436 → 505 here; no garbage cycle behind it, gc.DEBUG_SAVEALL).
 GROWTH_SLACK_MIB = 16
 
 
@@ -38,8 +39,8 @@ def test_ten_passes_of_large_images_keep_every_worker_bounded_and_flat():
         report.append(f"{name}: warm {h['warm'][name] / MIB:.0f}, after passes {after[0]:.0f}..{max(after):.0f}, "
                       f"peak {max(peaks):.0f} MiB")
         assert max(peaks) <= PEAK_BOUND_MIB, report
-        half = len(after) // 2
-        assert max(after[half:]) <= max(after[:half]) + GROWTH_SLACK_MIB, (name, after)
+        biggest_rise = max(b - a for a, b in zip(after, after[1:], strict=False))
+        assert after[-1] - after[0] - max(biggest_rise, 0.0) <= GROWTH_SLACK_MIB, (name, after)
     print("\n" + "; ".join(report))
 
 

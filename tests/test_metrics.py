@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     gc.set_threshold(700, 10, 10)
     metrics.flush_gc()
     text = metrics.render().decode()
-    assert "convnet_gc_pause_seconds_count" in text and "convnet_gc_old_objects" in text, text[:2000]
+    assert "convnet_gc_pause_seconds_count" in text and "convnet_gc_tracked_objects" in text, text[:2000]
     assert "convnet_gc_pause_cpu_seconds_count" in text, text[:2000]
     print("OK")
 """)

@@ -262,10 +262,25 @@ def test_our_metrics_count_each_request(server):
     rose = {key: after[key] - before[key] for key in series}
     # 2 images classified by the batch (its junk item is a per-item error), 1 by /classify; 4 uploads decoded.
     assert rose == {"ok": 1, "refused": 1, "batch_ok": 1, "decode_failures": 2, "images": 3, "preprocessed": 5}, rose
+
+
+def test_collector_pauses_and_tracked_objects_are_reported(server):
+    """Requests leave nothing for the garbage collector, so it runs only after 10,000 objects allocated and not yet
+    freed (serving/service.py, GC_THRESHOLDS): one JSON body of 30,000 small lists makes it run. /metrics then shows
+    the pause, in wall time and in CPU time, and the objects the collector tracks."""
+    def gen0() -> float:
+        return metric_total(server, "convnet_gc_pause_seconds_count", generation="0")
+
+    before = gen0()
+    header = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [[0]] * 30_000}]}
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", json=header, timeout=60)
+    assert r.status_code == 400 and "'image'" in r.json()["error"], r.text[:300]  # 30,000 elements, not 1,024
+    assert gen0() >= before + 1
     pauses = metric_samples(server, "convnet_gc_pause_seconds_count")  # the collector's pauses, per generation
-    assert any('generation="0"' in k and v >= 1 for k, v in pauses.items()), pauses
     cpu = metric_samples(server, "convnet_gc_pause_cpu_seconds_count")  # the same pauses in the thread's CPU time
     assert set(cpu) == set(pauses) and all(v >= 1 for v in cpu.values()), (cpu, pauses)
+    tracked = metric_samples(server, "convnet_gc_tracked_objects")  # one sample per worker
+    assert tracked and all(0 < v < 1_000_000 for v in tracked.values()), tracked
 
 
 # ---- bad input: always a JSON 4xx and a healthy server afterwards --------------------------------------------
