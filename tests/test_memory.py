@@ -21,7 +21,7 @@ MIB = 1 << 20
 PEAK_BOUND_MIB = 768  # per worker, any moment of any pass (docs/hardening.md: measured ~0.45 GB front, ~0.4 GB models)
 # A leak climbs pass after pass: from the first pass to the last, RSS may not grow by more than this beyond its largest
 # single rise (catches ≥ 2 MiB a pass). A one-time step is not a leak: since each front worker listens on its own
-# socket, both get the large uploads, and one worker steps once by 57-77 MiB and then holds flat, at any pass (seen at
+# socket, both get the large uploads, and one worker steps once by 57-69 MiB and then holds flat, at any pass (seen at
 # passes 2, 4 and 6: 426 → 492 in CI; 442 → 500 and 436 → 505 here; no garbage cycle behind it, gc.DEBUG_SAVEALL).
 GROWTH_SLACK_MIB = 16
 
