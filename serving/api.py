@@ -300,8 +300,8 @@ class ClassifierAPI:
     async def metrics_page(self, request: Request) -> Response:
         if self.metrics is None:
             return self._error("metrics", "-", ServerBusy("the worker is still starting; retry shortly"))
+        self.metrics.count_tracked()  # first, so flush_gc finds it fresh and does not count again
         self.metrics.flush_gc()
-        self.metrics.count_tracked()
         body = await asyncio.get_running_loop().run_in_executor(self.pool, self.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
