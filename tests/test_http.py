@@ -4,8 +4,10 @@ full parser gives, and leaves every other body (and every error) to it. Its quer
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import aiohttp
 import httpx
 import pytest
 from starlette.datastructures import QueryParams
@@ -48,9 +50,12 @@ def random_head(rng: random.Random) -> bytes:
         b'form-data; name="%s"; filename="%s"' % (name, rng.choice([b"x.png", b"", b"C:\\dir\\x.png", b"a b.jpg"])),
         b'form-data;name="%s"' % name, b"Form-Data; name=%s" % name, b'form-data; name*=utf-8\'\'x; name="y"',
         b'attachment; name="%s"' % name, b"form-data"])
-    lines = [b"Content-Disposition: " + disposition]
-    if rng.random() < 0.6:
-        lines.append(b"Content-Type:" + rng.choice([b" image/png", b"image/JPEG; q=1", b"  text/plain ", b""]))
+    lines = [rng.choice([b"Content-Disposition: ", b"CONTENT-DISPOSITION:", b"content-disposition:  "]) + disposition]
+    for _ in range(rng.choice([0, 1, 1, 2])):  # twice: the last one counts
+        lines.append(rng.choice([b"Content-Type:", b"content-type: "]) +
+                     rng.choice([b" image/png", b"image/JPEG; q=1", b"  text/plain ", b"", b"image/caf\xc3\xa9"]))
+    if rng.random() < 0.3:
+        lines.append(rng.choice([b"Content-Length: 3", b"content-length:12", b"Content-Length: x"]))
     if rng.random() < 0.2:
         lines += [b"X-Extra-%d: v" % i for i in range(rng.choice([1, 7, 9]))]
     if rng.random() < 0.1:
@@ -59,15 +64,46 @@ def random_head(rng: random.Random) -> bytes:
     return b"\r\n".join(lines)
 
 
+IMAGE = b"\x89PNG\r\n--not-a-boundary\r\n"
+
+
 def test_fast_path_takes_what_clients_send() -> None:
-    files = {"image": ("cat.png", b"\x89PNG\r\n--not-a-boundary\r\n", "image/png")}
+    files = {"image": ("cat.png", IMAGE, "image/png")}
     request = httpx.Request("POST", "http://127.0.0.1/", files=files, data={"top_k": "3"})
     body, content_type = request.read(), request.headers["content-type"]
     boundary = content_type.split("boundary=")[1].encode()
     assert _split_simple(body, boundary) is not None
     parts = parse_multipart(body, content_type)
     assert [(p.name, p.filename, p.content_type, p.data) for p in parts] == \
-        [("top_k", None, "", b"3"), ("image", "cat.png", "image/png", files["image"][1])]
+        [("top_k", None, "", b"3"), ("image", "cat.png", "image/png", IMAGE)]
+
+
+async def aiohttp_body() -> tuple[bytes, str]:
+    form = aiohttp.FormData()
+    form.add_field("image", IMAGE, filename="cat.png", content_type="image/png")
+    form.add_field("top_k", "3")
+    payload, chunks = form(), []
+
+    class Sink:
+        async def write(self, chunk: bytes) -> None:
+            chunks.append(chunk)
+
+    await payload.write(Sink())
+    return b"".join(chunks), payload.content_type
+
+
+def test_fast_path_takes_aiohttp_and_okhttp_shapes() -> None:
+    """aiohttp puts each part's Content-Type first; OkHttp adds a Content-Length (written here as OkHttp writes it)."""
+    body, content_type = asyncio.run(aiohttp_body())
+    boundary = content_type.split("boundary=")[1].encode()
+    assert body.startswith(b"--" + boundary + b"\r\nContent-Type: image/png\r\nContent-Disposition: form-data")
+    assert _split_simple(body, boundary) is not None
+    assert [(p.name, p.filename, p.content_type, p.data) for p in parse_multipart(body, content_type)] == \
+        [("image", "cat.png", "image/png", IMAGE), ("top_k", None, "text/plain", b"3")]
+    okhttp = encode([(b'Content-Disposition: form-data; name="image"; filename="cat.png"\r\nContent-Type: image/png'
+                      b"\r\nContent-Length: %d" % len(IMAGE), IMAGE)])
+    assert _split_simple(okhttp, BOUNDARY.encode()) is not None
+    assert outcome(_split_simple, okhttp) == outcome(_parse_full, okhttp) == [("image", "cat.png", "image/png", IMAGE)]
 
 
 @pytest.mark.parametrize("seed", range(4))
