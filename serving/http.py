@@ -84,12 +84,11 @@ class Part:
         return self.data.decode("utf-8", "replace").strip()
 
 
-# What clients send (browsers, curl, httpx, requests, aiohttp, OkHttp): each part's head is a Content-Disposition
-# naming the field (and the file) with plain quoted values, a Content-Type before or after it, perhaps a
-# Content-Length. One regex reads such a head whole, the boundary as a plain token is read by another, and the split
-# is a few `find`s: a multipart upload then costs a LeNet-5 request next to nothing more than a raw body (#10). Every
-# other shape (other headers, escapes, odd spacing, a preamble) goes to python-multipart's full parser, which also words
-# every error; tests/test_http.py checks that both give the same on generated bodies.
+# What clients send (browsers, curl, httpx, requests, aiohttp, OkHttp) has one shape: the boundary a plain token, and
+# each part's head a Content-Disposition naming the field (and the file) in plain quotes, with a Content-Type before or
+# after it and perhaps a Content-Length. For that shape, two regexes and a few `find`s give what python-multipart
+# gives, and a digit's upload costs little more than its raw body (#10, docs/service.md "Eighth pass"). Every other
+# shape, and every error, goes to python-multipart's full parser; tests/test_http.py compares the two.
 _SIMPLE_CONTENT_TYPE = re.compile(r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,\-./:=?]{1,200})", re.IGNORECASE)
 _PLAIN_VALUE = rb'([^"\\;\r\n]{0,1024})'  # a quoted name or filename without escapes
 _SIMPLE_HEAD = re.compile(
