@@ -277,9 +277,13 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_output(digits: Path, 
 def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path):
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+    # A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and a child inherits that: Python
+    # then installs no Ctrl-C handler at all. The CLI is right to keep an ignored SIGINT ignored; the test wants the
+    # interactive case, so it gives the child SIGINT's default whatever ran pytest.
     proc = subprocess.Popen([sys.executable, "-m", "serving.batch", "-", "--model", LENET, "--batch-size", "4",
                              "-o", str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("\n".join(digit_files(digits, 6)[:10]) + "\n")  # two full batches and a half
         proc.stdin.flush()
