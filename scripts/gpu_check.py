@@ -188,6 +188,20 @@ def gpu_decoder():
     return run
 
 
+def decode_only(jpegs: list[bytes], batch_size: int):
+    """nvJPEG's batched decode alone, to the GPU (no resize, no copy back): the most GPU decoding could give."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(jpegs[i % len(jpegs)]), dtype=torch.uint8) for i in range(batch_size)]
+
+    def step() -> None:
+        decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+        torch.cuda.synchronize()
+
+    return step
+
+
 def stage_decode(args: argparse.Namespace) -> dict:
     jpegs = photos(64, seed=2)
     one_core = _cpu_decode_rate((jpegs, args.seconds))
@@ -211,6 +225,7 @@ def stage_decode(args: argparse.Namespace) -> dict:
         for bs in (64, 256):
             batch = [jpegs[i % len(jpegs)] for i in range(bs)]
             out[f"nvjpeg_batch{bs}"] = round(rate(lambda b=batch: run(b), bs, args.seconds), 1)
+        out["nvjpeg_decode_only_batch256"] = round(rate(decode_only(jpegs, 256), 256, args.seconds), 1)
         print(f"decode: nvJPEG {out}", flush=True)
     except Exception as e:  # noqa: BLE001 - no CUDA torchvision here: say so
         out["nvjpeg_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -243,6 +258,11 @@ class Sampler:
                "front_workers_cores": round(sum(front), 2), "front_workers": len(front),
                "busiest_front_worker": max(front, default=0.0)}
         if self.gpu is not None:
+            used = [int(line.split(",")[1]) for line in sh(
+                "nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits").splitlines()
+                if re.fullmatch(r"\s*\d+\s*,\s*\d+\s*", line)]
+            out["gpu_processes"], out["gpu_memory_mib_max_per_process"] = len(used), max(used, default=0)
+            out["gpu_memory_mib_total"] = sum(used)
             self.gpu.terminate()
             samples = [float(s) for s in self.gpu.communicate()[0].split() if re.fullmatch(r"[\d.]+", s)]
             out["gpu_util_mean_pct"] = round(sum(samples) / max(len(samples), 1), 1)
@@ -327,18 +347,18 @@ def stage_batch(args: argparse.Namespace) -> dict:
     for i in range(args.batch_images):
         (folder / f"{i:05d}.jpg").write_bytes(jpegs[i % len(jpegs)])
     out: dict = {"images": args.batch_images, "runs": []}
-    for batch_size in (64, 256):
+    for batch_size, decode_in in ((64, "processes"), (256, "processes"), (256, "threads")):
         summary = Path("/tmp/gpu_check_batch_summary.json")
         summary.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "serving.batch", str(folder), "--model", "alexnet", "--device", args.device,
                "--models-dir", str(args.models_dir), "--batch-size", str(batch_size), "--output", "/tmp/batch.jsonl",
-               "--summary-json", str(summary), "--progress", "off"]
+               "--summary-json", str(summary), "--progress", "off", "--decode-in", decode_in]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         s = json.loads(summary.read_text()) if summary.exists() else {}
         run = {"batch_size": batch_size, "rc": proc.returncode, "end_to_end_img_s": round(args.batch_images / wall, 1),
-               **{k: s.get(k) for k in ("images_per_s", "device", "precision", "workers", "failed")},
+               **{k: s.get(k) for k in ("images_per_s", "device", "precision", "workers", "decode_in", "failed")},
                "stderr_tail": proc.stderr[-300:]}
         out["runs"].append(run)
         print(f"batch CLI: {json.dumps(run)}", flush=True)
@@ -365,7 +385,8 @@ def stage_summary(args: argparse.Namespace) -> dict:
                      f"(corrected {run['p50_co_ms']:.1f} / {run['p99_co_ms']:.1f}), "
                      f"errors {run['errors']}, front {run.get('front_workers_cores')} cores "
                      f"({run.get('front_workers')} workers), model worker {run.get('model_worker_cores')}, "
-                     f"GPU {run.get('gpu_util_mean_pct')}%, batch {run.get('adaptive_batch_mean_overall')}")
+                     f"GPU {run.get('gpu_util_mean_pct')}%, {run.get('gpu_memory_mib_total')} MiB in "
+                     f"{run.get('gpu_processes')} processes, batch {run.get('adaptive_batch_mean_overall')}")
     for run in batch.get("runs", []):
         lines.append(f"batch CLI bs{run['batch_size']}: {run}")
     print("\n".join(lines))

@@ -55,15 +55,31 @@ if [ ! -f "$MODELS/alexnet/1/model.fp16.onnx" ]; then
   fi
 fi
 
+# More service configurations, one per line: LABEL [gpu_check.py options], e.g.
+#   SERVICE_RUNS=$'-front15 --connections 256 --server-env CONVNET_PLACEMENT=front CONVNET_API_WORKERS=15'
+# Each runs after the default one, as its own stage, writing OUT/service<LABEL>.json.
+SERVICE_RUNS=${SERVICE_RUNS:-}
 failed=()
 STAGES=${STAGES:-env inproc decode service batch}
-for stage_limit in env:30 inproc:150 decode:60 service:180 batch:90; do
+run_stage() {  # STAGE LIMIT_S [options]
+  local stage=$1 limit=$2
+  shift 2
+  say "stage $stage $* (limit $limit s)"
+  timeout -k 10 "$limit" "$PYTHON" scripts/gpu_check.py "$stage" --out "$OUT" --models-dir "$MODELS" \
+    --device "$DEVICE" "${args[@]}" "$@" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$stage $*")
+}
+for stage_limit in env:30 inproc:150 decode:60 service:180 batch:120; do
   stage=${stage_limit%%:*}
   [[ " $STAGES " == *" $stage "* ]] || continue
-  say "stage $stage (limit ${stage_limit##*:} s)"
-  timeout -k 10 "${stage_limit##*:}" "$PYTHON" scripts/gpu_check.py "$stage" --out "$OUT" --models-dir "$MODELS" \
-    --device "$DEVICE" "${args[@]}" 2>&1 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$stage")
+  run_stage "$stage" "${stage_limit##*:}"
+  if [ "$stage" = service ] && [ -n "$SERVICE_RUNS" ]; then
+    while read -r label options; do
+      [ -n "$label" ] || continue
+      # shellcheck disable=SC2086 # the options are words by design
+      run_stage service 180 "--label=$label" $options
+    done <<< "$SERVICE_RUNS"
+  fi
 done
 "$PYTHON" scripts/gpu_check.py summary --out "$OUT" 2>&1 | tee -a "$LOG"
 say "failed stages: ${failed[*]:-none}"

@@ -7,10 +7,12 @@ The same model repository, preprocessing and onnxruntime session code as the ser
 
 Pipeline, every stage bounded so memory stays flat however many inputs there are:
 
-    lazy listing ─▶ feeder thread ─▶ decode pool (threads) ─▶ bounded queue of futures, in input order
-                                                             ─▶ main thread: batch ▶ onnxruntime ▶ records ▶ writer
+    lazy listing ─▶ feeder thread ─▶ decode pool ─▶ bounded queue of futures, in input order
+                                                  ─▶ main thread: batch ▶ onnxruntime ▶ records ▶ writer
 
-Pillow and onnxruntime both release the GIL, so decoding the next batches overlaps the current inference. The
+Pillow and onnxruntime both release the GIL, so decoding the next batches overlaps the current inference. The decode
+pool is threads on a CPU, where decoding and inference take turns, and processes on a GPU, where decoding is all the
+CPUs do: the Python around Pillow's GIL-free stretches would serialise many threads in one process (docs/batch.md). The
 writer appends whole lines with one write per batch, so a crash or Ctrl-C leaves only complete records and
 `--resume` picks up where the run stopped.
 """
@@ -36,10 +38,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from serving.errors import ClientError, CorruptImage, ModelRepositoryError, error_body
+from serving.decode_procs import ProcessDecoder, preprocess_file
+from serving.errors import ClientError, ModelRepositoryError, error_body
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
 from serving.keys import CLIENT_KEY_ENV, client_headers
-from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess_bytes, stack_batch
+from serving.preprocess import DEFAULT_MAX_PIXELS, stack_batch
 from serving.registry import (
     CARD_FILE,
     DEFAULT_MODELS_DIR,
@@ -59,6 +62,7 @@ EVAL_K = 5  # --eval needs the top 5 whatever --top-k asks to print
 # Decode threads run this much nicer than onnxruntime's (see _nice_current_thread); measured with
 # loadtests/batch_bench.py, see docs/batch.md.
 DEFAULT_DECODE_NICE = 0
+DECODE_IN = ("auto", "threads", "processes")
 FSYNC_INTERVAL_S = 1.0  # a power cut loses at most this much finished work; a killed process loses none
 USAGE_EPILOG = """\
 inputs: files, directories (walked recursively for image extensions), glob patterns ('**' recurses), @list.txt
@@ -132,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default: from the output's extension, else jsonl)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per inference call (default 32)")
     p.add_argument("--workers", type=_positive_int, default=_default_workers(),
-                   help="decode threads (with --url: concurrent requests); default: the CPU count")
+                   help="decoders (with --url: concurrent requests); default: the CPU count")
+    p.add_argument("--decode-in", choices=DECODE_IN, default="auto",
+                   help="where images decode: auto = processes when a GPU runs the model (decoding then has every "
+                   "CPU), threads on a CPU (decoding and inference take turns) and with --url")
     p.add_argument("--threads", type=_non_negative_int, default=0,
                    help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per core)")
     p.add_argument("--decode-nice", type=int, choices=range(0, 20), default=DEFAULT_DECODE_NICE, metavar="0-19",
@@ -176,6 +183,7 @@ class Prepared:
     array: np.ndarray | None = None
     predictions: list[dict] | None = None
     version: str | None = None
+    release: Callable[[], None] | None = None  # hands `array`'s memory back once the batch holds a copy
 
 
 class LocalBackend:
@@ -188,16 +196,16 @@ class LocalBackend:
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
 
     def prepare(self, path: str) -> Prepared:
-        data = read_input(path, self.max_bytes)
-        try:
-            return Prepared(array=preprocess_bytes(data, self.model.recipe, self.max_pixels))
-        except ClientError:
-            raise
-        except Exception as e:  # a decoder surprise on hostile bytes is the bytes' fault, as the service says too
-            raise CorruptImage(f"the image could not be decoded ({type(e).__name__})") from e
+        return Prepared(array=preprocess_file(path, self.model.recipe, self.max_bytes, self.max_pixels))
 
     def infer(self, prepared: list[Prepared], k: int) -> list[list[dict]]:
-        return self.model.classify(stack_batch([p.array for p in prepared]), k)
+        try:
+            batch = stack_batch([p.array for p in prepared])
+        finally:
+            for p in prepared:
+                if p.release is not None:
+                    p.release()
+        return self.model.classify(batch, k)
 
     def close(self) -> None:
         pass
@@ -537,9 +545,23 @@ def _nice_current_thread(increment: int) -> None:
         pass
 
 
+def decode_pool(backend: LocalBackend | RemoteBackend, workers: int, capacity: int, decode_in: str,
+                decode_nice: int) -> tuple[Callable[[str], Future], ThreadPoolExecutor | ProcessDecoder]:
+    """(submit(path) → Future[Prepared], the pool to shut down): decode threads, or processes (serving/decode_procs.py)
+    for a local model."""
+    if decode_in == "processes" and isinstance(backend, LocalBackend):
+        decoder = ProcessDecoder(workers, capacity, backend.model.recipe, backend.max_bytes, backend.max_pixels,
+                                 decode_nice, wrap=lambda array, release: Prepared(array=array, release=release))
+        return decoder.submit, decoder
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
+                              initializer=_nice_current_thread if decode_nice else None,
+                              initargs=(decode_nice,) if decode_nice else ())
+    return (lambda path: pool.submit(backend.prepare, path)), pool
+
+
 def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, writer: RecordWriter, *, k: int,
                  batch_size: int, workers: int, fail_fast: bool, evaluator: Evaluator | None, stats: RunStats,
-                 progress: Any = None, decode_nice: int = 0) -> None:
+                 progress: Any = None, decode_nice: int = 0, decode_in: str = "threads") -> None:
     infer_k = max(k, EVAL_K) if evaluator is not None else k
     if backend.num_classes:
         infer_k = min(infer_k, backend.num_classes)
@@ -548,14 +570,14 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
     # core, measured in docs/batch.md). On a GPU or with a remote service, inference leaves the CPUs free, so the
     # next batch decodes while this one runs: enough in flight to fill it, and no more.
     take_turns = isinstance(backend, LocalBackend) and backend.model.session.device == "cpu"
-    slots = threading.Semaphore(batch_size if take_turns else batch_size * 2 + workers)
+    in_flight = batch_size if take_turns else batch_size * 2 + workers
+    slots = threading.Semaphore(in_flight)
     pending: queue.Queue = queue.Queue()
     stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
-                              initializer=_nice_current_thread if decode_nice else None,
-                              initargs=(decode_nice,) if decode_nice else ())
-    feeder = threading.Thread(target=feed, args=(paths, lambda p: pool.submit(backend.prepare, p), pending, stop,
-                                                 slots), name=FEEDER, daemon=True)
+    # Images decode from when the feeder submits them until their batch is taken: the main thread's batch, plus what
+    # the feeder has in flight.
+    submit, pool = decode_pool(backend, workers, in_flight + batch_size, decode_in, decode_nice)
+    feeder = threading.Thread(target=feed, args=(paths, submit, pending, stop, slots), name=FEEDER, daemon=True)
     stats.pipeline_start, stats.cpu_start = time.perf_counter(), time.process_time()
     feeder.start()
     finished = False
@@ -733,6 +755,8 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     stats = RunStats()
     check_specs(args.inputs)
     fmt = _output_format(args)
+    if args.url and args.decode_in == "processes":
+        raise UsageError("--decode-in processes decodes for a local model; with --url the service decodes")
     if args.url:
         backend: LocalBackend | RemoteBackend = RemoteBackend(
             args.url, args.model, max(args.top_k, EVAL_K) if args.eval else args.top_k, args.max_bytes,
@@ -743,6 +767,9 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     else:
         backend, model_dir = _load_local(args)
         device, precision = backend.model.session.device, backend.model.precision
+    decode_in = args.decode_in
+    if decode_in == "auto":
+        decode_in = "processes" if not args.url and device != "cpu" else "threads"
     evaluator = Evaluator.for_model(model_dir) if args.eval else None
     writer, done, out_file = _open_output(args, fmt, args.top_k)
     bar = _progress_bar(args, done)
@@ -750,7 +777,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         paths = _filtered(iter_inputs(args.inputs, stdin), done, args.limit, stats)
         run_pipeline(paths, backend, writer, k=args.top_k, batch_size=args.batch_size,
                      workers=args.workers, fail_fast=args.fail_fast, evaluator=evaluator, stats=stats,
-                     progress=bar, decode_nice=0 if args.url else args.decode_nice)
+                     progress=bar, decode_nice=0 if args.url else args.decode_nice, decode_in=decode_in)
     finally:
         if bar is not None:
             bar.close()
@@ -765,7 +792,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         "pipeline_cpu_s": stats.cpu_end - stats.cpu_start,
         "wall_s": time.perf_counter() - stats.started, "model": backend.name, "version": backend.version,
         "device": device, "precision": precision, "batch_size": args.batch_size, "workers": args.workers,
-        "threads": args.threads, "decode_nice": args.decode_nice,
+        "threads": args.threads, "decode_nice": args.decode_nice, "decode_in": decode_in,
         "output": args.output, "format": fmt, "interrupted": stats.interrupted, "stopped_early": stats.stopped_early,
     }
     if evaluator is not None:

@@ -58,6 +58,7 @@ IN_FRONT, IN_MODEL_SERVICE = placement(CFG, {n: i.card.parameters for n, i in MO
 WORKERS = parallelism(CFG, USES_GPU, model_service=bool(IN_MODEL_SERVICE))
 # With a model service (a GPU), the small models that stay in front run on the front workers' CPUs.
 FRONT_DEVICE = "cpu" if IN_MODEL_SERVICE else CFG.device
+FRONT_ON_GPU = USES_GPU and not IN_MODEL_SERVICE  # placement "front" on a GPU: every front worker shares it
 NO_SPIN = {"session.intra_op.allow_spinning": str(CFG.ort_spinning)}
 
 # The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
@@ -223,6 +224,7 @@ def our_paths(app) -> tuple[set[str], tuple[str, ...]]:
 @bentoml.asgi_app(APP, path="/")
 @bentoml.service(
     name="convnet", workers=WORKERS["api_workers"], traffic={"timeout": CFG.timeout_s},
+    resources={"gpu": 1} if FRONT_ON_GPU else {},
     metrics={"enabled": False},  # /metrics comes from serving/api.py, without a middleware on every request
     logging={"access": {"enabled": bool(CFG.access_log)}},
     tracing={} if CFG.tracing else {"excluded_urls": HOT_ROUTES},

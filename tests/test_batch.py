@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 import imagegen
+import numpy as np
 import pytest
 
-from loadtests.images import mnist_sample
+from loadtests.images import mnist_sample, photo_jpegs
 from serving import batch
 from serving.inputs import iglob_sorted, iter_inputs, read_input
 from serving.registry import DEFAULT_MODELS_DIR, read_card
@@ -131,7 +132,13 @@ def test_read_input_refuses_what_is_not_a_small_regular_file(tmp_path: Path):
 # The CLI end to end
 
 
-def test_mixed_inputs_good_and_broken_files_in_one_run(digits: Path, tmp_path: Path):
+def shared_blocks() -> set[str]:
+    """The POSIX shared-memory blocks Python made (a decode-process run must leave none behind)."""
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
+@pytest.mark.parametrize("decode_in", ["threads", "processes"])
+def test_mixed_inputs_good_and_broken_files_in_one_run(digits: Path, tmp_path: Path, decode_in: str):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "random.jpg").write_bytes(imagegen.random_bytes(3000))
@@ -144,9 +151,11 @@ def test_mixed_inputs_good_and_broken_files_in_one_run(digits: Path, tmp_path: P
     listing.write_text(f"# a comment, then a folder and a missing file\n{digits / '3'}\n\n{tmp_path / 'gone.png'}\n")
     out = tmp_path / "out.jsonl"
     stdin_paths = digit_files(digits, 7)[:2]
+    blocks_before = shared_blocks()
     r = cli(str(digits / "0"), str(digits / "1" / "*.png"), f"@{listing}", "-", str(broken / "*"),
-            "--model", LENET, "--top-k", "3", "--batch-size", "8", "--output", str(out),
+            "--model", LENET, "--top-k", "3", "--batch-size", "8", "--output", str(out), "--decode-in", decode_in,
             stdin="\n".join(stdin_paths) + "\n")
+    assert shared_blocks() == blocks_before
     assert r.returncode == 1, r.stderr  # some inputs failed, the rest were classified
     records = read_jsonl(out)
     expected_paths = (digit_files(digits, 0) + sorted(p for p in digit_files(digits, 1) if p.endswith(".png"))
@@ -194,6 +203,8 @@ def test_fail_fast_stops_at_the_first_failure(digits: Path, tmp_path: Path):
     (["--model", LENET, "--top-k", "11"], "more than lenet5's 10 classes"),
     (["--model", LENET, "--device", "gpu"], "invalid choice"),
     (["--model", LENET, "--url", "http://127.0.0.1:9"], "cannot reach the service"),
+    (["--model", LENET, "--url", "http://127.0.0.1:9", "--decode-in", "processes"],
+     "--decode-in processes decodes for a local model"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, digits: Path):
     r = cli(str(digits / "0"), *args)
@@ -274,15 +285,17 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_output(digits: Path, 
     assert f"0 processed, 0 failed, {len(paths)} skipped" in r.stderr
 
 
-def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path):
+@pytest.mark.parametrize("decode_in", ["threads", "processes"])
+def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path, decode_in: str):
+    """Also: decode processes never hold an image back for a fuller chunk while the listing (stdin) waits."""
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
     # A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and a child inherits that: Python
     # then installs no Ctrl-C handler at all. The CLI is right to keep an ignored SIGINT ignored; the test wants the
     # interactive case, so it gives the child SIGINT's default whatever ran pytest.
     proc = subprocess.Popen([sys.executable, "-m", "serving.batch", "-", "--model", LENET, "--batch-size", "4",
-                             "-o", str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
+                             "-o", str(out), "--decode-in", decode_in], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("\n".join(digit_files(digits, 6)[:10]) + "\n")  # two full batches and a half
@@ -319,6 +332,7 @@ def test_precision_reaches_the_summary_and_fp16_is_refused_without_a_gpu(tmp_pat
     assert r.returncode == 0, r.stderr
     summary = json.loads(summary_path.read_text())
     assert (summary["precision"], summary["device"], summary["processed"]) == ("fp32", "cpu", 1)
+    assert summary["decode_in"] == "threads"  # auto: on a CPU decoding and inference take turns in one process
     assert r.stderr.strip().splitlines()[-1].endswith("model lenet5 v1 on cpu (fp32)")
     r = cli(digit, "--model", LENET, "--precision", "fp16", "-o", str(tmp_path / "fp16.jsonl"))
     assert r.returncode == 2 and "no float16 ONNX" in r.stderr and "make models" in r.stderr, r.stderr
@@ -371,6 +385,26 @@ def test_eval_reads_imagenet_wnid_folders(tmp_path: Path):
     evaluator.add(f"/val/{wnids[2]}/b.JPEG", [{"index": 9}, {"index": 2}])
     evaluator.add("/val/not-a-class/c.JPEG", [{"index": 2}])
     assert evaluator.summary() == {"evaluated": 2, "unlabelled": 1, "top1": 0.5, "top5": 1.0}
+
+
+def test_decode_processes_give_alexnet_the_same_records_as_threads(tmp_path: Path):
+    """The decode processes' shared-memory slots hold AlexNet's 224×224×3 inputs exactly: a real photo and generated
+    ones, in chunks and alone (batch sizes that don't divide the count), equal the threads' records."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "00-grace_hopper.jpg").write_bytes((REPO_ROOT / "examples" / "grace_hopper.jpg").read_bytes())
+    for i, photo in enumerate(photo_jpegs(np.random.default_rng(5), 20, 300, 700)):
+        (photos / f"{i + 1:02d}.jpg").write_bytes(photo.data)
+    records = {}
+    for decode_in in ("threads", "processes"):
+        out = tmp_path / f"{decode_in}.jsonl"
+        r = cli(str(photos), "--model", "alexnet", "--batch-size", "6", "--workers", "3", "--decode-in", decode_in,
+                "-o", str(out), "--summary-json", str(tmp_path / f"{decode_in}.json"))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / f"{decode_in}.json").read_text())["decode_in"] == decode_in
+        records[decode_in] = read_jsonl(out)
+    assert len(records["threads"]) == 21
+    assert_same_records(records["threads"], records["processes"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

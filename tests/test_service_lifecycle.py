@@ -178,6 +178,10 @@ def test_config_layers(tmp_path):
     assert workers(ServiceConfig(), True, True, 2) == (1, 2, 1, 2)
     assert workers(ServiceConfig(model_workers=1), True, True, 16) == (15, 1, 1, 16)
     assert workers(ServiceConfig(model_workers=1, ort_threads=3), False, True, 2) == (2, 3, 1, 3)
+    # Every model in front on a GPU: each front worker decodes and runs its own GPU session, one per CPU up to 16.
+    assert workers(ServiceConfig(placement="front"), True, False, 16)[0] == 16
+    assert workers(ServiceConfig(placement="front"), True, False, 32)[0] == 16
+    assert workers(ServiceConfig(placement="front"), True, False, 2)[0] == 2
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         load_config({"CONVNET_CONFIG": str(toml)})
