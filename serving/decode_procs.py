@@ -16,6 +16,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from multiprocessing import resource_tracker
@@ -45,8 +46,17 @@ def _attach(name: str) -> SharedMemory:
         resource_tracker.register = register
 
 
+def _exit_with(parent: int) -> None:
+    """A worker's watch: a parent killed outright (kill -9) leaves its workers waiting on a queue whose writing end
+    they hold themselves, forever. Once they are gone, the resource tracker removes the shared block."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _worker_init(name: str, shape: tuple[int, ...], nice: int) -> None:
     global _slots, _block
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the pool, writes what is done).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:

@@ -416,6 +416,8 @@ def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def stack_batch(items: list[np.ndarray]) -> np.ndarray:
-    """Preprocessed images → one contiguous NHWC uint8 batch."""
+def stack_batch(items: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    """Preprocessed images → one contiguous NHWC uint8 batch (into `out`, a contiguous array of its shape, if given)."""
+    if out is not None:
+        return np.stack(items, axis=0, out=out)
     return np.ascontiguousarray(np.stack(items, axis=0))

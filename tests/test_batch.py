@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import imagegen
 import numpy as np
+import psutil
 import pytest
 
 from loadtests.images import mnist_sample, photo_jpegs
@@ -310,6 +311,32 @@ def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path, 
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert [rec["path"] for rec in read_jsonl(out)] == digit_files(digits, 6)[:8]
+
+
+def test_a_killed_run_leaves_no_decode_process_and_no_shared_memory(digits: Path, tmp_path: Path):
+    """kill -9 of the CLI: its decode processes notice within a second and exit, and the resource tracker then removes
+    the shared block (before, the processes waited forever on a queue whose writing end they held themselves)."""
+    out = tmp_path / "out.jsonl"
+    blocks_before = shared_blocks()
+    proc = subprocess.Popen([sys.executable, "-m", "serving.batch", "-", "--model", LENET, "--batch-size", "4",
+                             "--decode-in", "processes", "-o", str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
+    try:
+        proc.stdin.write("\n".join(digit_files(digits, 4)[:8]) + "\n")  # then stdin stays open: the run goes on
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 8) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2  # the decode processes and the resource tracker
+        assert shared_blocks() - blocks_before  # the run's block exists
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+        assert shared_blocks() == blocks_before
+    finally:
+        proc.kill()
 
 
 def test_limit_takes_the_first_n_inputs_of_the_listing(digits: Path, tmp_path: Path):
