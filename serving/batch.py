@@ -580,8 +580,8 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
     slots = threading.Semaphore(in_flight)
     pending: queue.Queue = queue.Queue()
     stop = threading.Event()
-    # Images decode from when the feeder submits them until their batch is taken: the main thread's batch, plus what
-    # the feeder has in flight.
+    # A decode process's image holds its slot from the feeder's submit until its batch is stacked: what the feeder
+    # has in flight, plus the batch the main thread has taken.
     submit, pool = decode_pool(backend, workers, in_flight + batch_size, decode_in, decode_nice)
     feeder = threading.Thread(target=feed, args=(paths, submit, pending, stop, slots), name=FEEDER, daemon=True)
     stats.pipeline_start, stats.cpu_start = time.perf_counter(), time.process_time()

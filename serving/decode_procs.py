@@ -2,8 +2,8 @@
 process's decode threads can't use them (the Python between Pillow's GIL-free stretches serialises them).
 
 Each worker writes its decoded image straight into a slot of one shared-memory block; only the slot number and an
-error, if any, cross the pipe. Pickling the 150 KB array through it instead cost the parent ~0.3 ms an image, which
-capped a 16-CPU GPU machine at ~1.4k img/s (docs/batch.md). Workers start fresh ("spawn"): never a fork of a process
+error, if any, cross the pipe. Pickling the 150 KB array back instead cost the parent ~0.46 ms an image (2 CPUs),
+and held an H200's 16 CPUs to ~1.4k img/s (docs/batch.md). Workers start fresh ("spawn"): never a fork of a process
 holding onnxruntime's threads or a CUDA context.
 """
 
