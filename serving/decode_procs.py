@@ -29,8 +29,11 @@ from serving.errors import ClientError, CorruptImage
 from serving.inputs import read_input
 from serving.preprocess import Recipe, preprocess_bytes
 
-_slots: np.ndarray | None = None  # a worker's view of the shared block: (slots, size, size, channels) uint8
+# A worker's state, set once at its start: the block (kept referenced, so it stays mapped), its view as
+# (slots, size, size, channels) uint8, and the arguments of preprocess_file after the path.
 _block: SharedMemory | None = None
+_slots: np.ndarray | None = None
+_recipe_and_limits: tuple[Recipe, int, int] | None = None
 
 
 def _attach(name: str) -> SharedMemory:
@@ -54,8 +57,8 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_init(name: str, shape: tuple[int, ...], nice: int) -> None:
-    global _slots, _block
+def _worker_init(name: str, shape: tuple[int, ...], nice: int, recipe_and_limits: tuple[Recipe, int, int]) -> None:
+    global _slots, _block, _recipe_and_limits
     threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the pool, writes what is done).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -63,6 +66,7 @@ def _worker_init(name: str, shape: tuple[int, ...], nice: int) -> None:
         os.nice(nice)
     _block = _attach(name)
     _slots = np.ndarray(shape, np.uint8, buffer=_block.buf)
+    _recipe_and_limits = recipe_and_limits
 
 
 def preprocess_file(path: str, recipe: Recipe, max_bytes: int, max_pixels: int) -> np.ndarray:
@@ -76,13 +80,12 @@ def preprocess_file(path: str, recipe: Recipe, max_bytes: int, max_pixels: int) 
         raise CorruptImage(f"the image could not be decoded ({type(e).__name__})") from e
 
 
-def _decode_chunk(items: list[tuple[str, int]], recipe: Recipe, max_bytes: int,
-                  max_pixels: int) -> list[Exception | None]:
+def _decode_chunk(items: list[tuple[str, int]]) -> list[Exception | None]:
     """In a worker: decode each (path, slot) into its slot; an input's error is its own (None where it decoded)."""
     errors: list[Exception | None] = []
     for path, slot in items:
         try:
-            _slots[slot] = preprocess_file(path, recipe, max_bytes, max_pixels)
+            _slots[slot] = preprocess_file(path, *_recipe_and_limits)
             errors.append(None)
         except ClientError as e:
             errors.append(e)
@@ -104,21 +107,21 @@ class ProcessDecoder:
     """
 
     def __init__(self, workers: int, capacity: int, recipe: Recipe, max_bytes: int, max_pixels: int,
-                 nice: int = 0, wrap: Callable[[np.ndarray, Callable[[], None]], Any] = lambda array, release: array,
-                 chunk: int = 8) -> None:
+                 nice: int, wrap: Callable[[np.ndarray, Callable[[], None]], Any], chunk: int = 8) -> None:
         shape = (capacity, recipe.size, recipe.size, recipe.channels)
         self.block = SharedMemory(create=True, size=int(np.prod(shape)))
         self.slots = np.ndarray(shape, np.uint8, buffer=self.block.buf)
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(capacity):
             self.free.put(slot)
-        self.args, self.wrap, self.workers, self.chunk = (recipe, max_bytes, max_pixels), wrap, workers, chunk
+        self.wrap, self.workers, self.chunk = wrap, workers, chunk
         self.lock = threading.RLock()  # a chunk that is done already runs its callback in the submitting thread
         self.closed = False
         self.waiting: list[tuple[str, int, Future]] = []  # submitted, not yet sent to a worker
         self.out = 0  # chunks sent and not back
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_worker_init, initargs=(self.block.name, shape, nice))
+                                        initializer=_worker_init,
+                                        initargs=(self.block.name, shape, nice, (recipe, max_bytes, max_pixels)))
 
     def submit(self, path: str) -> Future:
         result: Future = Future()
@@ -132,7 +135,7 @@ class ProcessDecoder:
     def _send(self) -> None:  # with the lock held
         items, self.waiting = self.waiting, []
         self.out += 1
-        self.pool.submit(_decode_chunk, [(path, slot) for path, slot, _ in items], *self.args).add_done_callback(
+        self.pool.submit(_decode_chunk, [(path, slot) for path, slot, _ in items]).add_done_callback(
             lambda done: self._finish(done, items))
 
     def _finish(self, done: Future, items: list[tuple[str, int, Future]]) -> None:
@@ -162,9 +165,3 @@ class ProcessDecoder:
         self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         self.block.unlink()  # the name goes now; the memory once no process maps it (this one: when it exits, as
         # views of it may still be in use)
-
-    def __enter__(self) -> ProcessDecoder:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
