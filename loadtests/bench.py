@@ -18,6 +18,8 @@ What it measures, all on the same machine, each run bounded and repeated (median
    multipart uploads (LitServe reads form or JSON bodies, not raw ones).
    (2), (3) and (3b) are up at once and measured in rounds, side by side (load_runs); every ratio between them is
    taken within a round, so a machine whose speed drifts during the benchmark does not decide it.
+   2c. multipart against raw bodies on the service alone, in many short turns that alternate (multipart_vs_raw):
+   the two differ by a per cent or two, less than (2)'s rounds of 8 s vary by, so they get a finer A/B of their own.
 4. a bare Starlette "hello" endpoint (loadtests/baselines/hello_app.py): the HTTP ceiling for LeNet-5's requests/s.
 5. the batch CLI over a folder of JPEGs (loadtests/batch_bench.py, owned by the batch CLI).
 6. the Open Inference Protocol (loadtests/v2_cost.py): server CPU per image of /classify vs v2 with encoded images
@@ -536,7 +538,10 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
               "median (lowest–highest) over the rounds: (2), (3) and (3b) divided by the limit (1) (decode +",
               f"onnxruntime at batch {LIMIT_BATCH}, one process, the same cores) sampled either side of their round;",
               "raw (2) also by (3), multipart (2) by (3b) and by raw (2). (5) is divided by the limit sampled just",
-              "before and after it. p50/p99: of the answered requests, as they were measured; `corrected`: wrk's",
+              "before and after it. (2c), in the headlines, compares multipart with raw once more, on the service",
+              f"alone in {args.ab_pairs} pairs of {args.ab_seconds}-s turns: a difference of a per cent or two is",
+              "smaller than the rounds of (2) vary by. p50/p99: of the answered requests, as they were measured;",
+              "`corrected`: wrk's",
               "own, corrected for coordinated omission (each response slower than twice a connection's mean",
               "interval also counts the requests a client keeping that pace would have sent meanwhile), which",
               "shows what a stall costs the requests behind it. `per CPU-s`: images per CPU",
@@ -587,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true", help="add this run as a new section at the end of --out")
     p.add_argument("--quick", action="store_true", help="1 repeat, 4 s runs: checks the harness, not the numbers")
     p.add_argument("--skip-batch-cli", action="store_true")
+    p.add_argument("--ab-pairs", type=int, default=16, help="(2c) pairs of multipart and raw turns (default 16)")
+    p.add_argument("--ab-seconds", type=int, default=2, help="(2c) seconds per turn (default 2)")
     return p
 
 
@@ -604,6 +611,19 @@ def ratio_text(ratios: list[float]) -> str:
         return ""
     spread = f" ({min(ratios):.3g}–{max(ratios):.3g})" if len(ratios) > 1 else ""
     return f"{statistics.median(ratios):.3g}×{spread}"
+
+
+def mp_vs_raw_text(m: str, ab: dict) -> str:
+    """The headline of (2c)."""
+    if "skipped" in ab:
+        return (f"{m} multipart vs raw in short turns (2c): not run, {ab['skipped']}; its multipart/raw is the "
+                "rounds' above")
+    q1, _, q3 = statistics.quantiles(ab["ratios"], n=4) if len(ab["ratios"]) > 1 else [ab["ratios"][0]] * 3
+    return (f"**{m} multipart vs raw in short turns** (2c: the service alone, {ab['connections']} conns, "
+            f"{ab['pairs']} pairs of {ab['seconds']} s turns in alternating order): multipart **"
+            f"{ratio_text(ab['ratios'])}** of raw (middle half {q1:.3g}–{q3:.3g}); the server's CPU "
+            f"{statistics.median(ab['extra_cpu_us']):+.1f} µs an answer (median of the pairs) on "
+            f"{statistics.median(ab['raw_cpu_us']):.0f} µs for a raw one")
 
 
 @dataclass
@@ -631,6 +651,7 @@ class Bench:
     v2_tables: list[str] = field(default_factory=list)  # (6), one Markdown table per model
     hello_row: Row | None = None
     cli: tuple[Row, dict, float] | None = None  # the row, batch_bench's JSON, the limit around it
+    mp_vs_raw: dict[str, dict] = field(default_factory=dict)  # (2c), per model
 
     @property
     def n_server(self) -> int:
@@ -730,6 +751,8 @@ class Bench:
                             self.gc_series.append((time.monotonic() - started, step["tracked_objects"]))
                         self.step(m, c, srv, naive, lit)
             with servers.awake(srv):
+                for m in self.models:
+                    self.multipart_vs_raw(srv, m)
                 self.gc = {**gc_under_load(srv.url),
                            "tracked_objects_early": early.get("tracked_objects", float("nan"))}
                 self.gc_series.append((time.monotonic() - started, self.gc["tracked_objects"]))
@@ -764,6 +787,47 @@ class Bench:
         self.service_rows[m, c], self.service_mp_rows[m, c] = raw, mp
         self.naive_rows[m, c], self.lit_rows[m, c] = naive_row, lit_row
         self.rows += [raw, mp, naive_row, lit_row]
+
+    def multipart_vs_raw(self, srv: servers.Server, m: str) -> None:
+        """(2c): the service alone (awake; the others frozen), multipart and raw bodies of the same images in
+        `--ab-pairs` pairs of `--ab-seconds` turns, the order swapped every other pair, at the connections where (2)
+        saturated. Rounds of (2) put 8 s and other servers between the two and spread ±4% on LeNet-5 pinned; the
+        difference is ~2%, so it needs turns seconds apart and more of them. Skipped where a turn is too short to
+        count the rate to `--resolution` (AlexNet answers in batches of 32: it would need 24-s turns)."""
+        a = self.args
+        c = max(self.levels, key=lambda c: self.service_rows[m, c].median)
+        rate = self.service_rows[m, c].median
+        needed = math.ceil(c / (a.resolution * rate)) if rate > 0 else math.inf
+        if needed > a.ab_seconds:
+            self.mp_vs_raw[m] = {"connections": c, "skipped": f"a turn would need {needed} s to count the rate to "
+                                 f"{a.resolution:.0%} (answers come {c} at a time)"}
+            print(f"2c. {m}: multipart vs raw in turns skipped ({self.mp_vs_raw[m]['skipped']})", flush=True)
+            return
+        print(f"2c. {m}: multipart vs raw, {a.ab_pairs} pairs of {a.ab_seconds} s turns, {c} conns", flush=True)
+        path = f"/classify?model={m}&top_k={TOP_K[m]}"
+        content_type, files = UPLOADS[m][0], self.files[m]
+
+        def turn(multipart: bool) -> tuple[float, float]:
+            """(answers/s, server CPU µs per answer) of one turn."""
+            servers.wait_idle(srv)  # the previous turn's requests in flight are not this one's CPU
+            cpu_before = servers.cpu_seconds(srv.proc.pid)
+            r = run_wrk(srv.url, path, content_type, files, c, a.ab_seconds, a.client_cpus, multipart)
+            cpu = servers.cpu_seconds(srv.proc.pid) - cpu_before
+            if r["errors"]:
+                raise RuntimeError(f"(2c) {m}: {r['errors']} errors in a {'multipart' if multipart else 'raw'} turn")
+            return r["rate"], cpu / max(r["ok"], 1) * 1e6
+
+        turn(False), turn(True)  # warm-up, not counted
+        ratios, extra_us, raw_us = [], [], []
+        for k in range(a.ab_pairs):
+            got = {mp: turn(mp) for mp in ((False, True) if k % 2 == 0 else (True, False))}
+            ratios.append(got[True][0] / got[False][0])
+            extra_us.append(got[True][1] - got[False][1])
+            raw_us.append(got[False][1])
+        self.mp_vs_raw[m] = {"connections": c, "pairs": a.ab_pairs, "seconds": a.ab_seconds, "ratios": ratios,
+                             "extra_cpu_us": extra_us, "raw_cpu_us": raw_us}
+        print(f"  {m} multipart/raw {ratio_text(ratios)}, extra server CPU {statistics.median(extra_us):+.1f} µs an "
+              f"answer on {statistics.median(raw_us):.0f}", flush=True)
 
     def hello(self) -> None:
         print("4. bare Starlette hello endpoint", flush=True)
@@ -814,6 +878,8 @@ class Bench:
                            f"of a CPU second (multipart both), {ratio_text(run_ratios(raw.per_cpu_s, naive.per_cpu_s))}"
                            f" of the naive app's (raw both), {ratio(statistics.median(raw.per_cpu_s), limit_cpu)} of "
                            f"the limit's; multipart {ratio_text(run_ratios(mp.per_cpu_s, raw.per_cpu_s))} of raw")
+            if m in self.mp_vs_raw:
+                out.append(mp_vs_raw_text(m, self.mp_vs_raw[m]))
             tail, naive_tail = self.service_rows[m, low], self.naive_rows[m, low]
             if tail.p50_ms and tail.p99_ms and tail.p50_co_ms:
                 out.append(f"{m} tail at {low} connections: p99/p50 = {tail_text(tail.p50_ms, tail.p99_ms)} as "
@@ -856,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.repeats, args.duration, args.ort_seconds = 1, 4, 1.0
+        args.repeats, args.duration, args.ort_seconds, args.ab_pairs, args.ab_seconds = 1, 4, 1.0, 2, 1
     args.max_duration = args.max_duration or (args.duration if args.quick else 3 * args.duration)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `apt-get install wrk` (Debian/Ubuntu) or `brew install wrk`", file=sys.stderr)
@@ -896,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, text, args.append)
     (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in bench.rows],
+                                                    "multipart_vs_raw": bench.mp_vs_raw,
                                                     "headlines": headlines}, indent=2))
     print(f"\n{text}\nwrote {args.out} (raw: {results})")
     return 0

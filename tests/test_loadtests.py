@@ -197,6 +197,20 @@ def test_ratios_are_taken_round_by_round():
         run_ratios([1.0, 2.0], [1.0])
 
 
+def test_multipart_vs_raw_headline():
+    """(2c)'s headline: the median and middle half of the pairs' ratios and the extra CPU; a skipped model says why
+    and where its ratio is instead."""
+    from loadtests.bench import mp_vs_raw_text
+
+    ab = {"connections": 32, "pairs": 4, "seconds": 2, "ratios": [0.96, 0.98, 1.0, 0.99],
+          "extra_cpu_us": [12.0, 8.0, 10.0, 9.0], "raw_cpu_us": [560.0, 570.0, 550.0, 565.0]}
+    text = mp_vs_raw_text("lenet5", ab)
+    assert "**0.985× (0.96–1)**" in text and "4 pairs of 2 s turns" in text, text
+    assert "+9.5 µs an answer" in text and "on 562 µs" in text, text
+    skipped = mp_vs_raw_text("alexnet", {"connections": 32, "skipped": "a turn would need 24 s"})
+    assert "not run, a turn would need 24 s" in skipped and "the rounds' above" in skipped
+
+
 def wrk_stats_correct(measured: dict[int, int], interval: int) -> dict[int, int]:
     """wrk 4's stats_correct (src/stats.c), line for line, on a dict histogram."""
     data = dict(measured)
@@ -366,8 +380,12 @@ def test_bench_harness_produces_every_row(tmp_path):
             assert len(r["per_cpu_s"]) == len(r["runs"]) and min(r["per_cpu_s"]) > 0, r
         if r["section"] in ("2", "3", "3b", "4"):  # latencies as measured and as wrk corrects them, every run
             assert len(r["p99_ms"]) == len(r["p99_co_ms"]) == len(r["runs"]), r
+    ab = json.loads((tmp_path / "raw" / "bench.json").read_text())["multipart_vs_raw"]["lenet5"]
+    assert len(ab["ratios"]) == len(ab["extra_cpu_us"]) == len(ab["raw_cpu_us"]) == 2, ab  # --quick: 2 pairs
+    assert min(ab["ratios"]) > 0 and min(ab["raw_cpu_us"]) > 0, ab
     text = out.read_text()
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
+                   "lenet5 multipart vs raw in short turns",
                    "corrected for coordinated omission",
                    "what an image costs", "of LitServe's images",
                    "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
