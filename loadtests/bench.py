@@ -623,7 +623,8 @@ def mp_vs_raw_text(m: str, ab: dict) -> str:
             f"{ab['pairs']} pairs of {ab['seconds']} s turns in alternating order): multipart **"
             f"{ratio_text(ab['ratios'])}** of raw (middle half {q1:.3g}–{q3:.3g}); the server's CPU "
             f"{statistics.median(ab['extra_cpu_us']):+.1f} µs an answer (median of the pairs) on "
-            f"{statistics.median(ab['raw_cpu_us']):.0f} µs for a raw one")
+            f"{statistics.median(ab['raw_cpu_us']):.0f} µs for a raw one"
+            + (f"; **{ab['errors']} errors**" if ab.get("errors") else ""))
 
 
 @dataclass
@@ -751,12 +752,15 @@ class Bench:
                             self.gc_series.append((time.monotonic() - started, step["tracked_objects"]))
                         self.step(m, c, srv, naive, lit)
             with servers.awake(srv):
-                for m in self.models:
-                    self.multipart_vs_raw(srv, m)
                 self.gc = {**gc_under_load(srv.url),
                            "tracked_objects_early": early.get("tracked_objects", float("nan"))}
                 self.gc_series.append((time.monotonic() - started, self.gc["tracked_objects"]))
                 print(f"  garbage collector under that load: {self.gc}", flush=True)
+                # After the collector's reading: (2c)'s short turns open 32 new connections every 2 s, and closed
+                # connections leave cycles for the collector (tracked objects 2,100 → 2,700-3,900 and back, bounded),
+                # which is churn, not the steady load whose tracked objects (2) reports.
+                for m in self.models:
+                    self.multipart_vs_raw(srv, m)
                 print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
                 for m in self.models:
                     costs = v2_cost.measure(srv.url, srv.proc.pid, m, V2_IMAGES[m],
@@ -813,10 +817,10 @@ class Bench:
             cpu_before = servers.cpu_seconds(srv.proc.pid)
             r = run_wrk(srv.url, path, content_type, files, c, a.ab_seconds, a.client_cpus, multipart)
             cpu = servers.cpu_seconds(srv.proc.pid) - cpu_before
-            if r["errors"]:
-                raise RuntimeError(f"(2c) {m}: {r['errors']} errors in a {'multipart' if multipart else 'raw'} turn")
+            errors.append(r["errors"])
             return r["rate"], cpu / max(r["ok"], 1) * 1e6
 
+        errors: list[int] = []
         turn(False), turn(True)  # warm-up, not counted
         ratios, extra_us, raw_us = [], [], []
         for k in range(a.ab_pairs):
@@ -825,7 +829,7 @@ class Bench:
             extra_us.append(got[True][1] - got[False][1])
             raw_us.append(got[False][1])
         self.mp_vs_raw[m] = {"connections": c, "pairs": a.ab_pairs, "seconds": a.ab_seconds, "ratios": ratios,
-                             "extra_cpu_us": extra_us, "raw_cpu_us": raw_us}
+                             "extra_cpu_us": extra_us, "raw_cpu_us": raw_us, "errors": sum(errors[2:])}
         print(f"  {m} multipart/raw {ratio_text(ratios)}, extra server CPU {statistics.median(extra_us):+.1f} µs an "
               f"answer on {statistics.median(raw_us):.0f}", flush=True)
 

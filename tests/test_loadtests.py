@@ -206,7 +206,8 @@ def test_multipart_vs_raw_headline():
           "extra_cpu_us": [12.0, 8.0, 10.0, 9.0], "raw_cpu_us": [560.0, 570.0, 550.0, 565.0]}
     text = mp_vs_raw_text("lenet5", ab)
     assert "**0.985× (0.96–1)**" in text and "4 pairs of 2 s turns" in text, text
-    assert "+9.5 µs an answer" in text and "on 562 µs" in text, text
+    assert "+9.5 µs an answer" in text and "on 562 µs" in text and "errors" not in text, text
+    assert "; **3 errors**" in mp_vs_raw_text("lenet5", {**ab, "errors": 3})
     skipped = mp_vs_raw_text("alexnet", {"connections": 32, "skipped": "a turn would need 24 s"})
     assert "not run, a turn would need 24 s" in skipped and "the rounds' above" in skipped
 
@@ -382,7 +383,7 @@ def test_bench_harness_produces_every_row(tmp_path):
             assert len(r["p99_ms"]) == len(r["p99_co_ms"]) == len(r["runs"]), r
     ab = json.loads((tmp_path / "raw" / "bench.json").read_text())["multipart_vs_raw"]["lenet5"]
     assert len(ab["ratios"]) == len(ab["extra_cpu_us"]) == len(ab["raw_cpu_us"]) == 2, ab  # --quick: 2 pairs
-    assert min(ab["ratios"]) > 0 and min(ab["raw_cpu_us"]) > 0, ab
+    assert min(ab["ratios"]) > 0 and min(ab["raw_cpu_us"]) > 0 and ab["errors"] == 0, ab
     text = out.read_text()
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
                    "lenet5 multipart vs raw in short turns",
