@@ -332,8 +332,13 @@ def run_seconds(rate: float, connections: int, args: argparse.Namespace) -> int:
     `--resolution` of the warm-up's rate, up to `--max-duration`."""
     if rate <= 0:
         return args.duration
-    wanted = math.ceil(connections / (args.resolution * rate))
-    return max(args.duration, min(wanted, args.max_duration or args.duration))
+    return max(args.duration, min(resolving_seconds(rate, connections, args.resolution),
+                                  args.max_duration or args.duration))
+
+
+def resolving_seconds(rate: float, connections: int, resolution: float) -> int:
+    """The shortest run whose rate step (up to `connections` answers at once) is at most `resolution` of `rate`."""
+    return math.ceil(connections / (resolution * rate)) if rate > 0 else sys.maxsize
 
 
 @dataclass
@@ -796,12 +801,11 @@ class Bench:
         """(2c): the service alone (awake; the others frozen), multipart and raw bodies of the same images in
         `--ab-pairs` pairs of `--ab-seconds` turns, the order swapped every other pair, at the connections where (2)
         saturated. Rounds of (2) put 8 s and other servers between the two and spread ±4% on LeNet-5 pinned; the
-        difference is ~2%, so it needs turns seconds apart and more of them. Skipped where a turn is too short to
+        difference is 2-3%, so it needs turns seconds apart and more of them. Skipped where a turn is too short to
         count the rate to `--resolution` (AlexNet answers in batches of 32: it would need 24-s turns)."""
         a = self.args
         c = max(self.levels, key=lambda c: self.service_rows[m, c].median)
-        rate = self.service_rows[m, c].median
-        needed = math.ceil(c / (a.resolution * rate)) if rate > 0 else math.inf
+        needed = resolving_seconds(self.service_rows[m, c].median, c, a.resolution)
         if needed > a.ab_seconds:
             self.mp_vs_raw[m] = {"connections": c, "skipped": f"a turn would need {needed} s to count the rate to "
                                  f"{a.resolution:.0%} (answers come {c} at a time)"}
@@ -810,6 +814,7 @@ class Bench:
         print(f"2c. {m}: multipart vs raw, {a.ab_pairs} pairs of {a.ab_seconds} s turns, {c} conns", flush=True)
         path = f"/classify?model={m}&top_k={TOP_K[m]}"
         content_type, files = UPLOADS[m][0], self.files[m]
+        errors: list[int] = []  # per turn, the two warm-up turns first
 
         def turn(multipart: bool) -> tuple[float, float]:
             """(answers/s, server CPU µs per answer) of one turn."""
@@ -820,7 +825,6 @@ class Bench:
             errors.append(r["errors"])
             return r["rate"], cpu / max(r["ok"], 1) * 1e6
 
-        errors: list[int] = []
         turn(False), turn(True)  # warm-up, not counted
         ratios, extra_us, raw_us = [], [], []
         for k in range(a.ab_pairs):

@@ -331,7 +331,7 @@ def test_in_process_onnxruntime_measurement(tmp_path):
 
 def test_runs_are_stretched_until_one_batch_of_answers_is_a_fine_step():
     """AlexNet at 32 connections answers ~64 img/s in batches of 32: 8 s runs would count in 4 img/s steps (6%)."""
-    from loadtests.bench import build_parser, run_seconds
+    from loadtests.bench import build_parser, resolving_seconds, run_seconds
 
     args = build_parser().parse_args([])
     args.max_duration = 3 * args.duration
@@ -339,6 +339,8 @@ def test_runs_are_stretched_until_one_batch_of_answers_is_a_fine_step():
     assert run_seconds(200.0, 32, args) == 8  # 32 / 8 s = 4 req/s = 2% already
     assert run_seconds(1800.0, 32, args) == run_seconds(60.0, 4, args) == 8  # fine steps: --duration stays
     assert run_seconds(0.0, 32, args) == 8  # a warm-up that answered nothing does not stretch
+    # (2c)'s 2-s turns resolve LeNet-5 at 32 connections, not AlexNet, which would need 24 s
+    assert resolving_seconds(1800.0, 32, 0.02) == 1 and resolving_seconds(68.0, 32, 0.02) == 24
     args.max_duration = args.duration  # --quick
     assert run_seconds(64.0, 32, args) == 8
 
