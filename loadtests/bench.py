@@ -762,8 +762,8 @@ class Bench:
                 self.gc_series.append((time.monotonic() - started, self.gc["tracked_objects"]))
                 print(f"  garbage collector under that load: {self.gc}", flush=True)
                 # After the collector's reading: (2c)'s short turns open 32 new connections every 2 s, and closed
-                # connections leave cycles for the collector (tracked objects 2,100 → 2,700-3,900 and back, bounded),
-                # which is churn, not the steady load whose tracked objects (2) reports.
+                # connections leave objects the collector tracks until they are freed (tracked objects 2,100 →
+                # 2,700-3,900 and back, bounded): churn, not the steady load whose tracked objects (2) reports.
                 for m in self.models:
                     self.multipart_vs_raw(srv, m)
                 print("6. Open Inference Protocol vs /classify, server CPU per image", flush=True)
