@@ -16,7 +16,6 @@ AlexNet, both through serving.preprocess.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -31,7 +30,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from loadtests.images import photo_like  # noqa: E402
+from loadtests.bench import timed_rate  # noqa: E402
+from loadtests.images import encode_png, photo_jpegs  # noqa: E402
 from serving.preprocess import preprocess_bytes  # noqa: E402
 from serving.registry import DEFAULT_MODELS_DIR, read_card, verified_onnx  # noqa: E402
 from serving.runtime import OnnxModel  # noqa: E402
@@ -50,30 +50,6 @@ class Batches(CalibrationDataReader):
         return next(self.items, None)
 
 
-def png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def photos(rng: np.random.Generator, n: int) -> list[bytes]:
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        photo_like(rng, int(rng.integers(320, 1025)), int(rng.integers(320, 1025))).save(buf, "JPEG", quality=88)
-        out.append(buf.getvalue())
-    return out
-
-
-def rate(model: OnnxModel, batch: np.ndarray, seconds: float) -> float:
-    model.run(batch)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        model.run(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - t0)
-
-
 def compare(name: str, calibration: np.ndarray, scored: np.ndarray, args: argparse.Namespace,
             out_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     model_dir = args.models_dir / name
@@ -90,7 +66,7 @@ def compare(name: str, calibration: np.ndarray, scored: np.ndarray, args: argpar
     rates: dict[str, list[float]] = {"fp32": [], "int8": []}
     for k in range(args.repeats):  # alternating, so that a drift in the machine's speed hits both
         for label, model in (("fp32", fp32), ("int8", int8)) if k % 2 == 0 else (("int8", int8), ("fp32", fp32)):
-            rates[label].append(rate(model, batch, args.seconds))
+            rates[label].append(timed_rate(lambda m=model: m.run(batch), len(batch), args.seconds)[0])
     a, b = fp32.run(scored), int8.run(scored)
     report = {"images_scored": len(scored), "calibration_images": len(calibration), "quantize_s": round(quantize_s, 1),
               "file_mb": {"fp32": round(fp32_path.stat().st_size / 1e6, 1),
@@ -117,15 +93,16 @@ def main() -> int:
         recipe = read_card(args.models_dir / "lenet5").recipe
         train, _ = load_mnist(args.mnist, "train")
         test, labels = load_mnist(args.mnist, "test")
-        digits = lambda images: np.stack([preprocess_bytes(png(255 - a), recipe) for a in images])  # noqa: E731
+        digits = lambda images: np.stack([preprocess_bytes(encode_png(Image.fromarray(255 - a)), recipe)  # noqa: E731
+                                          for a in images])
         r, a, b = compare("lenet5", digits(train[:args.calibration]), digits(test), args, Path(tmp))
         r["accuracy"] = {"fp32": float((a.argmax(1) == labels).mean()), "int8": float((b.argmax(1) == labels).mean())}
         report["lenet5"] = r
 
         recipe = read_card(args.models_dir / "alexnet").recipe
         rng = np.random.default_rng(0)
-        calibration = np.stack([preprocess_bytes(d, recipe) for d in photos(rng, args.calibration)])
-        scored = np.stack([preprocess_bytes(d, recipe) for d in photos(rng, args.photos)])
+        calibration = np.stack([preprocess_bytes(p.data, recipe) for p in photo_jpegs(rng, args.calibration)])
+        scored = np.stack([preprocess_bytes(p.data, recipe) for p in photo_jpegs(rng, args.photos)])
         report["alexnet"], _, _ = compare("alexnet", calibration, scored, args, Path(tmp))
     print(json.dumps(report, indent=2))
     for name, r in report.items():
