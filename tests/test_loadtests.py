@@ -366,7 +366,8 @@ def test_bench_harness_produces_every_row(tmp_path):
            "--skip-batch-cli", "--out", str(out), "--results", str(tmp_path / "raw")]
     proc = subprocess.run(cmd, cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "raw" / "bench.json").read_text())["rows"]
+    raw = json.loads((tmp_path / "raw" / "bench.json").read_text())
+    rows = raw["rows"]
     whats = {(r["section"], r["what"]) for r in rows}
     for section, what in [("1", "onnxruntime in process, batch 32"),
                           ("1", "decode + preprocess + onnxruntime in process, batch 32: THE LIMIT"),
@@ -383,7 +384,7 @@ def test_bench_harness_produces_every_row(tmp_path):
             assert len(r["per_cpu_s"]) == len(r["runs"]) and min(r["per_cpu_s"]) > 0, r
         if r["section"] in ("2", "3", "3b", "4"):  # latencies as measured and as wrk corrects them, every run
             assert len(r["p99_ms"]) == len(r["p99_co_ms"]) == len(r["runs"]), r
-    ab = json.loads((tmp_path / "raw" / "bench.json").read_text())["multipart_vs_raw"]["lenet5"]
+    ab = raw["multipart_vs_raw"]["lenet5"]
     assert len(ab["ratios"]) == len(ab["extra_cpu_us"]) == len(ab["raw_cpu_us"]) == 2, ab  # --quick: 2 pairs
     assert min(ab["ratios"]) > 0 and min(ab["raw_cpu_us"]) > 0 and ab["errors"] == 0, ab
     text = out.read_text()
