@@ -88,6 +88,8 @@ class Row:
     p50_co_ms: list[float] = field(default_factory=list)  # wrk's, corrected for coordinated omission
     p99_co_ms: list[float] = field(default_factory=list)
     per_cpu_s: list[float] = field(default_factory=list)  # images (answers) per CPU second of the process(es)
+    # the service's: per run, CPU ms per answer by kind of thread (`cpu_split`): where an image's CPU goes
+    cpu_split: list[dict[str, float]] = field(default_factory=list)
     errors: int = 0
     ratio: str = ""
     limit: str = ""
@@ -180,13 +182,23 @@ def limit_child(argv: list[str]) -> None:
         blobs = [f.read_bytes() for f in sorted(Path(folder).iterdir())]
 
         def step(model=model, blobs=blobs, cursor=iter(range(1 << 62))) -> None:
-            batch = [preprocess_bytes(blobs[next(cursor) % len(blobs)], model.recipe) for _ in range(LIMIT_BATCH)]
-            model.logits(stack_batch(batch))
+            t0 = time.thread_time()
+            batch = stack_batch([preprocess_bytes(blobs[next(cursor) % len(blobs)], model.recipe)
+                                 for _ in range(LIMIT_BATCH)])
+            t1, p1 = time.thread_time(), time.process_time()  # onnxruntime's own threads, where it has them, too
+            model.logits(batch)
+            split["decode"] += t1 - t0
+            split["onnxruntime"] += time.process_time() - p1
+            split["images"] += LIMIT_BATCH
 
         steps[name] = step
+    split = {"decode": 0.0, "onnxruntime": 0.0, "images": 0}
     for line in sys.stdin:
+        split.update(decode=0.0, onnxruntime=0.0, images=0)
         wall, cpu = timed_rate(steps[line.strip()], LIMIT_BATCH, a.seconds)
-        print(json.dumps({"rate": wall, "cpu_rate": cpu}), flush=True)
+        n = split["images"]
+        print(json.dumps({"rate": wall, "cpu_rate": cpu, "decode_ms": split["decode"] * 1000 / n,
+                          "onnxruntime_ms": split["onnxruntime"] * 1000 / n}), flush=True)
 
 
 class LimitProbe:
@@ -202,6 +214,7 @@ class LimitProbe:
         self.proc = subprocess.Popen(servers.pinned(cmd, cpus), cwd=REPO_ROOT, env=servers.base_env(), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.samples: dict[str, list[tuple[float, float]]] = {m: [] for m in models}  # (img/s, img per CPU-s)
+        self.splits: dict[str, list[tuple[float, float]]] = {m: [] for m in models}  # CPU ms an image: decode, ORT
 
     def sample(self, model: str) -> float:
         self.proc.stdin.write(model + "\n")
@@ -211,6 +224,7 @@ class LimitProbe:
             raise RuntimeError(f"the in-process limit child exited ({self.proc.wait()}); see {self.log.name}")
         r = json.loads(line)
         self.samples[model].append((r["rate"], r["cpu_rate"]))
+        self.splits[model].append((r["decode_ms"], r["onnxruntime_ms"]))
         return r["rate"]
 
     def close(self) -> None:
@@ -349,6 +363,7 @@ class Target:
     server: servers.Server
     path: str
     multipart: bool = False
+    split_cpu: bool = False  # also where its CPU goes, by kind of thread (the service's threads are named)
 
 
 def load_runs(targets: list[Target], content_type: str, files: list[Path], model: str | None, connections: int,
@@ -372,9 +387,13 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
         for t in targets if k % 2 == 0 else targets[::-1]:
             with servers.awake(t.server):
                 cpu_before = servers.cpu_seconds(t.server.proc.pid)
+                threads_before = servers.thread_cpu_seconds(t.server.proc.pid) if t.split_cpu else {}
                 r = run_wrk(t.server.url, t.path, content_type, files, connections, seconds, args.client_cpus,
                             t.multipart)
                 cpu = servers.cpu_seconds(t.server.proc.pid) - cpu_before
+                if t.split_cpu and r["ok"]:
+                    t.row.cpu_split.append(cpu_split(threads_before, servers.thread_cpu_seconds(t.server.proc.pid),
+                                                     r["ok"]))
             t.row.runs.append(r["rate"])
             if cpu > 0:  # answers per CPU second of the server's whole process tree: what an answer costs
                 t.row.per_cpu_s.append(r["ok"] / cpu)
@@ -392,6 +411,43 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
               f" p50 {median_or_blank(row.p50_ms)} ms, p99 {median_or_blank(row.p99_ms)} ms (corrected "
               f"{median_or_blank(row.p50_co_ms)} / {median_or_blank(row.p99_co_ms)}), errors {row.errors}",
               flush=True)
+
+
+# The service's threads by kind, from their names (serving/threads.py): MicroBatcher's `infer-<model>` threads run
+# onnxruntime, the API's `decode` pool runs Pillow and the preprocessing, and the rest is each worker's event loop
+# (HTTP, multipart, answers, metrics; LeNet-5's inference and small decodes too) and whatever else BentoML runs.
+SPLIT_KINDS = ("inference", "decoding", "event loop and the rest")
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], answers: int) -> dict[str, float]:
+    """CPU ms per answer by kind of thread, between two `servers.thread_cpu_seconds` readings."""
+    split = dict.fromkeys(SPLIT_KINDS, 0.0)
+    for name, seconds in after.items():
+        kind = ("inference" if name.startswith("infer-") else "decoding" if name == "decode"
+                else "event loop and the rest")
+        split[kind] += max(seconds - before.get(name, 0.0), 0.0) * 1000 / answers
+    return split
+
+
+def cpu_split_text(m: str, connections: int, mp: Row, raw: Row, limit_splits: list[tuple[float, float]],
+                   limit_cpu: float, lit_per_cpu_s: float) -> str:
+    """Where a served image's CPU goes, next to the limit's, and what that leaves any server against LitServe."""
+    def med(row: Row, kind: str) -> float:
+        return statistics.median(run[kind] for run in row.cpu_split)
+
+    ours_ms = sum(med(mp, kind) for kind in SPLIT_KINDS)
+    decode_ms, ort_ms = (statistics.median(s[i] for s in limit_splits) for i in (0, 1))
+    limit_ms, lit_ms = 1000 / limit_cpu, 1000 / lit_per_cpu_s
+    inference = (f"{med(mp, 'inference'):.2f} in its inference thread" if med(mp, "inference") > 0
+                 else "no inference thread (the model runs on the event loop)")
+    return (f"**{m}, where an image's CPU goes** ({connections} conns, ms per image, medians of the runs): the "
+            f"service (multipart) {inference}, {med(mp, 'decoding'):.2f} "
+            f"in its decoding threads, {med(mp, 'event loop and the rest'):.2f} in the event loop and the rest "
+            f"(HTTP, multipart, answers, metrics), {ours_ms:.2f} in all ({med(raw, 'event loop and the rest'):.2f} "
+            f"in the event loop with raw uploads); the limit {decode_ms:.2f} decoding and {ort_ms:.2f} in "
+            f"onnxruntime, {limit_ms:.2f} per image by its CPU rate; LitServe {lit_ms:.2f}, "
+            f"{lit_ms - limit_ms:+.2f} on the limit's. A server with no cost of its own, at the limit's CPU rate, "
+            f"would get **{limit_cpu / lit_per_cpu_s:.3g}× of LitServe's images** out of a CPU second here")
 
 
 def gc_under_load(url: str) -> dict[str, float]:
@@ -789,9 +845,9 @@ class Bench:
                       limit="decode in its single inference worker, ZeroMQ hop")
         path = f"/classify?model={m}&top_k={TOP_K[m]}"
         samples: list[float] = []
-        load_runs([Target(lit_row, lit, "/classify", True), Target(mp, srv, path, True), Target(raw, srv, path),
-                   Target(naive_row, naive, path)], UPLOADS[m][0], self.files[m], m, c, self.args,
-                  between=lambda: samples.append(self.probe.sample(m)))
+        load_runs([Target(lit_row, lit, "/classify", True), Target(mp, srv, path, True, split_cpu=True),
+                   Target(raw, srv, path, split_cpu=True), Target(naive_row, naive, path)],
+                  UPLOADS[m][0], self.files[m], m, c, self.args, between=lambda: samples.append(self.probe.sample(m)))
         self.round_limit[m, c] = [(x + y) / 2 for x, y in pairwise(samples)]
         self.service_rows[m, c], self.service_mp_rows[m, c] = raw, mp
         self.naive_rows[m, c], self.lit_rows[m, c] = naive_row, lit_row
@@ -886,6 +942,9 @@ class Bench:
                            f"of a CPU second (multipart both), {ratio_text(run_ratios(raw.per_cpu_s, naive.per_cpu_s))}"
                            f" of the naive app's (raw both), {ratio(statistics.median(raw.per_cpu_s), limit_cpu)} of "
                            f"the limit's; multipart {ratio_text(run_ratios(mp.per_cpu_s, raw.per_cpu_s))} of raw")
+                if mp.cpu_split and raw.cpu_split and self.probe.splits[m]:
+                    out.append(cpu_split_text(m, c, mp, raw, self.probe.splits[m], limit_cpu,
+                                              statistics.median(lit.per_cpu_s)))
             if m in self.mp_vs_raw:
                 out.append(mp_vs_raw_text(m, self.mp_vs_raw[m]))
             tail, naive_tail = self.service_rows[m, low], self.naive_rows[m, low]

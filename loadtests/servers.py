@@ -7,6 +7,7 @@ CPUs with `taskset` so that on a small machine the load generator and the server
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -107,9 +108,10 @@ def wait_ready(server: Server, path: str, timeout: float = READY_TIMEOUT_S) -> f
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
+    """The fields of /proc/<pid>/stat (of thread `tid`: /proc/<pid>/task/<tid>/stat) after the command name (which
+    may hold spaces): state, ppid, ..."""
+    text = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
     return text[text.rindex(")") + 2:].split()
 
 
@@ -140,6 +142,27 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of every thread of `pid`'s tree, summed by thread name: the OS name
+    (serving/threads.py gives it ours) less a pool's index (`decode_0` → `decode`); each process's main thread is
+    `main`, and threads that never named themselves keep the name they inherited."""
+    by_name: dict[str, float] = {}
+    for p in process_tree(pid):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:  # exited in between
+            continue
+        for tid in tids:
+            try:
+                name = Path(f"/proc/{p}/task/{tid}/comm").read_text().strip()
+                fields = _stat_fields(p, tid)
+            except OSError:
+                continue
+            name = "main" if tid == p else re.sub(r"_\d+$", "", name)
+            by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return by_name
 
 
 def signal_tree(server: Server, sig: int) -> None:

@@ -54,6 +54,7 @@ from serving.registry import (
     read_labels,
 )
 from serving.runtime import DEVICES, DeviceUnavailable
+from serving.threads import name_os_thread
 
 PROG = "convnet-classify"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -542,9 +543,13 @@ def _filtered(paths: Iterator[str], done: set[str], limit: int | None, stats: Ru
         yield path
 
 
-def _nice_current_thread(increment: int) -> None:
-    """Decode threads yield the CPU to onnxruntime's threads: inference runs at full speed and decoding fills the
-    gaps (Linux schedules threads individually, so the thread id works as a process id here)."""
+def _start_decode_thread(increment: int) -> None:
+    """Named for the OS (serving/threads.py); with an `increment`, decode threads yield the CPU to onnxruntime's
+    threads: inference runs at full speed and decoding fills the gaps (Linux schedules threads individually, so the
+    thread id works as a process id here)."""
+    name_os_thread()
+    if not increment:
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + increment)
     except (AttributeError, OSError):
@@ -560,8 +565,7 @@ def decode_pool(backend: LocalBackend | RemoteBackend, workers: int, capacity: i
                                  decode_nice, wrap=lambda array, release: Prepared(array=array, release=release))
         return decoder.submit, decoder
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
-                              initializer=_nice_current_thread if decode_nice else None,
-                              initargs=(decode_nice,) if decode_nice else ())
+                              initializer=_start_decode_thread, initargs=(decode_nice,))
     return (lambda path: pool.submit(backend.prepare, path)), pool
 
 

@@ -212,6 +212,24 @@ def test_multipart_vs_raw_headline():
     assert "not run, a turn would need 24 s" in skipped and "the rounds' above" in skipped
 
 
+def test_cpu_split_by_kind_of_thread_and_its_headline():
+    """Where an image's CPU goes: the service's threads by kind, from two /proc readings, and the headline that sets
+    them beside the limit's decode and onnxruntime and says what a server with no cost of its own would get."""
+    from loadtests.bench import Row, cpu_split, cpu_split_text
+
+    before = {"main": 10.0, "decode": 4.0, "infer-alexnet": 20.0}
+    after = {"main": 10.6, "decode": 6.8, "infer-alexnet": 30.0, "infer-lenet5": 0.2}  # a thread that started since
+    split = cpu_split(before, after, 1000)
+    assert split == pytest.approx({"inference": 10.2, "decoding": 2.8, "event loop and the rest": 0.6}), split
+    mp = Row("2", "service, multipart", "alexnet", "", [70.0, 71.0], cpu_split=[split, split])
+    raw = Row("2", "service, raw", "alexnet", "", [70.0, 71.0], cpu_split=[{**split, "event loop and the rest": 0.5}])
+    text = cpu_split_text("alexnet", 32, mp, raw, [(2.7, 10.0), (2.9, 10.2)], limit_cpu=75.0, lit_per_cpu_s=65.0)
+    assert "10.20 in its inference thread, 2.80 in its decoding threads, 0.60 in the event loop" in text, text
+    assert "13.60 in all (0.50 in the event loop with raw uploads)" in text, text
+    assert "the limit 2.80 decoding and 10.10 in onnxruntime, 13.33 per image" in text, text
+    assert "LitServe 15.38, +2.05 on the limit's" in text and "**1.15× of LitServe's images**" in text, text
+
+
 def wrk_stats_correct(measured: dict[int, int], interval: int) -> dict[int, int]:
     """wrk 4's stats_correct (src/stats.c), line for line, on a dict histogram."""
     data = dict(measured)
@@ -312,6 +330,7 @@ def test_the_limit_probe_samples_on_demand(tmp_path):
     finally:
         probe.close()
     assert len(probe.samples["lenet5"]) == 2 and min(c for _, c in probe.samples["lenet5"]) > 0
+    assert len(probe.splits["lenet5"]) == 2 and min(min(s) for s in probe.splits["lenet5"]) > 0  # decode, ORT
     assert probe.proc.returncode == 0  # it ends when its stdin closes
 
 
@@ -382,6 +401,9 @@ def test_bench_harness_produces_every_row(tmp_path):
         assert r["errors"] == 0, r
         if r["section"] in ("2", "3", "3b"):  # what an answer costs: one CPU measurement per run, of the whole tree
             assert len(r["per_cpu_s"]) == len(r["runs"]) and min(r["per_cpu_s"]) > 0, r
+        if r["section"] == "2":  # the service's CPU by kind of thread, every run; LeNet-5 infers on the event loop
+            assert len(r["cpu_split"]) == len(r["runs"]), r
+            assert all(run["event loop and the rest"] > 0 for run in r["cpu_split"]), r
         if r["section"] in ("2", "3", "3b", "4"):  # latencies as measured and as wrk corrects them, every run
             assert len(r["p99_ms"]) == len(r["p99_co_ms"]) == len(r["runs"]), r
     ab = raw["multipart_vs_raw"]["lenet5"]
@@ -391,6 +413,7 @@ def test_bench_harness_produces_every_row(tmp_path):
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
                    "lenet5 multipart vs raw in short turns",
                    "corrected for coordinated omission",
-                   "what an image costs", "of LitServe's images",
+                   "what an image costs", "of LitServe's images", "lenet5, where an image's CPU goes",
+                   "A server with no cost of its own",
                    "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
         assert phrase in text, phrase

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -235,6 +236,28 @@ def test_concurrent_requests_are_batched(server):
     batches, single = count - before[0], ones - before[1]
     assert 0 < batches < 16, (before, count, ones)  # 16 requests took fewer model calls
     assert single < batches  # at least one call carried more than one image
+
+
+def test_worker_threads_carry_their_names_into_the_os(server):
+    """A front worker's decoding and inference threads are named for the OS too (serving/threads.py): `top -H` and
+    py-spy show them, and `make bench` splits each image's CPU by them (loadtests/servers.py)."""
+    import psutil
+
+    from loadtests.servers import thread_cpu_seconds
+
+    port = int(server.rsplit(":", 1)[1])
+    fronts = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+    for seed in range(6):  # a new connection each: the kernel spreads them over the front workers
+        assert post_raw(server, imagegen.photo(400, 300, seed=seed), "image/jpeg", {"top_k": 1}).status_code == 200
+    names = {Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+             for pid in fronts for tid in os.listdir(f"/proc/{pid}/task")}
+    assert {"decode_0", "infer-alexnet_0"} <= names, names
+    by_name: dict[str, float] = {}
+    for pid in fronts:
+        for name, seconds in thread_cpu_seconds(pid).items():
+            by_name[name] = by_name.get(name, 0.0) + seconds
+    assert {"main", "decode", "infer-alexnet"} <= set(by_name), by_name
+    assert by_name["infer-alexnet"] > 0 and by_name["main"] > 0, by_name  # AlexNet ran, the event loop answered
 
 
 def test_our_metrics_count_each_request(server):

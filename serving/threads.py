@@ -1,0 +1,19 @@
+"""Our threads carry their names into the operating system, so that `top -H`, `ps -L`, py-spy and /proc tell a
+worker's decoding threads, its inference thread and its event loop apart. `make bench` reads from /proc where each
+image's CPU goes (docs/loadtests.md)."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+
+_PR_SET_NAME = 15  # prctl(2): names the calling thread; Linux keeps the first 15 bytes
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def name_os_thread() -> None:
+    """Give the calling thread's Python name (e.g. `decode_0`) to the OS: a thread pool's `initializer`.
+    Elsewhere than on Linux it does nothing."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
