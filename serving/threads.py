@@ -14,6 +14,10 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 def name_os_thread() -> None:
     """Give the calling thread's Python name (e.g. `decode_0`) to the OS: a thread pool's `initializer`.
-    Elsewhere than on Linux it does nothing."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
+    Elsewhere than on Linux it does nothing. It never raises: an initializer that raises breaks its whole pool."""
+    if _LIBC is None:
+        return
+    try:
+        _LIBC.prctl(_PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)  # -1 on failure, ignored
+    except (AttributeError, OSError, ctypes.ArgumentError):  # a libc without prctl
+        pass
