@@ -58,6 +58,7 @@ from loadtests import servers, v2_cost
 from loadtests.contract import check_predictions
 from loadtests.images import build_pool, for_model, write_pool
 from serving.config import ServiceConfig, parallelism
+from serving.threads import DECODE_THREADS, INFER_THREADS
 
 try:  # the load group has it; a GPU machine running only run_wrk (scripts/gpu_check.py) may not
     LITSERVE_VERSION = version("litserve")
@@ -423,7 +424,7 @@ def cpu_split(before: dict[str, float], after: dict[str, float], answers: int) -
     """CPU ms per answer by kind of thread, between two `servers.thread_cpu_seconds` readings."""
     split = dict.fromkeys(SPLIT_KINDS, 0.0)
     for name, seconds in after.items():
-        kind = ("inference" if name.startswith("infer-") else "decoding" if name == "decode"
+        kind = ("inference" if name.startswith(INFER_THREADS) else "decoding" if name == DECODE_THREADS
                 else "event loop and the rest")
         split[kind] += max(seconds - before.get(name, 0.0), 0.0) * 1000 / answers
     return split

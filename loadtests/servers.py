@@ -115,6 +115,11 @@ def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
     return text[text.rindex(")") + 2:].split()
 
 
+def _cpu_of(fields: list[str]) -> float:
+    """User + system CPU seconds from `_stat_fields` (utime, stime: fields 14 and 15 of stat)."""
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants, parents first, from the parent field of every /proc/<pid>/stat. Not its
     process group: BentoML's arbiter starts each worker in a session of its own."""
@@ -140,7 +145,7 @@ def cpu_seconds(pid: int) -> float:
             fields = _stat_fields(p)
         except OSError:  # exited in between
             continue
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        total += _cpu_of(fields)
     return total
 
 
@@ -161,7 +166,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             except OSError:
                 continue
             name = "main" if tid == p else re.sub(r"_\d+$", "", name)
-            by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            by_name[name] = by_name.get(name, 0.0) + _cpu_of(fields)
     return by_name
 
 

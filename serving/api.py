@@ -46,7 +46,7 @@ from serving.limits import RequestLimits
 from serving.preprocess import ALLOWED_FORMATS, DECODE_BUDGET, Recipe, is_thumbnail, open_image, preprocess_opened
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
-from serving.threads import name_os_thread
+from serving.threads import DECODE_THREADS, name_os_thread
 from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
 log = logging.getLogger("convnet_serving")
@@ -206,7 +206,7 @@ class ClassifierAPI:
         self.metrics: Metrics | None = None
         self.default_model = cfg.default_model if cfg.default_model in models else sorted(models)[0]
         # Pillow releases the GIL while decoding and resizing, so threads decode in parallel off the event loop.
-        self.pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode",
+        self.pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix=DECODE_THREADS,
                                        initializer=name_os_thread)
         self.decoding = {name: Decoding() for name in models}  # uploads in the pool now, per model
         DECODE_BUDGET.resize(cfg.decode_budget_pixels)

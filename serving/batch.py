@@ -54,7 +54,7 @@ from serving.registry import (
     read_labels,
 )
 from serving.runtime import DEVICES, DeviceUnavailable
-from serving.threads import name_os_thread
+from serving.threads import DECODE_THREADS, name_os_thread
 
 PROG = "convnet-classify"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -564,7 +564,7 @@ def decode_pool(backend: LocalBackend | RemoteBackend, workers: int, capacity: i
         decoder = ProcessDecoder(workers, capacity, backend.model.recipe, backend.max_bytes, backend.max_pixels,
                                  decode_nice, wrap=lambda array, release: Prepared(array=array, release=release))
         return decoder.submit, decoder
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=DECODE_THREADS,
                               initializer=_start_decode_thread, initargs=(decode_nice,))
     return (lambda path: pool.submit(backend.prepare, path)), pool
 

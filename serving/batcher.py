@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import ServerBusy
-from serving.threads import name_os_thread
+from serving.threads import INFER_THREADS, name_os_thread
 
 
 class Decoding:
@@ -64,7 +64,7 @@ class MicroBatcher:
                  decoding: Decoding | None = None) -> None:
         self.run, self.max_batch, self.max_wait_s, self.on_batch = run, max_batch, max_wait_s, on_batch
         self.decoding = decoding
-        self.thread = None if on_loop else ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
+        self.thread = None if on_loop else ThreadPoolExecutor(max_workers=1, thread_name_prefix=INFER_THREADS + name,
                                                               initializer=name_os_thread)
         self.waiting: deque[_Waiting] = deque()
         self.draining = False
