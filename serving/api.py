@@ -35,7 +35,6 @@ from serving.demo import MODEL_INPUT_OPENAPI, demo_routes
 from serving.errors import (
     BadParameter,
     ClientError,
-    CorruptImage,
     ModelRepositoryError,
     ServerBusy,
     UnknownModel,
@@ -43,7 +42,15 @@ from serving.errors import (
 )
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
 from serving.limits import RequestLimits
-from serving.preprocess import ALLOWED_FORMATS, DECODE_BUDGET, Recipe, is_thumbnail, open_image, preprocess_opened
+from serving.preprocess import (
+    ALLOWED_FORMATS,
+    DECODE_BUDGET,
+    Recipe,
+    decoder_surprise,
+    is_thumbnail,
+    open_image,
+    preprocess_opened,
+)
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
 from serving.threads import DECODE_THREADS, name_os_thread
@@ -341,7 +348,7 @@ class ClassifierAPI:
             log.warning("unexpected error decoding an upload for %s", model.name, exc_info=True)
             if self.metrics is not None:
                 self.metrics.child(self.metrics.decode_failures, model.name, "corrupt_image").inc()
-            raise CorruptImage(f"the image could not be decoded ({type(exc).__name__})") from exc
+            raise decoder_surprise(exc) from exc
         finally:
             if self.metrics is not None:
                 self.metrics.child(self.metrics.preprocess_seconds, model.name).observe(time.perf_counter() - t0)

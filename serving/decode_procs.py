@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import ClientError, CorruptImage
+from serving.errors import ClientError
 from serving.inputs import read_input
-from serving.preprocess import Recipe, preprocess_bytes
+from serving.preprocess import Recipe, decoder_surprise, preprocess_bytes
 
 # A worker's state, set once at its start: the block (kept referenced, so it stays mapped), its view as
 # (slots, size, size, channels) uint8, and the arguments of preprocess_file after the path.
@@ -77,7 +77,7 @@ def preprocess_file(path: str, recipe: Recipe, max_bytes: int, max_pixels: int) 
     except ClientError:
         raise
     except Exception as e:  # a decoder surprise on hostile bytes is the bytes' fault, as the service says too
-        raise CorruptImage(f"the image could not be decoded ({type(e).__name__})") from e
+        raise decoder_surprise(e) from e
 
 
 def _decode_chunk(items: list[tuple[str, int]]) -> list[Exception | None]:

@@ -134,6 +134,12 @@ def _claimed_format(data: bytes) -> str | None:
     return None
 
 
+def decoder_surprise(exc: Exception) -> CorruptImage:
+    """A decoder's unexpected exception on hostile bytes (a Pillow or plugin bug) is still the bytes' fault: the
+    caller answers it as a corrupt image, named by the exception's type, and logs it (serving/api.py)."""
+    return CorruptImage(f"the image could not be decoded ({type(exc).__name__})")
+
+
 def decode(data: bytes, recipe: Recipe | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes → an upright 8-bit RGB or L picture (first frame; alpha composited onto white; 16-bit scaled down).
 

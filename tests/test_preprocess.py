@@ -19,6 +19,7 @@ from serving.preprocess import (
     IMAGENET,
     Recipe,
     decode,
+    decoder_surprise,
     imagenet_center_crop,
     normalize_digit,
     preprocess_bytes,
@@ -303,3 +304,11 @@ def test_every_pillow_mode_becomes_8_bit_rgb_or_grey():
     for mode in Image.MODES:
         assert to_8bit(Image.new(mode, (4, 4))).mode in ("RGB", "L"), mode
     assert (UnsupportedMode("x").status, UnsupportedMode("x").code) == (400, "unsupported_mode")
+
+
+def test_a_decoder_surprise_is_answered_as_a_corrupt_image_naming_the_exception():
+    # The service (serving/api.py) and the batch CLI's decode processes (serving/decode_procs.py) both answer an
+    # exception no decoder should raise this way: a 400 that names it, never a 500 or a crashed worker.
+    err = decoder_surprise(KeyError("tile"))
+    assert isinstance(err, CorruptImage) and err.status == 400
+    assert err.to_dict() == {"error": "corrupt_image", "detail": "the image could not be decoded (KeyError)"}
