@@ -18,12 +18,17 @@ help:
 	@echo "make serve        build the default models if missing and serve them on 127.0.0.1:$(PORT)"
 	@echo "make test         run the whole test suite (what CI runs)"
 	@echo "make models       build models/ (LeNet-5 is shipped; AlexNet's ONNX is built here)"
+	@echo "make alexnet-official  rebuild AlexNet from torchvision's weights (ALEXNET_WEIGHTS=..., or DOWNLOAD=1)"
 	@echo "make train-lenet  train LeNet-5 on MNIST (MNIST_DIR=...) and export it to models/lenet5"
 	@echo "make lint         ruff"
 	@echo "make lock         re-resolve uv.lock on purpose and re-export deploy/requirements.*.txt"
 	@echo "make loadtest     start the service, run Locust for 60 s, fail on any error (LOADTEST_ARGS=...)"
 	@echo "make soak         10 min at ~80% of capacity, good and bad uploads; writes docs/soak.md"
 	@echo "make bench        measure onnxruntime, the service and the baselines; writes docs/benchmarks.md"
+	@echo "make batch-bench  the batch CLI against onnxruntime in process, and its memory; numbers in docs/batch.md"
+	@echo "make bento        build the bento (front + model service) from bentofile.yaml (VARIANT=gpu: bentofile.gpu.yaml)"
+	@echo "make container    the bento as an OCI image (IMAGE=..., CONTAINER_BACKEND=...); make container-run serves it"
+	@echo "make test-container  build and test the image (docs/deploy.md)"
 	@echo "make experiments  ReLU vs sigmoid, dropout vs over-fitting on MNIST: docs/experiments/*.png (MNIST_DIR=...)"
 
 # Dependencies: uv.lock pins every package of every group (versions and hashes); `make setup` installs exactly that

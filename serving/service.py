@@ -30,7 +30,7 @@ import aiohttp
 import bentoml
 import numpy as np
 from bentoml.validators import DType
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 
 from serving import upstream
 from serving.api import ClassifierAPI, Metrics, read_models
@@ -171,16 +171,17 @@ class FrontDoor:
 
     Our routes go straight to our app, with what BentoML's middleware stack would have added for them: the API-key
     check (when keys are on) and the 504 deadline. Everything else (probes, BentoML's pages) goes through BentoML's
-    app, and /docs.json is served here with our paths merged in. BentoML's stack (proxy headers, error page,
-    tracing, request context, routing) cost a tenth of a LeNet-5 request's server time (measured: docs/service.md),
-    and our routes use none of it. With CORS, the access log or tracing on, our routes take BentoML's way, through
+    app, but /docs.json is served here with our paths merged in, and / is BentoML's Swagger page without the Google
+    Tag Manager it embeds (serving/upstream.py). BentoML's stack (proxy headers, error page, tracing, request
+    context, routing) cost a tenth of a LeNet-5 request's server time (measured: docs/service.md), and our routes
+    use none of it. With CORS, the access log or tracing on, our routes take BentoML's way, through
     those middlewares.
     """
 
     def __init__(self, app, ours) -> None:
         from bentoml._internal.configuration.containers import BentoMLContainer
 
-        self.app, self.paths = app, API.openapi_paths()
+        self.app, self.paths, self.index = app, API.openapi_paths(), upstream.index_html()
         self.ours = PROTECT(upstream.CancellingTimeoutMiddleware(ours, timeout=CFG.timeout_s))
         long_way = BentoMLContainer.http.cors.enabled.get() or CFG.access_log or CFG.tracing
         self.exact, self.prefixes = (set(), ()) if long_way else our_paths(APP)
@@ -196,6 +197,9 @@ class FrontDoor:
                 spec["paths"] = {**self.paths, **spec.get("paths", {})}
                 spec["info"]["description"] = INDEX_DESCRIPTION  # Swagger UI at / shows it first: links the demo page
                 await JSONResponse(spec)(scope, receive, send)
+                return
+            if path == "/" and scope["method"] in ("GET", "HEAD"):
+                await HTMLResponse(self.index)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -7,6 +7,7 @@ Starlette app, so the app is built with the fixed classes.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from typing import Any
 
@@ -67,6 +68,18 @@ def _cached_mime_type(mime_type: Any) -> classmethod:
 
 # BentoML's name for the public HTTP socket (_bentoml_impl.server.serving.API_SERVER_NAME).
 API_SOCKET = "_bento_api_server"
+
+
+def index_html() -> bytes:
+    """BentoML's Swagger UI page for `/`, without the Google Tag Manager its template embeds.
+
+    Upstream's page loads googletagmanager.com's script (and a `<noscript>` iframe) in every browser that opens `/`:
+    a call home the service must not make. The rest of the page, Swagger UI from BentoML's own static files, stays.
+    """
+    from bentoml._internal.server.http_app import DEFAULT_INDEX_HTML
+
+    return re.sub(r"[ \t]*<!-- Google Tag Manager.*?<!-- End Google Tag Manager[^>]*-->\n?", "", DEFAULT_INDEX_HTML,
+                  flags=re.S).encode()
 
 
 def _port_is_free(host: str, port: int, family: int) -> None:

@@ -236,9 +236,8 @@ def session(browser, server) -> Iterator[Session]:
 
 def test_swagger_ui_at_root_links_to_the_page(browser, server):
     s = Session(browser, server, DESKTOP)
-    # BentoML's Swagger page (not ours) embeds Google Tag Manager; the route blocks it, so its failure is expected.
-    # Nothing else may leave: our description replaced BentoML's default README and its img.shields.io badges.
-    s.expected_errors = [r"Failed to load resource: net::ERR_FAILED"]
+    # Nothing may leave the origin: BentoML's template embeds Google Tag Manager, which the service strips
+    # (serving/upstream.py), and our description replaced its default README with img.shields.io badges.
     try:
         s.page.goto(f"{server}/")
         link = s.page.get_by_role("link", name="the demo page, /demo")
@@ -247,8 +246,7 @@ def test_swagger_ui_at_root_links_to_the_page(browser, server):
         page = opened.value
         page.wait_for_selector("body[data-ready=true]", state="attached")
         assert page.url == f"{server}/demo"
-        assert all("googletagmanager.com" in url for url in s.off_origin), s.off_origin
-        s.off_origin.clear()
+        assert s.page.locator("#swagger-ui .opblock").count() > 0  # Swagger UI drew the operations from /docs.json
         s.check_clean()
     finally:
         s.context.close()

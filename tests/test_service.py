@@ -90,6 +90,7 @@ def test_openapi_lists_our_endpoints_and_swagger_ui_is_served(server):
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     index = httpx.get(f"{server}/")
     assert index.status_code == 200 and "html" in index.headers["content-type"]
+    assert "swagger-ui-bundle.js" in index.text and "googletagmanager" not in index.text  # BentoML's page, no call home
 
 
 def test_models_lists_cards_with_runtime(server):
