@@ -61,7 +61,8 @@ log = logging.getLogger("convnet_serving")
 Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 Describe = Callable[[], Awaitable[list[dict[str, Any]]]]
 PARAMS = ("model", "top_k")
-DECODE_ERRORS = ("not_an_image", "unsupported_format", "corrupt_image", "unsupported_mode", "image_too_large")
+DECODE_ERRORS = ("not_an_image", "unsupported_format", "corrupt_image", "unsupported_mode", "image_too_large",
+                 "extreme_aspect_ratio")
 
 
 @dataclass(frozen=True)

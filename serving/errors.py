@@ -37,6 +37,13 @@ class UnsupportedMode(ClientError):
     code = "unsupported_mode"
 
 
+class ExtremeAspectRatio(ClientError):
+    """One side over MAX_ASPECT_RATIO times the other (serving/preprocess.py): no photo or digit is shaped so, and a
+    picture 1 pixel wide costs Pillow and the digit recipe tens of bytes a pixel, several times a square one's."""
+
+    code = "extreme_aspect_ratio"
+
+
 class ImageTooLarge(ClientError):
     status = 413
     code = "image_too_large"

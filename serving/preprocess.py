@@ -25,7 +25,14 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageFile, ImageOps
 
-from serving.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedFormat, UnsupportedMode
+from serving.errors import (
+    CorruptImage,
+    ExtremeAspectRatio,
+    ImageTooLarge,
+    NotAnImage,
+    UnsupportedFormat,
+    UnsupportedMode,
+)
 
 # Formats we decode. Everything else (EPS runs Ghostscript, PDF, SVG, exotic plugins) is refused before parsing.
 # AVIF is Pillow's own plugin (libavif + dav1d); HEIF/HEIC is pillow-heif's (libheif + libde265). Both parse the
@@ -35,6 +42,10 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP",
 # HEIF: the primary image only, no thumbnails, depth maps or auxiliary images decoded alongside it.
 pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 DEFAULT_MAX_PIXELS = 40_000_000
+# Panoramas reach 1:10 and long screenshots 1:30. Pillow keeps a pointer per row, so a picture 1 pixel wide costs
+# ~9 bytes a pixel just loaded and the digit recipe's arrays ~45 more (a 20 KB PNG of 1×10,000,000 held a worker at
+# 918 MB); at 1:200 under the pixel cap the short side is at least 447, where that overhead is lost in the pixels.
+MAX_ASPECT_RATIO = 200
 # `is_thumbnail`: at most 128×128 pixels in at most 64 KiB decode and preprocess in ~0.5 ms (measured).
 THUMBNAIL_PIXELS = 128 * 128
 THUMBNAIL_BYTES = 64 * 1024
@@ -121,6 +132,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise CorruptImage(f"the image has an empty size {w}x{h}")
     if w * h > max_pixels:
         raise ImageTooLarge(f"the image is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:.0f} MP limit")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ExtremeAspectRatio(f"the image is {w}x{h}: one side is over {MAX_ASPECT_RATIO} times the other")
     return im
 
 
@@ -342,7 +355,7 @@ def normalize_digit(gray: np.ndarray, box: int = 20, size: int = 32) -> np.ndarr
     h, w = a.shape
     scale = box / max(h, w)
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    fitted = resize_lanczos(a.astype(np.uint8), nw, nh)
+    fitted = resize_lanczos(_box_reduce(a.astype(np.uint8), LANCZOS_MAX_SIDE), nw, nh)
     mass = int(fitted.sum(dtype=np.int64))
     if mass > 0:
         cy = int(fitted.sum(axis=1, dtype=np.int64) @ np.arange(nh)) / mass
@@ -356,6 +369,22 @@ def normalize_digit(gray: np.ndarray, box: int = 20, size: int = 32) -> np.ndarr
     pad = (size - 28) // 2
     out[pad + y0:pad + y1, pad + x0:pad + x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
     return out
+
+
+# The longest side `resize_lanczos` is given. Its exact weights cost time and memory in proportion to a side's
+# length (a 1×10,000,000 PNG of 20 KB took 25 s and kept 720 MB), and `_shrink` cannot shorten the long side of a
+# picture whose short side is already small. Past this, a side is box-averaged down first; no square-ish upload under
+# the pixel cap gets here (`_shrink` leaves it under 1,000 pixels a side).
+LANCZOS_MAX_SIDE = 1024
+
+
+def _box_reduce(gray: np.ndarray, longest: int) -> np.ndarray:
+    """Each side longer than `longest` averaged over boxes of whole pixels until it is at most `longest`."""
+    h, w = gray.shape
+    fy, fx = -(-h // longest), -(-w // longest)
+    if fy == fx == 1:
+        return gray
+    return np.asarray(Image.fromarray(gray, "L").reduce((fx, fy)))
 
 
 def resize_lanczos(gray: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -395,7 +424,8 @@ def _sinc(x: float) -> float:
     return math.sin(x) / x
 
 
-@functools.lru_cache(maxsize=4096)
+# 256 entries of at most 20 × LANCZOS_MAX_SIDE float64 weights (160 KB): 40 MB at worst, whatever sizes arrive.
+@functools.lru_cache(maxsize=256)
 def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
     """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for LANCZOS: an (out_size, in_size) matrix of integer
     weights (as float64), read-only because it is shared."""

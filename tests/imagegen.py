@@ -72,6 +72,21 @@ def huge_dimension_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return bytes(data)
 
 
+def thin_png(width: int, height: int) -> bytes:
+    """A grey PNG, black but for a white first and last row: kilobytes of file for up to tens of megapixels, with a
+    digit's ink box as tall as the picture (written row by row: no big array in memory)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    white, black, z = b"\x00" + b"\xff" * width, b"\x00" * (width + 1), zlib.compressobj(9)  # filter byte 0 a row
+    rows = max(1, 4096 // (width + 1))  # rows per compress call
+    inner = height - 2
+    idat = [z.compress(white)] + [z.compress(black * rows) for _ in range(inner // rows)]
+    idat += [z.compress(black * (inner % rows) + white), z.flush()]
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, not interlaced
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
+
+
 def sixteen_bit_png() -> bytes:
     """A 16-bit grayscale ramp 0 … 65535 (left to right)."""
     ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))

@@ -47,6 +47,10 @@ def corpus() -> list[tuple[str, bytes, str]]:
         ("tiff-rgb-25mp", imagegen.encode(_gradient(5000, 5000, "RGB"), "TIFF", compression="tiff_deflate"),
          "image/tiff"),
         ("bomb-10g-pixels", imagegen.huge_dimension_png(), "image/png"),
+        # 10 MP in 20 KB, 1 pixel wide: refused from its header (400 extreme_aspect_ratio). It once held a worker
+        # at 918 MB: Pillow's row pointers, the digit recipe's arrays, and a 1.6 GB Lanczos weight matrix, kept.
+        ("png-line-1x10m", imagegen.thin_png(1, 10_000_000), "image/png"),
+        ("png-thin-447x89k", imagegen.thin_png(447, 89_400), "image/png"),  # the thinnest 40 MP picture accepted
         ("photo", imagegen.photo(), "image/jpeg"),
     ]
 

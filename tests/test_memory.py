@@ -32,6 +32,7 @@ def test_ten_passes_of_large_images_keep_every_worker_bounded_and_flat():
     for statuses in h["statuses"]:
         assert not [s for s in statuses if s.startswith("5")], statuses
         assert statuses.get("413 image_too_large") == 2, statuses  # the bomb, refused from its header, per model
+        assert statuses.get("400 extreme_aspect_ratio") == 2, statuses  # the 1-pixel line, likewise
     report = []
     for name in h["warm"]:
         after = [p[name] / MIB for p in h["passes"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import tracemalloc
 from pathlib import Path
 
 import imagegen as gen
@@ -12,16 +13,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedFormat, UnsupportedMode
+from serving.errors import (
+    CorruptImage,
+    ExtremeAspectRatio,
+    ImageTooLarge,
+    NotAnImage,
+    UnsupportedFormat,
+    UnsupportedMode,
+)
 from serving.preprocess import (
     ALLOWED_FORMATS,
     DIGIT,
     IMAGENET,
+    LANCZOS_MAX_SIDE,
+    MAX_ASPECT_RATIO,
     Recipe,
     decode,
     decoder_surprise,
     imagenet_center_crop,
     normalize_digit,
+    open_image,
     preprocess_bytes,
     resize_lanczos,
     resized_size,
@@ -117,6 +128,36 @@ def test_lanczos_resize_equals_pillows_exactly():
             a = np.where(a > 200, 255, 0).astype(np.uint8)  # ink on a ground: the clipping at 0 and 255 matters
         want = np.asarray(Image.fromarray(a, "L").resize((out_w, out_h), Image.Resampling.LANCZOS))
         assert np.array_equal(resize_lanczos(a, out_w, out_h), want), (h, w, out_h, out_w)
+
+
+def test_a_very_long_ink_box_costs_bounded_memory_and_still_draws_its_ink():
+    # Only a thin picture (up to MAX_ASPECT_RATIO) gets a digit's ink box past LANCZOS_MAX_SIDE (_shrink cannot
+    # shorten its long side), and it is box-averaged first. Before, each 1×2,000,000 line built a 20×2,000,000 float64
+    # weight matrix (320 MB), and the cache kept one per height; a 1×10,000,000 PNG of 20 KB took 25 s in the service.
+    tracemalloc.start()
+    try:
+        for h in (2_000_000, 2_000_001, 2_000_003):
+            line = np.zeros((h, 1), np.uint8)
+            line[0] = line[-1] = 255
+            normalize_digit(line)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 128 << 20, f"{peak / (1 << 20):.0f} MiB"  # the picture's own copies are ~48 MiB of it
+    bar = np.zeros((3 * LANCZOS_MAX_SIDE, 40), np.uint8)
+    bar[:, 10:30] = 255  # ink 20 wide, 3,072 tall: fitted to 1×20 and centred
+    out = normalize_digit(bar)
+    assert list(np.flatnonzero(out.any(axis=1))) == list(range(6, 26)) and list(np.flatnonzero(out.any(axis=0))) == [16]
+    assert out.max() == 255
+
+
+def test_a_picture_thinner_than_the_aspect_limit_is_refused_from_its_header():
+    for w, h in ((1, MAX_ASPECT_RATIO + 1), (MAX_ASPECT_RATIO + 1, 1), (2, 2 * MAX_ASPECT_RATIO + 1)):
+        with pytest.raises(ExtremeAspectRatio, match=f"is {w}x{h}: one side is over {MAX_ASPECT_RATIO} times"):
+            open_image(gen.thin_png(w, h))
+    for w, h in ((1, MAX_ASPECT_RATIO), (MAX_ASPECT_RATIO, 1), (447, 89_400)):  # the last: the thinnest 40 MP
+        assert preprocess_bytes(gen.thin_png(w, h), DIGIT).shape == (32, 32, 1)
+    assert (ExtremeAspectRatio("x").status, ExtremeAspectRatio("x").code) == (400, "extreme_aspect_ratio")
 
 
 def test_digit_blank_picture_is_all_zero():
