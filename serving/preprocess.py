@@ -256,7 +256,8 @@ def to_8bit(im: Image.Image) -> Image.Image:
     if mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
         if mode == "F":
-            hi = 1.0 if a.size and np.nanmax(a) <= 1.0 else float(np.nanmax(a)) if a.size else 1.0
+            finite = a[np.isfinite(a)]  # NaN and ±inf say nothing of the range (an all-NaN TIFF has none)
+            hi = max(float(finite.max()), 1.0) if finite.size else 1.0
         else:  # 32-bit int: usually a 16-bit PNG Pillow widened; fall back to the data's own range
             peak = float(a.max()) if a.size else 0.0
             hi = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak

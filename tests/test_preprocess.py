@@ -6,6 +6,7 @@ import io
 import os
 import stat
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import imagegen as gen
@@ -188,6 +189,15 @@ def test_sixteen_bit_is_scaled_not_clipped():
 def test_float_image_is_scaled():
     a = np.asarray(decode(gen.float_tiff()))
     assert a[0, 0] == 0 and a[0, -1] == 255
+
+
+def test_float_image_without_a_finite_value_is_black_and_warns_nothing():
+    # An all-NaN TIFF once made numpy warn ("All-NaN slice", "invalid value in cast") into the server's log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nan = np.asarray(to_8bit(Image.fromarray(np.full((4, 4), np.nan, np.float32), "F")))
+        mixed = np.asarray(to_8bit(Image.fromarray(np.array([[0, 100], [np.nan, np.inf]], np.float32), "F")))
+    assert nan.max() == 0 and mixed.tolist() == [[0, 255], [0, 255]]  # NaN → 0, +inf → the top of the finite range
 
 
 def test_cmyk_becomes_rgb():
