@@ -39,6 +39,8 @@ from serving.errors import (
     ServerBusy,
     UnknownModel,
     error_body,
+    shown,
+    shown_path,
 )
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
 from serving.limits import RequestLimits
@@ -325,7 +327,7 @@ class ClassifierAPI:
     def _model(self, params: dict[str, str]) -> ModelInfo:
         name = params.get("model", self.default_model)  # given but empty is a mistake, not "the default"
         if name not in self.models:
-            raise UnknownModel(f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}")
+            raise UnknownModel(f"unknown model {shown(name)}; served models: {', '.join(sorted(self.models))}")
         return self.models[name]
 
     def _top_k(self, params: dict[str, str]) -> int:
@@ -377,7 +379,7 @@ class ClassifierAPI:
         status = getattr(exc, "status_code", 500)
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
         # Starlette's 405 carries the Allow header RFC 9110 §15.5.6 requires: keep it.
-        return JSONResponse({"error": code, "detail": f"{request.method} {request.url.path}: "
+        return JSONResponse({"error": code, "detail": f"{request.method} {shown_path(request.url.path)}: "
                              f"{getattr(exc, 'detail', '')}"}, status_code=status,
                             headers=getattr(exc, "headers", None))
 

@@ -6,6 +6,8 @@ HTTP error body mean the same thing.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class ClientError(Exception):
     """Something wrong with what the caller sent. `code` is stable and machine-readable; the message is for people."""
@@ -85,6 +87,13 @@ class InvalidTensor(ClientError):
     code = "invalid_tensor"
 
 
+class NonFiniteNumber(ClientError):
+    """A JSON body with NaN, Infinity or -Infinity (Python's json reads them; RFC 8259 has no such tokens), or a
+    number too large for a float (1e400 reads as inf): refused, so no answer can repeat one as invalid JSON."""
+
+    code = "non_finite_number"
+
+
 class UnreadableInput(ClientError):
     """A batch input that could not be read as a file (missing, a directory, no permission). Batch CLI only."""
 
@@ -119,6 +128,66 @@ class RequestTimeout(ClientError):
 
 class ModelRepositoryError(Exception):
     """The model repository on disk is wrong (missing file, hash mismatch). An operator's problem, not a client's."""
+
+
+# ---- showing a client's value in an error detail -------------------------------------------------------------------
+
+SHOWN_CHARS = 100  # the most characters of a client's value an error detail repeats (about; plus quotes and a note)
+
+
+def _clipped(text: str | bytes, limit: int) -> str:
+    """repr(text), of at most about `limit` characters: a prefix, then '...' and the original length."""
+    n = min(len(text), limit)
+    shown_repr = repr(text[:n])
+    while len(shown_repr) > limit + 3 and n > 1:  # escapes ('\x01', '\U0001f600') make a repr longer than its text
+        n = max(1, n * limit // len(shown_repr))
+        shown_repr = repr(text[:n])
+    if n < len(text):
+        shown_repr += f"... ({len(text):,} {'characters' if isinstance(text, str) else 'bytes'})"
+    return shown_repr
+
+
+class _ShownRepr(reprlib.Repr):
+    """reprlib's bounded repr (a few items per container, a few levels), its strings clipped like `shown`'s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring = 3, 40
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdict = 5
+        self.maxlong = self.maxother = SHOWN_CHARS
+
+    def repr_str(self, x: str, level: int) -> str:
+        return _clipped(x, self.maxstring)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return _clipped(x, self.maxstring)
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 10_000:  # repr() refuses ints over 4,300 digits (sys.get_int_max_str_digits)
+            return f"<an integer of {x.bit_length():,} bits>"
+        return super().repr_int(x, level)
+
+
+_SHOWN_REPR = _ShownRepr()
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client's value as an error detail repeats it: its repr, cut to about `limit` characters (with '...' and the
+    original length), so a 19 MB form field or JSON name gives a detail of a few hundred bytes, not a 5x larger
+    repr (a 100 MB answer built and held in the worker). Short values read exactly as `{value!r}` would. Use it for
+    every value a client sent (parameters, field and tensor names, headers, path segments, JSON values)."""
+    if isinstance(value, str | bytes):
+        return _clipped(value, limit)
+    text = _SHOWN_REPR.repr(value)  # bounded work and size, however big or deep the value
+    if isinstance(value, list | tuple | dict) and len(value) > _SHOWN_REPR.maxlist:
+        text += f" ({len(value):,} items)"
+    return text
+
+
+def shown_path(path: str) -> str:
+    """A request path in an error detail: as it is when short ("GET /classify: ..."), else `shown` (a URL has no
+    length limit in uvicorn: only the header timeout bounds it)."""
+    return path if len(path) <= SHOWN_CHARS else shown(path)
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:

@@ -7,15 +7,26 @@ No model knowledge here. Everything raises serving.errors exceptions; the endpoi
 from __future__ import annotations
 
 import functools
+import json
+import math
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from serving.errors import BadParameter, BodyTooLarge, ClientError, MissingImage, UnsupportedMediaType
+from serving.errors import (
+    BadParameter,
+    BodyTooLarge,
+    ClientError,
+    MissingImage,
+    NonFiniteNumber,
+    UnsupportedMediaType,
+    shown,
+)
 
 # Part/body types that may carry an image: what browsers, curl and requests send for an image file.
 IMAGE_CONTAINER_TYPES = ("application/octet-stream", "binary/octet-stream", "application/x-binary")
@@ -35,7 +46,7 @@ def can_be_image(mtype: str) -> bool:
 def check_image_type(mtype: str, where: str) -> None:
     if not can_be_image(mtype):
         raise UnsupportedMediaType(
-            f"{where} has content type {mtype!r}, which cannot be an image; send image/*, "
+            f"{where} has content type {shown(mtype)}, which cannot be an image; send image/*, "
             "application/octet-stream or no type (e.g. curl -F image=@cat.jpg, or --data-binary @cat.jpg "
             "-H 'Content-Type: image/jpeg')")
 
@@ -48,7 +59,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise ClientError(f"invalid Content-Length header {declared!r}") from None
+            raise ClientError(f"invalid Content-Length header {shown(declared)}") from None
         if size > limit:
             raise BodyTooLarge(f"the request body is {size:,} bytes, over the {limit:,}-byte limit")
     chunks: list[bytes] = []
@@ -68,6 +79,30 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)  # one chunk (the usual case) comes back as is, not copied
+
+
+def _refuse_constant(token: str) -> NoReturn:
+    raise NonFiniteNumber(f"the JSON body has {token}, which JSON (RFC 8259) does not allow; send finite numbers")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if math.isinf(value):  # 1e400: valid JSON, but no float holds it, and it would be echoed back as Infinity
+        raise NonFiniteNumber(f"the JSON body has the number {shown(token)}, too large for a 64-bit float")
+    return value
+
+
+# Python's json reads NaN, Infinity and -Infinity, which strict JSON has not: a request carrying them could make an
+# answer that echoes them (the v2 'parameters') invalid JSON. One decoder, built once: json.loads with hooks would
+# build a decoder per call. The hooks run only for those tokens and for floats (uint8 tensors are integers).
+_STRICT_JSON = json.JSONDecoder(parse_float=_finite_float, parse_constant=_refuse_constant)
+
+
+def loads_json(data: bytes) -> object:
+    """A client's JSON body, as json.loads(data) reads it (same encoding detection, same errors) but refusing
+    NaN, Infinity, -Infinity and floats that overflow to infinity with NonFiniteNumber (400). Every JSON body the
+    service parses goes through here."""
+    return _STRICT_JSON.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
 
 
 @dataclass
@@ -262,7 +297,7 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
             else:
                 others.append(part.name)
         if others:
-            raise BadParameter(f"unknown multipart field(s) {sorted(set(others))}; send the image as field "
+            raise BadParameter(f"unknown multipart field(s) {shown(sorted(set(others)))}; send the image as field "
                                f"{image_field!r} and parameters among {list(known_params)}")
         if not images:
             raise MissingImage(f"no multipart field named {image_field!r} in the request")
@@ -271,10 +306,10 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
         images.append(Part("", None, mtype, await read_body(request, limit)))  # name "": the raw body
     else:
         raise UnsupportedMediaType(f"this endpoint takes multipart/form-data with one or more {image_field!r} "
-                                   f"fields, not {mtype or 'a body without a Content-Type'}")
+                                   f"fields, not {shown(mtype) if mtype else 'a body without a Content-Type'}")
     unknown = [name for name in params if name not in known_params]
     if unknown:
-        raise BadParameter(f"unknown parameter(s) {sorted(unknown)}; accepted: {list(known_params)}")
+        raise BadParameter(f"unknown parameter(s) {shown(sorted(unknown))}; accepted: {list(known_params)}")
     return Upload(images, params, query)
 
 
@@ -285,7 +320,7 @@ def int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int)
     try:
         value = int(raw)
     except ValueError:
-        raise BadParameter(f"{name} must be an integer from {lo} to {hi}, not {raw!r}") from None
+        raise BadParameter(f"{name} must be an integer from {lo} to {hi}, not {shown(raw)}") from None
     if not lo <= value <= hi:
-        raise BadParameter(f"{name} must be from {lo} to {hi}, not {value}")
+        raise BadParameter(f"{name} must be from {lo} to {hi}, not {shown(value)}")  # '9' * 4000: a 4,000-digit int
     return value

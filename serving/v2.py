@@ -35,8 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.errors import BodyTooLarge, ClientError, InvalidTensor, ModelNotFound, v2_error_body
-from serving.http import Part, media_type, read_body
+from serving.errors import BodyTooLarge, ClientError, InvalidTensor, ModelNotFound, shown, shown_path, v2_error_body
+from serving.http import Part, loads_json, media_type, read_body
 from serving.runtime import top_k
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise InvalidTensor(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+        raise InvalidTensor(f"Content-Encoding {shown(encoding)} is not supported; send gzip, deflate or none")
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         out = inflater.decompress(body, limit + 1)
@@ -161,12 +161,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         try:
             length = int(header_length)
         except ValueError:
-            raise InvalidTensor(f"{HEADER_LENGTH} must be an integer, not {header_length!r}") from None
+            raise InvalidTensor(f"{HEADER_LENGTH} must be an integer, not {shown(header_length)}") from None
         if not 0 <= length <= len(body):
             raise InvalidTensor(f"{HEADER_LENGTH} is {length:,} but the request body has {len(body):,} bytes")
         json_part, binary = body[:length], body[length:]
     try:
-        header = json.loads(json_part)
+        header = loads_json(json_part)  # NaN, Infinity: a 400 NonFiniteNumber, not echoed back as invalid JSON
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[…
         hint = "" if header_length is not None else f" (binary tensor data needs the {HEADER_LENGTH} header)"
         raise InvalidTensor(f"the inference request is not valid JSON: {str(e)[:200]}{hint}") from None
@@ -190,7 +190,7 @@ def _is_int(value: Any) -> bool:
 def _flag(params: dict[str, Any], name: str, default: bool, what: str) -> bool:
     value = params.get(name, default)
     if not isinstance(value, bool):
-        raise InvalidTensor(f"{what} parameter {name!r} must be true or false, not {value!r}")
+        raise InvalidTensor(f"{what} parameter {name!r} must be true or false, not {shown(value)}")
     return value
 
 
@@ -216,7 +216,7 @@ def serialize_bytes_tensor(items: list[bytes]) -> bytes:
 
 def _check_shape(shape: Any, name: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise InvalidTensor(f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r:.100}")
+        raise InvalidTensor(f"input {name!r}: 'shape' must be a list of non-negative integers, not {shown(shape)}")
     return tuple(shape)
 
 
@@ -263,13 +263,13 @@ def _requested_outputs(header: dict[str, Any], model: ModelInfo, binary_default:
             raise InvalidTensor("each of 'outputs' must be an object with a 'name'")
         name = item["name"]
         if name != output.name:
-            raise InvalidTensor(f"unknown output {name!r}; model {model.name!r} has {output.describe()}")
+            raise InvalidTensor(f"unknown output {shown(name)}; model {model.name!r} has {output.describe()}")
         if name in outputs:
             raise InvalidTensor(f"output {name!r} is requested twice")
         params = _object(item.get("parameters"), f"output {name!r}'s 'parameters'")
         k = params.get("classification", 0)
         if not _is_int(k) or k < 0:
-            raise InvalidTensor(f"output {name!r}: 'classification' must be a positive integer, not {k!r}")
+            raise InvalidTensor(f"output {name!r}: 'classification' must be a positive integer, not {shown(k)}")
         outputs[name] = RequestedOutput(_flag(params, "binary_data", binary_default, f"output {name!r}"), k)
     return outputs or {output.name: RequestedOutput(binary_default)}
 
@@ -278,7 +278,7 @@ def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo,
     """Validate an infer request against the model's inputs and outputs and cut its tensors out of the binary data."""
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise InvalidTensor(f"'id' must be a string, not {request_id!r:.50}")
+        raise InvalidTensor(f"'id' must be a string, not {shown(request_id)}")
     params = _object(header.get("parameters"), "'parameters'")
     if params.get("sequence_id") not in (None, 0, ""):
         raise InvalidTensor("sequence batching is not supported: models here are stateless")
@@ -297,7 +297,7 @@ def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo,
             raise InvalidTensor("each of 'inputs' must be an object with a 'name'")
         name = tensor["name"]
         if name not in specs:
-            raise InvalidTensor(f"unknown input {name!r}; model {model.name!r} takes "
+            raise InvalidTensor(f"unknown input {shown(name)}; model {model.name!r} takes "
                                 f"{pixels_spec.describe()} or {bytes_spec.describe()}")
         if chosen is not None:
             raise InvalidTensor(f"send one input, {pixels_spec.name!r} or {bytes_spec.name!r}; got "
@@ -305,7 +305,8 @@ def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo,
         size = _object(tensor.get("parameters"), f"input {name!r}'s 'parameters'").get("binary_data_size")
         if size is not None:  # the binary tensor data extension: this tensor's bytes follow the previous ones'
             if not _is_int(size) or size < 0:
-                raise InvalidTensor(f"input {name!r}: 'binary_data_size' must be a non-negative integer, not {size!r}")
+                raise InvalidTensor(f"input {name!r}: 'binary_data_size' must be a non-negative integer, not "
+                                    f"{shown(size)}")
             if "data" in tensor:
                 raise InvalidTensor(f"input {name!r} has both 'data' and 'binary_data_size'")
             if offset + size > len(binary):
@@ -323,11 +324,11 @@ def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo,
     spec = specs[chosen["name"]]
     datatype, shape = chosen.get("datatype"), _check_shape(chosen.get("shape"), spec.name)
     if datatype != spec.datatype:
-        raise InvalidTensor(f"input {spec.name!r} has datatype {datatype!r}; the model takes {spec.describe()}")
+        raise InvalidTensor(f"input {spec.name!r} has datatype {shown(datatype)}; the model takes {spec.describe()}")
     if len(shape) != len(spec.shape) or any(s != d for s, d in zip(shape[1:], spec.shape[1:], strict=True)):
-        raise InvalidTensor(f"input {spec.name!r} has shape {list(shape)}; the model takes {spec.describe()}")
+        raise InvalidTensor(f"input {spec.name!r} has shape {shown(list(shape))}; the model takes {spec.describe()}")
     if not 1 <= shape[0] <= max_images:
-        raise InvalidTensor(f"input {spec.name!r}: batch size {shape[0]}, must be from 1 to {max_images}")
+        raise InvalidTensor(f"input {spec.name!r}: batch size {shown(shape[0])}, must be from 1 to {max_images}")
     outputs = _requested_outputs(header, model, binary_default)
     count = math.prod(shape)
     raw = chosen.get("raw")
@@ -385,7 +386,10 @@ def infer_response(model: ModelInfo, request: InferRequest, logits: np.ndarray) 
     if request.parameters:
         body["parameters"] = request.parameters
     body["outputs"] = outputs
-    header = json.dumps(body, separators=(",", ":")).encode()
+    # allow_nan=False: strict JSON has no NaN/Infinity (requests carrying them are refused at parsing, so only a model
+    # producing them could reach here: a 500, not a 200 no strict client can read). Free: these non-default
+    # separators already make json.dumps build an encoder per call, and the check runs only on a non-finite float.
+    header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(header + b"".join(blobs), media_type="application/octet-stream",
@@ -453,7 +457,7 @@ class V2Protocol:
         return response
 
     async def unsupported(self, request: Request) -> JSONResponse:
-        return JSONResponse({"error": f"{request.method} {request.url.path} is not served: {UNSUPPORTED}"},
+        return JSONResponse({"error": f"{request.method} {shown_path(request.url.path)} is not served: {UNSUPPORTED}"},
                             status_code=404)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
@@ -462,9 +466,9 @@ class V2Protocol:
         name, version = request.path_params["model"], request.path_params.get("version")
         model = self.api.models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; served models: {', '.join(sorted(self.api.models))}")
+            raise ModelNotFound(f"unknown model {shown(name)}; served models: {', '.join(sorted(self.api.models))}")
         if version is not None and version != model.card.version:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; its only version is "
+            raise ModelNotFound(f"model {name!r} has no version {shown(version)}; its only version is "
                                 f"{model.card.version!r}")
         return model
 

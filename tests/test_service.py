@@ -469,3 +469,67 @@ def test_server_still_healthy_after_bad_input(server):
     assert httpx.get(f"{server}/readyz").status_code == 200
     r = post_image(server, imagegen.drawn_digit_one(), {"model": "lenet5"}, content_type="image/png")
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "1"
+
+
+# ---- a client's value in an error detail is shown cut short ----------------------------------------------------
+
+
+def test_shown_is_repr_for_short_values_and_bounded_for_any_value():
+    from serving.errors import SHOWN_CHARS, shown, shown_path
+
+    for value in ("five", "", "it's", ["file", "topk"], 7, None, 2.5, b"\x00"):
+        assert shown(value) == repr(value)
+    cut = shown("\x01" * 19_000_000)  # repr-escaped: each \x01 is 4 characters; the detail is not 76 MB
+    assert cut.startswith("'\\x01") and cut.endswith("... (19,000,000 characters)") and len(cut) < SHOWN_CHARS + 40
+    for value in ("😀" * 10**5, b"\xff" * 10**6, ["a" * 10**6] * 1000, [[[["x"] * 100] * 100] * 100] * 100,
+                  {str(i) * 1000: i for i in range(1000)}, 10**4000, 10**5000, [1] * 10**6):
+        assert len(shown(value)) < 2_000, shown(value)[:200]
+    assert shown([1] * 10**6).endswith("(1,000,000 items)")
+    assert shown_path("/classify") == "/classify" and len(shown_path("/" + "z" * 60_000)) < SHOWN_CHARS + 40
+
+
+def assert_small_error(r: httpx.Response, status: int, code: str, detail_has: str) -> None:
+    """A refusal of a huge value: the usual JSON error, naming what was wrong, in well under 1 KB (before the fix
+    the detail repeated the value repr-escaped: 19 MB of \\x01 gave a 99.6 MB answer)."""
+    assert len(r.content) < 1024, (len(r.content), r.content[:200])
+    assert_error(r, status, code, detail_has)
+
+
+@pytest.mark.parametrize("path, name", [("/classify", "model"), ("/classify", "top_k"), ("/classify_batch", "model"),
+                                        ("/classify_batch", "top_k"), ("/model_input", "model")])  # no top_k there
+def test_a_huge_parameter_value_is_named_not_repeated(server, path, name):
+    huge = "\x01" * (1 << 20)
+    r = httpx.post(f"{server}{path}", data={name: huge}, timeout=60,
+                   files={"image": ("digit.png", imagegen.tiny_png(), "image/png")})
+    code = "unknown_model" if name == "model" else "bad_parameter"
+    assert_small_error(r, 422, code, "model" if name == "model" else "top_k")
+    assert "(1,048,576 characters)" in r.json()["detail"]
+    r = httpx.post(f"{server}{path}", params={name: "x" * 50_000}, timeout=60,  # the query string's own value
+                   files={"image": ("digit.png", imagegen.tiny_png(), "image/png")})
+    assert_small_error(r, 422, code, "(50,000 characters)")
+
+
+def test_the_reviewed_19_mb_top_k_gets_a_small_answer(server):
+    """The review's case: a valid image and a top_k form field of 19 MB of \\x01 bytes."""
+    r = httpx.post(f"{server}/classify", data={"top_k": "\x01" * (19 << 20)}, timeout=120,
+                   files={"image": ("digit.png", imagegen.tiny_png(), "image/png")})
+    assert_small_error(r, 422, "bad_parameter", "top_k must be an integer")
+
+
+def test_huge_or_many_unknown_field_names_are_named_not_repeated(server):
+    fields = [(f"{i}-" + "n" * 1000, (None, "1")) for i in range(500)]  # 500 unknown fields, 1 KB names
+    r = httpx.post(f"{server}/classify", files=[("image", ("d.png", imagegen.tiny_png(), "image/png")), *fields],
+                   timeout=60)
+    assert_small_error(r, 422, "bad_parameter", "unknown multipart field")
+    assert "(500 items)" in r.json()["detail"]
+    r = httpx.post(f"{server}/classify", params={"x" * 50_000: "1"}, content=imagegen.tiny_png(),
+                   headers={"Content-Type": "image/png"}, timeout=60)
+    assert_small_error(r, 422, "bad_parameter", "unknown parameter")
+    r = httpx.post(f"{server}/classify", content=imagegen.tiny_png(), timeout=60,
+                   headers={"Content-Type": "text/" + "x" * 50_000})
+    assert_small_error(r, 415, "unsupported_media_type", "cannot be an image")
+
+
+def test_a_huge_path_under_our_routes_is_cut_in_the_404(server):
+    r = httpx.get(f"{server}/demo/" + "z" * 60_000, timeout=60)
+    assert_small_error(r, 404, "not_found", "(60,006 characters)")

@@ -446,3 +446,112 @@ def test_cost_measurement_runs_all_three_paths_and_reads_server_cpu(server):
     assert all(c.images == 3 and c.latency_ms_per_image_median > 0 for c in costs.values())
     assert sum(c.server_cpu_ms_per_image for c in costs.values()) > 0  # AlexNet inference is tens of ms per image
     assert costs["v2-uint8"].client_decode_ms_per_image > 0
+
+
+# ---- a client's value in an error is shown cut short; JSON has no NaN or Infinity -----------------------------------
+
+
+def assert_small_v2_error(r: httpx.Response, status: int, message_has: str) -> str:
+    """The protocol's error naming what was wrong, in well under 1 KB however big the value it refuses (before the
+    fix an unknown input name of 15 MB came back whole)."""
+    assert len(r.content) < 1024, (len(r.content), r.content[:200])
+    return assert_v2_error(r, status, message_has)
+
+
+HUGE_NAME = "y" * (1 << 20)
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"inputs": [{"name": HUGE_NAME, "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [0]}]},
+     "unknown input 'yyyy"),
+    ({**GOOD, "outputs": [{"name": HUGE_NAME}]}, "unknown output 'yyyy"),
+    (with_input(datatype=HUGE_NAME), "has datatype 'yyyy"),
+    ({**GOOD, "id": [HUGE_NAME] * 10}, "'id' must be a string"),
+    (with_input(shape=[1] * 100_000), "(100,000 items)"),
+    (with_input(shape=["\x01" * 100_000]), "'shape' must be a list"),
+    ({**GOOD, "parameters": {"binary_data_output": HUGE_NAME}}, "must be true or false"),
+    ({**GOOD, "outputs": [{"name": "logits", "parameters": {"classification": HUGE_NAME}}]}, "'classification'"),
+], ids=["input-name", "output-name", "datatype", "id", "shape-length", "shape-value", "flag", "classification"])
+def test_huge_names_and_values_are_named_not_repeated(server, header, message):
+    body = json.dumps(header).encode()
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=body + X.tobytes(), timeout=60,
+                   headers={"Inference-Header-Content-Length": str(len(body))})
+    assert_small_v2_error(r, 400, message)
+
+
+def test_huge_model_version_and_path_are_cut_in_the_404(server):
+    assert_small_v2_error(httpx.get(f"{server}/v2/models/" + "z" * 60_000, timeout=60), 404, "(60,000 characters)")
+    assert_small_v2_error(httpx.get(f"{server}/v2/models/lenet5/versions/" + "9" * 60_000, timeout=60), 404,
+                          "has no version '999")
+    assert_small_v2_error(httpx.get(f"{server}/v2/" + "q" * 60_000, timeout=60), 404, "is not served")
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b"x", timeout=60,
+                   headers={"Inference-Header-Content-Length": "9" * 60_000})
+    assert_small_v2_error(r, 400, "must be an integer")
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b"x", timeout=60,
+                   headers={"Content-Encoding": "x" * 60_000})
+    assert_small_v2_error(r, 400, "is not supported")
+
+
+def strict_json(text: bytes) -> object:
+    """RFC 8259 JSON: NaN, Infinity and -Infinity are not tokens of it (Python's json reads them unless told)."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def with_json_tokens(parameters: bytes = b"{}", data: bytes | None = None) -> bytes:
+    """A LeNet-5 JSON request with raw JSON text spliced in (json.dumps would not write NaN into a test)."""
+    data = data if data is not None else b",".join([b"0"] * 1024)
+    return (b'{"parameters":' + parameters + b',"inputs":[{"name":"image","datatype":"UINT8","shape":[1,32,32,1],'
+            b'"data":[' + data + b"]}]}")
+
+
+@pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_in_request_json_are_a_400(server, token):
+    name = token.decode()
+    for body in (with_json_tokens(parameters=b'{"x":' + token + b',"tenant":"blue"}'),
+                 with_json_tokens(parameters=b'{"x":[1,{"y":' + token + b"}]}"),
+                 with_json_tokens(data=b",".join([b"0"] * 1023 + [token])),
+                 with_json_tokens(data=b",".join([token] * 1024))):
+        r = httpx.post(f"{server}/v2/models/lenet5/infer", content=body, timeout=60)
+        message = assert_small_v2_error(r, 400, f"the JSON body has {name}, which JSON (RFC 8259) does not allow")
+        assert strict_json(r.content) == {"error": message}
+    # binary tensor data after a JSON header: the header is parsed the same way
+    header = b'{"parameters":{"x":' + token + b'},"inputs":[{"name":"image","datatype":"UINT8",' \
+             b'"shape":[1,32,32,1],"parameters":{"binary_data_size":1024}}]}'
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=header + X.tobytes(), timeout=60,
+                   headers={"Inference-Header-Content-Length": str(len(header))})
+    assert_small_v2_error(r, 400, f"has {name}")
+
+
+def test_a_number_too_large_for_a_float_is_a_400(server):
+    """1e400 is valid JSON but reads as inf, which would be echoed back as Infinity."""
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=with_json_tokens(parameters=b'{"x":-1e400}'),
+                   timeout=60)
+    assert_small_v2_error(r, 400, "'-1e400', too large for a 64-bit float")
+
+
+def test_finite_parameters_still_echo_as_strict_json(server):
+    x = pixels("lenet5", DIGIT)
+    body = with_json_tokens(parameters=b'{"x":1.5e300,"y":-0.0,"z":1e-400,"n":12345678901234567890123}',
+                            data=",".join(map(str, x.ravel().tolist())).encode())
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=body, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = strict_json(r.content)
+    assert answer["parameters"] == {"x": 1.5e300, "y": -0.0, "z": 0.0, "n": 12345678901234567890123}
+    assert int(np.argmax(answer["outputs"][0]["data"])) == 7
+
+
+def test_loads_json_reads_what_json_loads_reads_but_non_finite_numbers():
+    from serving.errors import NonFiniteNumber
+    from serving.http import loads_json
+
+    for text in (b'{"a":[1,2.5,-0.0,1e-400,"\\ud800"]}', '\ufeff{"a":1}'.encode(), '{"a":"é"}'.encode("utf-16"),
+                 b"[" + b"9" * 4000 + b"]"):
+        assert loads_json(text) == json.loads(text)
+    for text in (b"[NaN]", b'{"a":Infinity}', b"[-Infinity]", b"[1e400]", b"[-1E+999]"):
+        with pytest.raises(NonFiniteNumber):
+            loads_json(text)
+    for text in (b"\xff", b"[1,", b"[" * 100_000, b"[" + b"9" * 5000 + b"]"):  # the same errors as json.loads
+        with pytest.raises((ValueError, RecursionError)):
+            loads_json(text)
