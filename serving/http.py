@@ -313,14 +313,22 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
     return Upload(images, params, query)
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,20}")  # no bound here needs more digits; int() refuses over 4,300
+
+
+def plain_int(raw: str) -> int | None:
+    """An integer written as plain ASCII digits (with an optional minus), else None. int() would also take ' 5',
+    '+5', '1_0' (ten) and digits of other scripts ('١٠'), which no client means as a number here."""
+    return int(raw) if _INTEGER.fullmatch(raw) else None
+
+
 def int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = params.get(name)
     if raw is None:  # absent; given but empty ("top_k=") is refused below, like any other non-integer
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadParameter(f"{name} must be an integer from {lo} to {hi}, not {shown(raw)}") from None
+    value = plain_int(raw)
+    if value is None:
+        raise BadParameter(f"{name} must be an integer from {lo} to {hi}, not {shown(raw)}")
     if not lo <= value <= hi:
-        raise BadParameter(f"{name} must be from {lo} to {hi}, not {shown(value)}")  # '9' * 4000: a 4,000-digit int
+        raise BadParameter(f"{name} must be from {lo} to {hi}, not {value}")
     return value

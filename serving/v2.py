@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.errors import BodyTooLarge, ClientError, InvalidTensor, ModelNotFound, shown, shown_path, v2_error_body
-from serving.http import Part, loads_json, media_type, read_body
+from serving.http import Part, loads_json, media_type, plain_int, read_body
 from serving.runtime import top_k
 
 if TYPE_CHECKING:
@@ -158,10 +158,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if header_length is None:
         json_part, binary = body, b""
     else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidTensor(f"{HEADER_LENGTH} must be an integer, not {shown(header_length)}") from None
+        length = plain_int(header_length)
+        if length is None:
+            raise InvalidTensor(f"{HEADER_LENGTH} must be an integer, not {shown(header_length)}")
         if not 0 <= length <= len(body):
             raise InvalidTensor(f"{HEADER_LENGTH} is {length:,} but the request body has {len(body):,} bytes")
         json_part, binary = body[:length], body[length:]

@@ -429,6 +429,12 @@ def test_unknown_paths_and_methods_are_json_errors(server):
     ({"top_k": "0"}, "image", 422, "bad_parameter", "top_k"),
     ({"top_k": "101"}, "image", 422, "bad_parameter", "top_k"),
     ({"top_k": "five"}, "image", 422, "bad_parameter", "top_k"),
+    # int() takes these; a top_k of plain ASCII digits is all the API accepts
+    ({"top_k": "1_0"}, "image", 422, "bad_parameter", "not '1_0'"),
+    ({"top_k": "+5"}, "image", 422, "bad_parameter", "not '+5'"),
+    ({"top_k": " 5"}, "image", 422, "bad_parameter", "not ' 5'"),
+    ({"top_k": "١٠"}, "image", 422, "bad_parameter", "top_k must be an integer"),
+    ({"top_k": "9" * 5000}, "image", 422, "bad_parameter", "(5,000 characters)"),
     ({"topk": "3"}, "image", 422, "bad_parameter", "topk"),
     ({}, "file", 422, "bad_parameter", "'file'"),
 ])

@@ -337,6 +337,7 @@ def with_input(**changes) -> dict:
     (GOOD, X.tobytes(), 10**6, "is 1,000,000 but the request body has"),
     (GOOD, X.tobytes(), -1, "is -1 but the request body has"),
     (GOOD, X.tobytes(), "abc", "must be an integer"),
+    (GOOD, X.tobytes(), "+1_0", "must be an integer, not '+1_0'"),
     (GOOD, X.tobytes(), 3, "not valid json"),
     (with_input(shape=[1, 32, 32]), X.tobytes(), None, "has shape [1, 32, 32]"),
     (with_input(shape=[2, 32, 32, 1]), X.tobytes(), None, "needs 2,048 uint8 bytes"),
