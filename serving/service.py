@@ -37,7 +37,7 @@ from serving.api import ClassifierAPI, Metrics, read_models
 from serving.batcher import MicroBatcher
 from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
 from serving.demo import INDEX_DESCRIPTION
-from serving.errors import ServerBusy
+from serving.errors import ServerBusy, shown_path
 from serving.keys import install as install_api_keys
 from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
@@ -201,7 +201,37 @@ class FrontDoor:
             if path == "/" and scope["method"] in ("GET", "HEAD"):
                 await HTMLResponse(self.index)(scope, receive, send)
                 return
+            send = _json_router_errors(scope, send)
         await self.app(scope, receive, send)
+
+
+def _json_router_errors(scope, send):
+    """`send` for BentoML's app, with its router's plain-text 404 and 405 ("Not Found" for /Classify or /docs) turned
+    into our JSON error, as our own routes answer them (serving/api.py). Only those two, only when plain text."""
+    swallowing = False
+
+    async def send_json_errors(message) -> None:
+        nonlocal swallowing
+        if swallowing:  # the plain-text body that was replaced
+            return
+        status = message.get("status")
+        if message["type"] == "http.response.start" and status in (404, 405):
+            headers = dict(message.get("headers", []))
+            if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                swallowing = True
+                code, reason = (("not_found", "Not Found") if status == 404 else
+                                ("method_not_allowed", "Method Not Allowed"))
+                body = {"error": code, "detail": f"{scope['method']} {shown_path(scope['path'])}: {reason}"}
+                allow = {"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None
+                await JSONResponse(body, status_code=status, headers=allow)(scope, _no_body, send)
+                return
+        await send(message)
+
+    return send_json_errors
+
+
+async def _no_body() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 @functools.cache

@@ -418,7 +418,12 @@ def test_exif_rotation_is_applied(server):
 
 
 def test_unknown_paths_and_methods_are_json_errors(server):
-    assert httpx.get(f"{server}/nothing-here").status_code == 404  # BentoML's router answers unknown paths (text)
+    # BentoML's router answers paths that are not ours; its plain-text 404 and 405 come out as our JSON too
+    for path in ("/nothing-here", "/Classify", "/classify;x=1", "/docs"):
+        assert_error(httpx.get(f"{server}{path}"), 404, "not_found", f"GET {path}: Not Found")
+    probe = httpx.post(f"{server}/livez")
+    assert_error(probe, 405, "method_not_allowed", "POST /livez")
+    assert set(probe.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
     assert_error(httpx.get(f"{server}/classify"), 405, "method_not_allowed", "GET /classify")
     assert_error(httpx.post(f"{server}/models"), 405, "method_not_allowed", "POST /models")
     assert_error(httpx.get(f"{server}/classify_batch"), 405, "method_not_allowed", "GET /classify_batch")
