@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServiceConfig
-from serving.errors import ClientTooSlow, ServerBusy, error_body
+from serving.errors import ClientError, ClientTooSlow, ServerBusy, error_body, shown
 
 Message = dict
 
@@ -40,6 +40,11 @@ def _raw_response(status: int, reason: str, exc: Exception, extra: tuple[tuple[s
     head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(payload)}",
             "connection: close", *(f"{k}: {v}" for k, v in extra)]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers (lower-case names, as uvicorn and ASGI give them) announce a body."""
+    return any(n == b"transfer-encoding" or (n == b"content-length" and v.strip() != b"0") for n, v in headers)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -56,6 +61,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.app = _app_wrapper(self.app)
         self.timeout_keep_alive = self.keepalive_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._refused_upgrade = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -74,7 +80,44 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        if self._get_upgrade() is None:
+            super().on_headers_complete()
+            return
+        # An upgrade request (websocket, h2c): no route of ours switches protocols. The parser hands whatever follows
+        # its headers to the new protocol, so a body it announces is never read as one: refuse that request. A
+        # bodiless one is answered as plain HTTP, then the connection closes (bytes behind it would be lost).
+        if declares_body(self.headers):
+            self._refused_upgrade = True
+            upgrade = shown(self._get_upgrade().decode("latin-1"))
+            refused = ClientError(f"this server does not switch protocols (Upgrade: {upgrade}), and a request"
+                                  " asking to cannot carry a body; send it without the Upgrade header")
+            self.transport.write(_raw_response(400, "Bad Request", refused))
+            self.transport.close()
+            return
         super().on_headers_complete()
+        self.cycle.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused_upgrade:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused_upgrade:
+            super().on_message_complete()
+
+    def _should_upgrade_to_ws(self) -> bool:
+        return False  # never hand a connection to a websocket protocol: upgrades end in on_headers_complete
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # every upgrade request was answered or refused in on_headers_complete; nothing to warn about
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser rejects (bad framing, a NUL in a header, an unknown method), as our
+        JSON error instead of plain text."""
+        bad = ClientError("the request is not valid HTTP/1.1: its request line, a header or the body's framing "
+                          "could not be parsed")
+        self.transport.write(_raw_response(400, "Bad Request", bad))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -137,13 +180,15 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        timed_out = False
+        timed_out = body_done = False
 
         async def send_timed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ms = (time.perf_counter() - started) * 1000.0
                 headers = [*message.get("headers", []), (b"server-timing", f"app;dur={ms:.1f}".encode())]
-                if timed_out:  # the rest of the body is unread: the connection can't carry another request
+                # Answered before its body was read (too slow, a 413 from Content-Length, 503): the rest of it would
+                # have to be read and thrown away before another request, so the connection closes instead.
+                if not body_done and (timed_out or declares_body(scope["headers"])):
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
@@ -157,7 +202,6 @@ class RequestLimits:
             await JSONResponse(body, status, headers={"Retry-After": self.retry_after})(scope, receive, send_timed)
             return
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
-        body_done = False
 
         async def receive_by_deadline() -> Message:
             nonlocal body_done, timed_out

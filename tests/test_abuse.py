@@ -171,3 +171,70 @@ def test_connection_cap_answers_503_with_retry_after():
                 s.close()
         wait_ready(base, timeout=SLACK_S)  # the held connections are gone: new ones are served again
         assert httpx.get(f"{base}/models", timeout=10).status_code == 200
+
+
+def _exchange(port: int, request: bytes, wait_s: float = SLACK_S) -> tuple[bytes, dict[bytes, bytes], bytes, bool]:
+    """Send raw bytes; (status line, headers, body, whether the server closed the connection within `wait_s`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
+        s.sendall(request)
+        got, closed = b"", False
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+            closed = True
+        except TimeoutError:
+            pass
+    head, _, body = got.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    return status, dict(line.lower().split(b": ", 1) for line in lines if b": " in line), body, closed
+
+
+WEBSOCKET = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Version: 13\r\n")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    # once handed to uvicorn's websocket protocol without its body: no answer, no timeout, a connection slot held
+    b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\n" + WEBSOCKET + b"Content-Length: 1\r\n\r\nx",
+    # the parser passes an upgrade request's body to the new protocol: once answered "the upload is empty"
+    b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Content-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(DIGIT) + DIGIT,
+])
+def test_an_upgrade_request_with_a_body_is_refused_in_json_and_closed(limited, request_bytes):
+    status, headers, body, closed = _exchange(int(limited.rsplit(":", 1)[1]), request_bytes)
+    assert status == b"HTTP/1.1 400 Bad Request" and headers[b"content-type"] == b"application/json", (status, body)
+    assert b'"bad_request"' in body and b"does not switch protocols" in body and closed
+
+
+def test_a_bodiless_upgrade_request_is_answered_as_plain_http_then_closed(limited):
+    status, headers, body, closed = _exchange(int(limited.rsplit(":", 1)[1]),
+                                              b"GET /models HTTP/1.1\r\nHost: x\r\n" + WEBSOCKET + b"\r\n")
+    assert status == b"HTTP/1.1 200 OK" and b'"lenet5"' in body  # never 101 Switching Protocols
+    assert headers[b"connection"] == b"close" and closed
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"FOO\x01 / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /models HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+])
+def test_unparseable_http_gets_a_json_400_and_the_connection_closes(limited, request_bytes):
+    status, headers, body, closed = _exchange(int(limited.rsplit(":", 1)[1]), request_bytes)
+    assert status == b"HTTP/1.1 400 Bad Request" and headers[b"content-type"] == b"application/json", (status, body)
+    assert b'"bad_request"' in body and b"not valid HTTP/1.1" in body and closed
+
+
+def test_an_answer_sent_before_the_body_closes_the_connection(limited):
+    # A 413 from Content-Length alone: the worker used to keep the connection and read the declared 100 MB.
+    request = (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+               b"Content-Length: 104857600\r\n\r\n" + b"x" * 65536)
+    status, headers, body, closed = _exchange(int(limited.rsplit(":", 1)[1]), request)
+    assert status.startswith(b"HTTP/1.1 413 ") and b'"body_too_large"' in body
+    assert headers[b"connection"] == b"close" and closed
+    # an answer after the whole body keeps the connection: the next request on it is served
+    with httpx.Client(timeout=30) as client:
+        for _ in range(2):
+            r = client.post(f"{limited}/classify", params={"model": "lenet5"}, content=DIGIT,
+                            headers={"Content-Type": "image/png"})
+            assert r.status_code == 200 and r.headers.get("connection") != "close"
