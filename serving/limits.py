@@ -80,7 +80,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
-        if self._get_upgrade() is None:
+        if not self.parser.should_upgrade():  # Upgrade and Connection: upgrade both there (a C call: cheap)
             super().on_headers_complete()
             return
         # An upgrade request (websocket, h2c): no route of ours switches protocols. The parser hands whatever follows
