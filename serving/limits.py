@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 import uvicorn.config
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -31,6 +33,7 @@ from serving.config import ServiceConfig
 from serving.errors import ClientError, ClientTooSlow, ServerBusy, error_body, shown
 
 Message = dict
+PARSER_REASON_CHARS = 200  # how much of the parser's reason a 400 quotes (llhttp's are short fixed texts)
 
 
 def _raw_response(status: int, reason: str, exc: Exception, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -88,11 +91,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # bodiless one is answered as plain HTTP, then the connection closes (bytes behind it would be lost).
         if declares_body(self.headers):
             self._refused_upgrade = True
-            upgrade = shown(self._get_upgrade().decode("latin-1"))
-            refused = ClientError(f"this server does not switch protocols (Upgrade: {upgrade}), and a request"
-                                  " asking to cannot carry a body; send it without the Upgrade header")
-            self.transport.write(_raw_response(400, "Bad Request", refused))
-            self.transport.close()
+            # None for CONNECT, or when the "upgrade" token and the Upgrade header are split over several
+            # Connection headers (uvicorn reads the last one): the parser still calls it an upgrade.
+            upgrade = self._get_upgrade()
+            asked = f"Upgrade: {shown(upgrade.decode('latin-1'))}" if upgrade is not None else "CONNECT or Upgrade"
+            self._refuse(ClientError(f"this server does not switch protocols ({asked}), and a request asking to "
+                                     "cannot carry a body; send it without the Upgrade header"))
             return
         super().on_headers_complete()
         self.cycle.keep_alive = False
@@ -113,10 +117,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes its parser rejects (bad framing, a NUL in a header, an unknown method), as our
-        JSON error instead of plain text."""
-        bad = ClientError("the request is not valid HTTP/1.1: its request line, a header or the body's framing "
-                          "could not be parsed")
-        self.transport.write(_raw_response(400, "Bad Request", bad))
+        JSON error instead of plain text. uvicorn calls it from its `except httptools.HttpParserError` with a fixed
+        message; the parser's own reason is the exception being handled."""
+        detail = ("the request is not valid HTTP/1.1: its request line, a header or the body's framing could not be "
+                  "parsed")
+        error = sys.exception()
+        # llhttp's reasons are fixed texts ("Duplicate Content-Length"); a callback error's is only "`on_url` callback
+        # error" (the exception behind it is ours or uvicorn's, and may quote the request): not worth quoting.
+        if isinstance(error, httptools.HttpParserError) and not isinstance(error, httptools.HttpParserCallbackError):
+            detail += f" ({str(error)[:PARSER_REASON_CHARS]})"
+        self._refuse(ClientError(detail))
+
+    def _refuse(self, exc: ClientError) -> None:
+        """Answer `exc` (our JSON error, `Connection: close`) and close the connection. If an earlier request's
+        answer is being written (pipelining), ours would land inside it: let that one finish, then close."""
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            cycle.keep_alive = False  # uvicorn's send closes the connection after the last byte of that answer
+            self.flow.pause_reading()
+            return
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(400, "Bad Request", exc))
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
