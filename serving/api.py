@@ -39,8 +39,8 @@ from serving.errors import (
     ServerBusy,
     UnknownModel,
     error_body,
+    routing_error_body,
     shown,
-    shown_path,
 )
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
 from serving.limits import RequestLimits
@@ -377,11 +377,9 @@ class ClassifierAPI:
 
     async def _http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", 500)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        body = routing_error_body(status, request.method, request.url.path, getattr(exc, "detail", ""))
         # Starlette's 405 carries the Allow header RFC 9110 §15.5.6 requires: keep it.
-        return JSONResponse({"error": code, "detail": f"{request.method} {shown_path(request.url.path)}: "
-                             f"{getattr(exc, 'detail', '')}"}, status_code=status,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
 
 # ---- OpenAPI (BentoML's /docs.json lists only @bentoml.api methods; the service merges these in) ---------------

@@ -190,6 +190,13 @@ def shown_path(path: str) -> str:
     return path if len(path) <= SHOWN_CHARS else shown(path)
 
 
+def routing_error_body(status: int, method: str, path: str, reason: str) -> dict[str, str]:
+    """The JSON body for a router's refusal (no such path, a wrong method), whether the router is ours
+    (serving/api.py) or BentoML's (serving/service.py)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+    return {"error": code, "detail": f"{method} {shown_path(path)}: {reason}"}
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
     """(HTTP status, JSON body) for any exception; unknown ones become a 500 that leaks no internals."""
     if isinstance(exc, ClientError):

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import tempfile
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +38,7 @@ from serving.api import ClassifierAPI, Metrics, read_models
 from serving.batcher import MicroBatcher
 from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
 from serving.demo import INDEX_DESCRIPTION
-from serving.errors import ServerBusy, shown_path
+from serving.errors import ServerBusy, routing_error_body
 from serving.keys import install as install_api_keys
 from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
@@ -219,9 +220,7 @@ def _json_router_errors(scope, send):
             headers = dict(message.get("headers", []))
             if headers.get(b"content-type", b"").startswith(b"text/plain"):
                 swallowing = True
-                code, reason = (("not_found", "Not Found") if status == 404 else
-                                ("method_not_allowed", "Method Not Allowed"))
-                body = {"error": code, "detail": f"{scope['method']} {shown_path(scope['path'])}: {reason}"}
+                body = routing_error_body(status, scope["method"], scope["path"], HTTPStatus(status).phrase)
                 allow = {"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None
                 await JSONResponse(body, status_code=status, headers=allow)(scope, _no_body, send)
                 return
