@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from serving.errors import BodyTooLarge, ClientError, InvalidTensor, ModelNotFound, shown, shown_path, v2_error_body
 from serving.http import Part, loads_json, media_type, plain_int, read_body
@@ -403,6 +403,7 @@ class V2Protocol:
 
     def __init__(self, api: ClassifierAPI) -> None:
         self.api = api
+        self.served: list[Route] = []
 
     def routes(self) -> list[Route]:
         routes = [Route("/v2", self.server_metadata, methods=["GET"]),
@@ -412,7 +413,8 @@ class V2Protocol:
             routes += [Route(prefix, self.model_metadata, methods=["GET"]),
                        Route(prefix + "/ready", self.model_ready, methods=["GET"]),
                        Route(prefix + "/infer", self.infer, methods=["POST"])]
-        # Any other /v2 path or method: a 404 that says what this server does not speak.
+        self.served = routes
+        # Any other /v2 path or method: a 405 for a served path, else a 404 that says what this server does not speak.
         return [*routes, Route("/v2/{rest:path}", self.unsupported, methods=ALL_METHODS)]
 
     async def server_metadata(self, request: Request) -> JSONResponse:
@@ -456,6 +458,14 @@ class V2Protocol:
         return response
 
     async def unsupported(self, request: Request) -> JSONResponse:
+        # The catch-all matches every method, so Starlette's own 405 never happens below it: a served path asked
+        # with the wrong method is found here, and answered like every other route's (405 with Allow).
+        allowed = sorted({method for route in self.served if route.matches(request.scope)[0] is Match.PARTIAL
+                          for method in route.methods or ()})
+        if allowed:
+            return JSONResponse({"error": f"{request.method} {shown_path(request.url.path)}: method not allowed; "
+                                          f"use {', '.join(allowed)}"},
+                                status_code=405, headers={"Allow": ", ".join(allowed)})
         return JSONResponse({"error": f"{request.method} {shown_path(request.url.path)} is not served: {UNSUPPORTED}"},
                             status_code=404)
 

@@ -149,6 +149,16 @@ def test_unsupported_protocol_parts_are_named(server):
     assert e.value.status() == "404" and "model configuration" in e.value.message()
 
 
+def test_a_served_path_with_the_wrong_method_is_405_with_allow(server):
+    r = httpx.get(f"{server}/v2/models/lenet5/infer", timeout=10)
+    assert_v2_error(r, 405, "GET /v2/models/lenet5/infer: method not allowed; use POST")
+    assert r.headers["allow"] == "POST"
+    r = httpx.post(f"{server}/v2/models/lenet5/versions/1/ready", timeout=10)
+    assert_v2_error(r, 405, "use GET, HEAD")
+    assert r.headers["allow"] == "GET, HEAD"
+    assert_v2_error(httpx.delete(f"{server}/v2/health/live", timeout=10), 405, "use GET, HEAD")
+
+
 def test_docs_json_lists_the_v2_paths(server):
     paths = httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
     assert {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
