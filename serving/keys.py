@@ -26,6 +26,8 @@ until it is fixed, and the error is logged. Keys are never logged; names are (an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +265,21 @@ def _write_atomically(path: Path, lines: list[str]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the key file's directory while reading and rewriting the file. Two helpers run at
+    once (a `revoke` and a `new`, two `new`s) would otherwise each rewrite the file from what they read before the
+    other's rename: a key printed as stored would be missing, or a revoked key written back. The lock is on the
+    directory, not the file, because the file is replaced by a rename (a lock on the old inode guards nothing), and
+    a directory lock leaves no lock file behind."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+        yield
+    finally:
+        os.close(fd)
+
+
 def _file_lines(path: Path) -> list[str]:
     if not path.exists():
         return ["# API keys for convnet-serving: sha256:<digest of the key> <name>. Made by python -m serving.keys."]
@@ -275,25 +292,27 @@ def cmd_new(path: Path, name: str) -> int:
     if not NAME_RE.fullmatch(name):
         print(f"key name {name!r} must match {NAME_RE.pattern}", file=sys.stderr)
         return 2
-    lines = _file_lines(path)
-    if any(k.name == name for k in parse_key_file("\n".join(lines))):
-        print(f"{path} already has a key named {name!r}: revoke it first, or pick another name", file=sys.stderr)
-        return 2
     key = new_key()
-    _write_atomically(path, [*lines, key_line(name, key)])
+    with _editing(path):
+        lines = _file_lines(path)
+        if any(k.name == name for k in parse_key_file("\n".join(lines))):
+            print(f"{path} already has a key named {name!r}: revoke it first, or pick another name", file=sys.stderr)
+            return 2
+        _write_atomically(path, [*lines, key_line(name, key)])
     print(key)
     print(f"stored the hash of key {name!r} in {path}; the key itself is shown only this once", file=sys.stderr)
     return 0
 
 
 def cmd_revoke(path: Path, name: str) -> int:
-    lines = _file_lines(path) if path.exists() else []
-    kept = [line for line in lines if not ((m := LINE_RE.fullmatch(line.strip())) and
-                                           (m.group(2) or m.group(1)[:12]) == name)]
-    if len(kept) == len(lines):
-        print(f"no key named {name!r} in {path}", file=sys.stderr)
-        return 1
-    _write_atomically(path, kept)
+    with _editing(path):
+        lines = _file_lines(path) if path.exists() else []
+        kept = [line for line in lines if not ((m := LINE_RE.fullmatch(line.strip())) and
+                                               (m.group(2) or m.group(1)[:12]) == name)]
+        if len(kept) == len(lines):
+            print(f"no key named {name!r} in {path}", file=sys.stderr)
+            return 1
+        _write_atomically(path, kept)
     print(f"revoked {name!r}: running servers stop accepting it within {RECHECK_S:.0f} s", file=sys.stderr)
     return 0
 

@@ -241,3 +241,33 @@ def test_server_refuses_to_start_with_a_missing_key_file(tmp_path):
     finally:
         stop_server(proc)
     assert proc.returncode != 0 and str(missing) in server_log(proc, tail=20_000)
+
+
+def test_helpers_run_at_once_lose_no_key_and_revive_no_revoked_one(keyed):
+    """Each helper reads the file, then renames a new one over it. Several at once (a `revoke` and some `new`s, as
+    two operators or a deploy script might start them) must not rewrite the file from a stale read: every key
+    printed must work on the server, and the revoked one must not come back."""
+    base, key_file, _, _ = keyed
+    made: dict[str, str] = {}
+    revoked: list[str] = []
+    for round_ in range(3):
+        victim = f"victim{round_}"
+        revoked.append(new_key(key_file, victim))
+        commands = [("revoke", victim)] + [("new", f"r{round_}n{i}") for i in range(6)]
+        procs = [subprocess.Popen([sys.executable, "-m", "serving.keys", "--file", str(key_file), *command],
+                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), outputs
+        made.update({name: out.strip() for (_, name), (out, _) in zip(commands[1:], outputs[1:], strict=True)})
+    try:
+        wait_for_status(base, made["r2n5"], 200)
+        time.sleep(RECHECK_S + 0.2)  # every front worker past its next re-check
+        for name, key in made.items():
+            r = httpx.get(f"{base}/models", headers=bearer(key), timeout=10)
+            assert r.status_code == 200, f"the key printed for {name!r} was lost: {r.status_code}"
+        for key in revoked:
+            assert_unauthorized(httpx.get(f"{base}/models", headers=bearer(key), timeout=10), invalid_token=True)
+    finally:
+        for name in made:
+            keys_cli(key_file, "revoke", name)
