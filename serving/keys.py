@@ -18,9 +18,9 @@ A fast hash also keeps the check at a microsecond per request. Digests are compa
 against every stored key, without stopping at a match, so the time taken says nothing about which key (if any)
 matched or how much of a digest did.
 
-Reload: each worker re-reads the file when it changes (checked at most once a second, by size, mtime and inode),
-and on restart; no signal is needed. A file that becomes unreadable or malformed fails closed: no key is accepted
-until it is fixed, and the error is logged. Keys are never logged; names are (and label /metrics).
+Reload: each worker re-reads the file when it changes (checked at most once a second, by inode, size, mtime and
+ctime), and on restart; no signal is needed. A file that becomes unreadable or malformed fails closed: no key is
+accepted until it is fixed, and the error is logged. Keys are never logged; names are (and label /metrics).
 """
 
 from __future__ import annotations
@@ -124,12 +124,15 @@ class KeyFile:
         self._next_check = time.monotonic() + recheck_s
         self._lock = threading.Lock()
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        """What says the file changed. The ctime too: an in-place rewrite of the same size with the old mtime put
+        back (touch -r, cp -p, rsync -t, an archive's fixed dates) keeps inode, size and mtime, and a revoked key
+        would stay valid until a restart; no program can set the ctime, every write and chmod moves it."""
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def keys(self) -> list[StoredKey]:
         now = time.monotonic()

@@ -271,3 +271,36 @@ def test_helpers_run_at_once_lose_no_key_and_revive_no_revoked_one(keyed):
     finally:
         for name in made:
             keys_cli(key_file, "revoke", name)
+
+
+def test_revoking_in_place_with_the_old_mtime_put_back_takes_effect(keyed):
+    """A rewrite in place of the same size with the old mtime restored (touch -r, cp -p, rsync -t, unpacking an
+    archive with fixed dates) keeps inode, size and mtime: the server must still see the change (by the ctime)."""
+    base, key_file, _, _ = keyed
+    key = new_key(key_file, "mallory")
+    wait_for_status(base, key, 200)
+    every_worker_accepts(base, key)  # so no worker reads the file for the first time after the rewrite below
+    before = key_file.stat()
+    text = key_file.read_text()
+    replaced = text.replace(key_line("mallory", key), key_line("mallory", KEY_PREFIX + "someone-else"))
+    assert replaced != text and len(replaced) == len(text)
+    with open(key_file, "r+", encoding="utf-8") as fh:  # same inode
+        fh.write(replaced)
+    os.utime(key_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = key_file.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    try:
+        wait_for_status(base, key, 401)
+        time.sleep(RECHECK_S + 0.2)
+        for _ in range(10):  # new connections: spread over the front workers
+            assert_unauthorized(httpx.get(f"{base}/models", headers=bearer(key), timeout=10), invalid_token=True)
+    finally:
+        keys_cli(key_file, "revoke", "mallory")
+
+
+def every_worker_accepts(base: str, key: str) -> None:
+    """Past one re-check interval, ten requests on new connections: each front worker has re-read the file and
+    accepts `key` (a worker re-checks on a request, at most once per RECHECK_S)."""
+    time.sleep(RECHECK_S + 0.2)
+    for _ in range(10):
+        assert httpx.get(f"{base}/models", headers=bearer(key), timeout=10).status_code == 200
