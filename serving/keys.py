@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.errors import Unauthorized, error_body
+from serving.errors import ClientError, Unauthorized, error_body
 
 log = logging.getLogger("convnet_serving")
 
@@ -168,13 +168,18 @@ class KeyFile:
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), or None."""
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
-    return None
+    """The token of the `Authorization: Bearer <token>` header (scheme case-insensitive), or None. Several
+    Authorization headers raise ClientError (400): which one counts is ambiguous (this took the first; a proxy or
+    gateway in front may check the last, or add its own), so the request is refused rather than guessed at."""
+    values = [value for name, value in headers if name.lower() == b"authorization"]
+    if len(values) > 1:
+        raise ClientError(f"the request has {len(values)} Authorization headers: send exactly one, "
+                          "'Authorization: Bearer <key>'")
+    if not values:
+        return None
+    scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 @functools.cache
@@ -190,7 +195,8 @@ def _counters() -> tuple[Any, Any]:
 
 class RequireAPIKey:
     """ASGI middleware: 401 `{"error": "unauthorized", ...}` with `WWW-Authenticate: Bearer` for a protected path
-    without a valid key; otherwise passes the request on, with the key's name in `scope["state"]["api_key"]`."""
+    without a valid key (400 for several Authorization headers); otherwise passes the request on, with the key's
+    name in `scope["state"]["api_key"]`."""
 
     def __init__(self, app: Any, key_file: KeyFile, metrics_open: bool = True) -> None:
         self.app, self.key_file = app, key_file
@@ -205,30 +211,35 @@ class RequireAPIKey:
                 or scope.get("method") == "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope["headers"])
-        name = None if token is None else self.key_file.verify(token)
         accepted, refused = _counters()
+        try:
+            token = bearer_token(scope["headers"])
+        except ClientError as exc:
+            refused.labels("invalid").inc()
+            # RFC 6750 3.1: a malformed request (a repeated credential) is a 400 with error="invalid_request".
+            await self._refuse(scope, send, exc, 'Bearer realm="convnet-serving", error="invalid_request"')
+            return
+        name = None if token is None else self.key_file.verify(token)
         if name is None:
             refused.labels("missing" if token is None else "invalid").inc()
-            await self._refuse(scope, send, token is None)
+            if token is None:
+                exc = Unauthorized("this endpoint needs an API key: send the header 'Authorization: Bearer <key>'")
+                await self._refuse(scope, send, exc, 'Bearer realm="convnet-serving"')
+            else:
+                exc = Unauthorized("the API key is not valid (unknown or revoked)")
+                await self._refuse(scope, send, exc, 'Bearer realm="convnet-serving", error="invalid_token"')
             return
         accepted.labels(name).inc()
         scope.setdefault("state", {})["api_key"] = name
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _refuse(scope: dict, send: Any, missing: bool) -> None:
+    async def _refuse(scope: dict, send: Any, exc: ClientError, challenge: str) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         from starlette.responses import JSONResponse
 
-        if missing:
-            exc = Unauthorized("this endpoint needs an API key: send the header 'Authorization: Bearer <key>'")
-            challenge = 'Bearer realm="convnet-serving"'
-        else:
-            exc = Unauthorized("the API key is not valid (unknown or revoked)")
-            challenge = 'Bearer realm="convnet-serving", error="invalid_token"'
         status, body = error_body(exc)
         await JSONResponse(body, status, headers={"WWW-Authenticate": challenge})(scope, None, send)
 

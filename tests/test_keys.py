@@ -304,3 +304,21 @@ def every_worker_accepts(base: str, key: str) -> None:
     time.sleep(RECHECK_S + 0.2)
     for _ in range(10):
         assert httpx.get(f"{base}/models", headers=bearer(key), timeout=10).status_code == 200
+
+
+def test_several_authorization_headers_are_refused_whichever_comes_first(keyed):
+    """Which of two Authorization headers counts is ambiguous (the first was taken; a proxy in front may check the
+    last): a valid key next to another credential, in either order, is a 400 naming the problem, never a 200."""
+    base, _, keys, _ = keyed
+    good = f"Bearer {keys['alice']}"
+    for values in ([good, "Bearer cnv_other"], ["Bearer cnv_other", good], [good, good], [good, "Basic eDp5"]):
+        headers = [("Authorization", value) for value in values]
+        for r in (httpx.get(f"{base}/models", headers=headers, timeout=10),
+                  httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=DIGIT_7,
+                             headers=[*headers, ("Content-Type", "image/png")], timeout=60)):
+            assert r.status_code == 400, (values, r.status_code, r.text)
+            assert r.json() == {"error": "bad_request", "detail": "the request has 2 Authorization headers: send "
+                                "exactly one, 'Authorization: Bearer <key>'"}, r.text
+            assert r.headers["www-authenticate"] == 'Bearer realm="convnet-serving", error="invalid_request"'
+            assert keys["alice"] not in r.text
+    assert httpx.get(f"{base}/livez", headers=[("Authorization", good)] * 2, timeout=10).status_code == 200
