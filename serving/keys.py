@@ -107,11 +107,14 @@ def parse_key_file(text: str, source: str = "the key file") -> list[StoredKey]:
 
 
 def read_key_file(path: Path) -> list[StoredKey]:
+    return parse_key_file(_read_text(path), str(path))
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise KeyFileError(f"cannot read the API key file {path}: {e}") from None
-    return parse_key_file(text, str(path))
 
 
 class KeyFile:
@@ -266,13 +269,21 @@ def client_headers(key: str | None) -> dict[str, str]:
 
 def _write_atomically(path: Path, lines: list[str]) -> None:
     """Replace the file in one rename, so a server re-reading it never sees half a file. Mode 0600 for a new file,
-    the old mode otherwise."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+    the old mode and owner otherwise."""
+    old = path.stat() if path.exists() else None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write("".join(line + "\n" for line in lines))
-        os.chmod(tmp, mode)
+        if old is not None:
+            # The new file belongs to whoever runs the helper (root, say): a server running as the old owner could
+            # no longer read it and would refuse every key. Refuse instead when the owner cannot be kept.
+            try:
+                os.chown(tmp, old.st_uid, old.st_gid)
+            except PermissionError:
+                raise KeyFileError(f"cannot keep {path}'s owner ({old.st_uid}:{old.st_gid}): run the helper as "
+                                   "that user or as root") from None
+        os.chmod(tmp, old.st_mode & 0o777 if old is not None else 0o600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -297,7 +308,7 @@ def _editing(path: Path) -> Iterator[None]:
 def _file_lines(path: Path) -> list[str]:
     if not path.exists():
         return ["# API keys for convnet-serving: sha256:<digest of the key> <name>. Made by python -m serving.keys."]
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     parse_key_file("\n".join(lines), str(path))  # refuse to edit a file the server would refuse
     return lines
 
@@ -352,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyFileError as e:
         print(e, file=sys.stderr)
+        return 2
+    except OSError as e:  # no such directory, not writable, ...: a message, not a traceback
+        print(f"cannot edit the API key file {args.file}: {e}", file=sys.stderr)
         return 2
 
 

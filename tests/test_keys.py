@@ -322,3 +322,22 @@ def test_several_authorization_headers_are_refused_whichever_comes_first(keyed):
             assert r.headers["www-authenticate"] == 'Bearer realm="convnet-serving", error="invalid_request"'
             assert keys["alice"] not in r.text
     assert httpx.get(f"{base}/livez", headers=[("Authorization", good)] * 2, timeout=10).status_code == 200
+
+
+def test_helper_keeps_the_files_owner_and_explains_what_it_cannot_edit(tmp_path):
+    """Run as root on a file the server's user owns, the helper's rename used to hand the file to root (0600): the
+    server could no longer read it and refused every key. Files it cannot edit get a message, not a traceback."""
+    key_file = tmp_path / "keys.txt"
+    alice = new_key(key_file, "alice")
+    if os.geteuid() == 0:
+        os.chown(key_file, 65534, 65534)  # nobody: the service's own user, say
+        bob = new_key(key_file, "bob")
+        st = key_file.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+        assert KeyFile(key_file).verify(bob) == "bob" and KeyFile(key_file).verify(alice) == "alice"
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes(b"# caf\xe9\n")
+    for path in (tmp_path, tmp_path / "no-such-dir" / "keys.txt", not_utf8):
+        for args in (("new", "carol"), ("revoke", "alice"), ("list",)):
+            r = keys_cli(path, *args)
+            assert r.returncode in (1, 2) and "Traceback" not in r.stderr and str(path) in r.stderr, (args, r.stderr)
