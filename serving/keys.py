@@ -122,8 +122,10 @@ class KeyFile:
 
     def __init__(self, path: Path | str, recheck_s: float = RECHECK_S) -> None:
         self.path, self.recheck_s = Path(path), recheck_s
-        self._keys = read_key_file(self.path)
+        # Stat before reading, as keys() does: a change between the two is then seen at the next check. The other
+        # way round, a file replaced in between would be stamped new but held old, and its change never seen.
         self._stamp = self._stat()
+        self._keys = read_key_file(self.path)
         self._next_check = time.monotonic() + recheck_s
         self._lock = threading.Lock()
 
