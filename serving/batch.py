@@ -57,7 +57,7 @@ from serving.runtime import DEVICES, DeviceUnavailable
 from serving.threads import DECODE_THREADS, name_os_thread
 
 PROG = "convnet-classify"
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 FEEDER = "feeder"  # the thread that lists the inputs (and may sit in a read of stdin): main() looks for it by name
 EVAL_K = 5  # --eval needs the top 5 whatever --top-k asks to print
 # Decode threads run this much nicer than onnxruntime's (see _nice_current_thread); measured with
@@ -68,12 +68,18 @@ FSYNC_INTERVAL_S = 1.0  # a power cut loses at most this much finished work; a k
 USAGE_EPILOG = """\
 inputs: files, directories (walked recursively for image extensions), glob patterns ('**' recurses), @list.txt
 (one path, folder or glob per line) and '-' (paths from stdin), in any mix.
-exit status: 0 all inputs classified, 1 some inputs failed (recorded in the output), 2 usage error, 130 interrupted.
+exit status: 0 all inputs classified, 1 some inputs failed (recorded in the output), 2 usage error, 3 the output
+could not be written (disk full, ...; it holds every record up to the last complete one), 130 interrupted.
 """
 
 
 class UsageError(Exception):
     """Bad arguments or an unusable environment: exit status 2 before any input is processed."""
+
+
+class OutputError(Exception):
+    """The output (or --summary-json) could not be written, e.g. a full disk: exit status 3, not 1, so a script can't
+    take a cut-short output for a finished one with a few failed images."""
 
 
 class ServiceUnreachable(ClientError):
@@ -124,6 +130,17 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type for seconds: -1 or nan used to reach the socket layer as a traceback on the first request."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     max_bytes, max_pixels, models_dir = _service_settings()
     p = argparse.ArgumentParser(prog=PROG, description="Classify many images with a model from the repository, "
@@ -164,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse files larger than this (default {max_bytes}, the service's body limit)")
     p.add_argument("--max-pixels", type=_positive_int, default=max_pixels,
                    help=f"refuse images with more pixels than this (default {max_pixels})")
-    p.add_argument("--timeout", type=float, default=60.0, help="--url: seconds per request (default 60)")
+    p.add_argument("--timeout", type=_positive_float, default=60.0, help="--url: seconds per request (default 60)")
     p.add_argument("--api-key", default=os.environ.get(CLIENT_KEY_ENV) or None,
                    help=f"--url: the service's API key, sent as 'Authorization: Bearer' (default: ${CLIENT_KEY_ENV}; "
                    "prefer the variable: a command line is visible to other users)")
@@ -350,30 +367,66 @@ class RecordWriter(abc.ABC):
         """The records as bytes in the output format (JSONL lines, CSV rows)."""
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        data = memoryview(self.encode(records))
-        while data:  # a raw file may take a write in pieces; finish it before anything else happens
-            n = self.stream.write(data)
-            data = data[n if n is not None else len(data):]
-        self.stream.flush()
-        if self.fsync and time.monotonic() - self._last_sync >= FSYNC_INTERVAL_S:
-            os.fsync(self.stream.fileno())
-            self._last_sync = time.monotonic()
+        if records:
+            self._write_bytes(self.encode(records))
+
+    def _write_bytes(self, payload: bytes) -> None:
+        # On a regular file, where this write starts: if it fails half-way (ENOSPC after some of the bytes landed),
+        # the piece is cut off again, so the file still ends with a complete record.
+        start = os.fstat(self.stream.fileno()).st_size if self.fsync else None
+        try:
+            data = memoryview(payload)
+            while data:  # a raw file may take a write in pieces; finish it before anything else happens
+                n = self.stream.write(data)
+                data = data[n if n is not None else len(data):]
+            self.stream.flush()
+            if self.fsync and time.monotonic() - self._last_sync >= FSYNC_INTERVAL_S:
+                os.fsync(self.stream.fileno())
+                self._last_sync = time.monotonic()
+        except BrokenPipeError:
+            raise  # the reader of our stdout went away: main() stops quietly
+        except OSError as e:
+            if start is not None:
+                try:
+                    os.ftruncate(self.stream.fileno(), start)
+                except OSError:
+                    pass  # --resume cuts a torn last line off anyway
+            raise OutputError(f"writing the output failed: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self.fsync:
-            os.fsync(self.stream.fileno())
+            try:
+                os.fsync(self.stream.fileno())
+            except OSError as e:
+                raise OutputError(f"flushing the output to disk failed: {e.strerror or e}") from None
 
 
 class JsonlWriter(RecordWriter):
     def encode(self, records: list[dict[str, Any]]) -> bytes:
+        # ASCII: a file name's undecodable bytes (surrogateescape) come out as "\udcXX" escapes, which json.loads
+        # turns back into the same str (os.fsencode gives the original bytes).
         return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode("ascii")
 
 
 def csv_header(k: int) -> list[str]:
     ranks = [f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "index", "score")]
     return ["path", "model", "version", *ranks, "error", "detail"]
+
+
+# A spreadsheet reads a cell that starts with one of these as a formula (OWASP's CSV injection list): a file named
+# "=HYPERLINK(...).png" must show as text, not run.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell as written to CSV: valid UTF-8 whatever the file name's bytes (an undecodable byte becomes a
+    visible "\\xff", where raw bytes would make the whole file unreadable to a strict UTF-8 reader such as pandas),
+    and never a formula (a leading "'", as spreadsheets themselves mark text). --resume compares paths in this form."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: keep what can be shown
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 class CsvWriter(RecordWriter):
@@ -383,23 +436,23 @@ class CsvWriter(RecordWriter):
         super().__init__(stream, fsync)
         self.k = k
         if write_header:
-            self.stream.write(self._rows([csv_header(k)]))
-            self.stream.flush()
+            self._write_bytes(self._rows([csv_header(k)]))
 
     @staticmethod
     def _rows(rows: list[list[Any]]) -> bytes:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
-        return buf.getvalue().encode("utf-8", "surrogateescape")
+        return buf.getvalue().encode("utf-8")
 
     def encode(self, records: list[dict[str, Any]]) -> bytes:
         rows = []
         for r in records:
             ranks: list[Any] = []
             for p in (r.get("predictions") or [])[:self.k]:
-                ranks += [p["label"], p["index"], repr(float(p["score"]))]
+                ranks += [csv_cell(str(p["label"])), p["index"], repr(float(p["score"]))]
             ranks += [""] * (3 * self.k - len(ranks))
-            rows.append([r["path"], r["model"], r["version"] or "", *ranks, r.get("error", ""), r.get("detail", "")])
+            rows.append([csv_cell(r["path"]), csv_cell(r["model"]), csv_cell(r["version"] or ""), *ranks,
+                         csv_cell(r.get("error", "")), csv_cell(r.get("detail", ""))])
         return self._rows(rows)
 
 
@@ -407,12 +460,18 @@ class CsvWriter(RecordWriter):
 class ExistingOutput:
     done: set[str] = field(default_factory=set)
     has_header: bool = False
+    fmt: str = "jsonl"
+
+    def has(self, path: str) -> bool:
+        """Whether an input already has a record. A CSV holds paths as csv_cell wrote them; the raw form too
+        matches, for a CSV written before csv_cell existed."""
+        return path in self.done or (self.fmt == "csv" and csv_cell(path) in self.done)
 
 
 def read_existing(path: str, fmt: str, model: str, k: int) -> ExistingOutput:
     """For --resume: the paths an earlier run already recorded. A torn last line (a power cut mid-write) is cut off,
     so the file is appendable again; a file written for another model or format is a usage error."""
-    out = ExistingOutput()
+    out = ExistingOutput(fmt=fmt)
     try:
         f = open(path, "r+b")  # noqa: SIM115 (closed below; truncation needs the same handle)
     except FileNotFoundError:
@@ -430,14 +489,22 @@ def read_existing(path: str, fmt: str, model: str, k: int) -> ExistingOutput:
                                      f"resume with the same options or pick a new --output")
                 out.has_header = True
                 good_end = f.tell()
+        record = b""
         for lineno, line in enumerate(iter(f.readline, b""), start=2 if fmt == "csv" else 1):
             if not line.endswith(b"\n"):
                 break
-            text = line.decode("utf-8", "surrogateescape")
+            record += line
+            # A CSV cell with a newline in it (a file name may have one) is quoted, so the record goes on to the next
+            # line while its quotes are unbalanced ("" inside a cell counts twice).
+            if fmt == "csv" and record.count(b'"') % 2:
+                continue
+            text, record = record.decode("utf-8", "surrogateescape"), b""
             try:
                 if fmt == "csv":
                     row = next(csv.reader([text]))
                     rec_path, rec_model = row[0], row[1]
+                    if rec_model == csv_cell(model):
+                        rec_model = model
                 else:
                     rec = json.loads(text)
                     rec_path, rec_model = rec["path"], rec["model"]
@@ -514,6 +581,7 @@ class RunStats:
     pipeline_end: float = 0.0
     interrupted: bool = False
     stopped_early: bool = False
+    output_error: str | None = None
 
 
 def feed(paths: Iterator[str], submit: Callable[[str], Future], out: queue.Queue, stop: threading.Event,
@@ -533,11 +601,11 @@ def feed(paths: Iterator[str], submit: Callable[[str], Future], out: queue.Queue
         out.put((None, e))
 
 
-def _filtered(paths: Iterator[str], done: set[str], limit: int | None, stats: RunStats) -> Iterator[str]:
+def _filtered(paths: Iterator[str], done: ExistingOutput, limit: int | None, stats: RunStats) -> Iterator[str]:
     for i, path in enumerate(paths):
         if limit is not None and i >= limit:
             return
-        if path in done:
+        if done.has(path):
             stats.skipped += 1
             continue
         yield path
@@ -619,10 +687,12 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
             stats.failed += failed
             if progress is not None:
                 progress.update(len(records))
-                if stats.failed:
-                    progress.set_postfix(failed=stats.failed, refresh=False)
+                if stats.failed:  # as text: tqdm shows a large number as "2e+5"
+                    progress.set_postfix(failed=str(stats.failed), refresh=False)
     except KeyboardInterrupt:
         stats.interrupted = True
+    except OutputError as e:  # stop: every record from here on would be lost too
+        stats.output_error = str(e)
     finally:
         stats.pipeline_end, stats.cpu_end = time.perf_counter(), time.process_time()
         stop.set()
@@ -682,14 +752,15 @@ def _output_format(args: argparse.Namespace) -> str:
     return "csv" if str(args.output).lower().endswith(".csv") else "jsonl"
 
 
-def _open_output(args: argparse.Namespace, fmt: str, k: int) -> tuple[RecordWriter, set[str], IO[bytes] | None]:
+def _open_output(args: argparse.Namespace, fmt: str, k: int) -> tuple[RecordWriter, ExistingOutput, IO[bytes] | None]:
     if args.output == "-":
         if args.resume:
             raise UsageError("--resume needs --output FILE (it reads what an earlier run wrote there)")
         stream = sys.stdout.buffer
         writer: RecordWriter = (CsvWriter(stream, False, k, True) if fmt == "csv" else JsonlWriter(stream, False))
-        return writer, set(), None
-    existing = read_existing(args.output, fmt, args.model, k) if args.resume else ExistingOutput()
+        return writer, ExistingOutput(fmt=fmt), None
+    refuse_clobbering(args.output, args.inputs, "--output")
+    existing = read_existing(args.output, fmt, args.model, k) if args.resume else ExistingOutput(fmt=fmt)
     try:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         f = open(args.output, "ab" if args.resume else "wb", buffering=0)  # noqa: SIM115 (closed by main)
@@ -700,7 +771,50 @@ def _open_output(args: argparse.Namespace, fmt: str, k: int) -> tuple[RecordWrit
         writer = CsvWriter(f, durable, k, write_header=not existing.has_header)
     else:
         writer = JsonlWriter(f, durable)
-    return writer, existing.done, f
+    return writer, existing, f
+
+
+def refuse_clobbering(target: str, inputs: list[str], option: str) -> None:
+    """Refuse, before anything is truncated, an output that would destroy an input: `-o photo.jpg` (a slip, or an
+    input named twice) used to empty the photo and then record it as an empty file; `@list.txt -o list.txt` emptied
+    the list before it was read. An existing file that is an image is refused whichever input listed it (a glob, a
+    folder, stdin): records are never meant to replace a picture."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return  # not there yet, or unreachable: opening it says why
+    if not stat.S_ISREG(st.st_mode):
+        return  # /dev/null, a pipe, a terminal
+    for spec in inputs:
+        named = spec[1:] if spec.startswith("@") and spec != "@" else spec
+        try:
+            same = spec != STDIN and os.path.samestat(st, os.stat(named))
+        except OSError:
+            continue
+        if same:
+            raise UsageError(f"{option} {target} is the input {spec}: writing it would destroy it")
+    if st.st_size:
+        try:
+            from PIL import Image
+
+            with Image.open(target) as im:  # reads the header only
+                fmt = im.format
+        except Exception:  # noqa: BLE001 (anything Pillow can't open is not an image to protect)
+            return
+        raise UsageError(f"{option} {target} is an image ({fmt}), not an earlier output: refusing to overwrite it")
+
+
+def _open_summary(args: argparse.Namespace) -> IO[str] | None:
+    """--summary-json, opened before the run: a path that can't be written is a usage error now, not a traceback
+    after hours of work."""
+    if not args.summary_json:
+        return None
+    refuse_clobbering(args.summary_json, args.inputs, "--summary-json")
+    try:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        return open(args.summary_json, "w")  # noqa: SIM115 (closed by run)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.summary_json}: {e}") from None
 
 
 def _load_local(args: argparse.Namespace) -> tuple[LocalBackend, Path]:
@@ -718,7 +832,7 @@ def _load_local(args: argparse.Namespace) -> tuple[LocalBackend, Path]:
     return LocalBackend(model, args.max_bytes, args.max_pixels), model_dir
 
 
-def _progress_bar(args: argparse.Namespace, done: set[str]) -> Any:
+def _progress_bar(args: argparse.Namespace, done: ExistingOutput) -> Any:
     enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     if not enabled:
         return None
@@ -733,7 +847,7 @@ def _progress_bar(args: argparse.Namespace, done: set[str]) -> Any:
             for i, path in enumerate(iter_inputs(args.inputs)):
                 if args.limit is not None and i >= args.limit:
                     break
-                n += path not in done
+                n += not done.has(path)
             bar.total = n
             bar.refresh()
 
@@ -754,8 +868,8 @@ def summary_line(summary: dict[str, Any]) -> str:
             parts.append("no image sat in a known class folder")
         if ev["unlabelled"]:
             parts.append(f"{ev['unlabelled']} in unknown class folders")
-    state = " (interrupted)" if summary["interrupted"] else " (stopped at the first failure)" if summary[
-        "stopped_early"] else ""
+    state = (" (interrupted)" if summary["interrupted"] else " (output failed)" if summary.get("output_error")
+             else " (stopped at the first failure)" if summary["stopped_early"] else "")
     precision = f" ({summary['precision']})" if summary.get("precision") else ""
     return (f"{PROG}: {', '.join(parts)}; model {summary['model']} v{summary['version']} on {summary['device']}"
             f"{precision}{state}")
@@ -781,6 +895,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     if decode_in == "auto":
         decode_in = "processes" if not args.url and device != "cpu" else "threads"
     evaluator = Evaluator.for_model(model_dir) if args.eval else None
+    summary_file = _open_summary(args)
     writer, done, out_file = _open_output(args, fmt, args.top_k)
     bar = _progress_bar(args, done)
     try:
@@ -791,7 +906,10 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        try:
+            writer.close()
+        except OutputError as e:
+            stats.output_error = stats.output_error or str(e)
         if out_file is not None:
             out_file.close()
         backend.close()
@@ -804,14 +922,25 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         "device": device, "precision": precision, "batch_size": args.batch_size, "workers": args.workers,
         "threads": args.threads, "decode_nice": args.decode_nice, "decode_in": decode_in,
         "output": args.output, "format": fmt, "interrupted": stats.interrupted, "stopped_early": stats.stopped_early,
+        "output_error": stats.output_error,
     }
     if evaluator is not None:
         summary["eval"] = evaluator.summary()
+    if summary_file is not None:
+        try:
+            with summary_file:
+                summary_file.write(json.dumps(summary, indent=2) + "\n")
+        except OSError as e:
+            print(f"{PROG}: error: writing {args.summary_json} failed: {e.strerror or e}", file=sys.stderr)
+            stats.output_error = stats.output_error or f"writing {args.summary_json} failed"
     print(summary_line(summary), file=sys.stderr)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    if stats.output_error:
+        print(f"{PROG}: error: {stats.output_error}; the output ends at the last complete record "
+              f"(free some space and run again with --resume)", file=sys.stderr)
     if stats.interrupted:
         return EXIT_INTERRUPTED
+    if stats.output_error:
+        return EXIT_OUTPUT_FAILED
     return EXIT_SOME_FAILED if stats.failed else EXIT_OK
 
 
@@ -835,6 +964,9 @@ def _main(argv: list[str] | None) -> int:
     except (UsageError, InputSpecError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as e:  # before the first record: the CSV header didn't fit
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -206,6 +206,10 @@ def test_fail_fast_stops_at_the_first_failure(digits: Path, tmp_path: Path):
     (["--model", LENET, "--url", "http://127.0.0.1:9"], "cannot reach the service"),
     (["--model", LENET, "--url", "http://127.0.0.1:9", "--decode-in", "processes"],
      "--decode-in processes decodes for a local model"),
+    # Found before the run, not as a traceback after it (the summary of a long run was lost).
+    (["--model", LENET, "--summary-json", "/proc/no/such/dir/summary.json"], "cannot write /proc/no/such/dir"),
+    (["--model", LENET, "--timeout", "-1"], "must be a positive number of seconds"),
+    (["--model", LENET, "--timeout", "nan"], "must be a positive number of seconds"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, digits: Path):
     r = cli(str(digits / "0"), *args)
@@ -234,6 +238,103 @@ def test_stdout_jsonl_and_csv_file_hold_the_same_results(digits: Path, tmp_path:
                     for i in (1, 2)]
         assert_same_predictions(as_preds, rec["predictions"])
         assert row["error"] == ""
+
+
+def test_an_output_that_would_destroy_an_input_is_refused(tmp_path: Path):
+    """`-o photo.jpg` used to empty the photo before reading it (and record it as an empty file); `@list -o list`
+    emptied the list. Nothing may be truncated: exit 2, every file as it was."""
+    digit = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
+    photo, other = tmp_path / "photo.png", tmp_path / "other.png"
+    photo.write_bytes(digit)
+    other.write_bytes(digit)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photo}\n")
+    cases = [([str(photo), "-o", str(photo)], "is the input"),
+             ([str(photo), "-o", f"{tmp_path}/./photo.png", "--resume", "--format", "csv"], "is the input"),
+             ([f"@{listing}", "-o", str(listing)], "is the input"),
+             ([str(tmp_path / "*.png"), "-o", str(other)], "is an image (PNG)"),  # a glob's input, or a slip
+             ([str(photo), "-o", str(tmp_path / "out.jsonl"), "--summary-json", str(other)], "is an image (PNG)")]
+    for args, message in cases:
+        r = cli(*args, "--model", LENET)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert photo.read_bytes() == digit and other.read_bytes() == digit
+        assert listing.read_text() == f"{photo}\n"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_output_that_cannot_be_written_exits_3_and_keeps_whole_records(digits: Path, tmp_path: Path, fmt: str):
+    """A full disk (simulated with RLIMIT_FSIZE: writes past the limit fail half-way, as ENOSPC does) used to end in a
+    traceback with exit 1, "some images failed", and half a record at the end. Now: exit 3, the torn piece cut off,
+    and --resume completes the file."""
+    import resource
+
+    inputs = [str(digits / str(d)) for d in range(3)]
+    full, cut = tmp_path / f"full.{fmt}", tmp_path / f"cut.{fmt}"
+    assert cli(*inputs, "--model", LENET, "--batch-size", "4", "-o", str(full)).returncode == 0
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal, like ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    r = subprocess.run([sys.executable, "-m", "serving.batch", *inputs, "--model", LENET, "--batch-size", "4",
+                        "-o", str(cut)], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120,
+                       preexec_fn=small_disk)
+    assert r.returncode == 3, r.stderr
+    assert "writing the output failed" in r.stderr and "(output failed)" in r.stderr
+    data = cut.read_bytes()
+    assert 0 < len(data) <= 3000 and data.endswith(b"\n")
+    assert full.read_bytes().startswith(data)  # whole records (and batches) only
+    r = cli(*inputs, "--model", LENET, "--batch-size", "4", "-o", str(cut), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert cut.read_bytes().count(b"\n") == full.read_bytes().count(b"\n")
+    if fmt == "jsonl":
+        assert_same_records(read_jsonl(cut), read_jsonl(full))
+    else:
+        assert_same_csv_rows(cut, full)
+    r = cli(inputs[0], "--model", LENET, "-o", "/dev/full")
+    assert r.returncode == 3 and "No space left on device" in r.stderr
+
+
+def test_hostile_file_names_csv_is_utf8_text_and_resumes_jsonl_round_trips(tmp_path: Path):
+    """File names are anyone's: CSV cells that start like a formula get a "'" (a spreadsheet would run
+    "=HYPERLINK(...)"), undecodable bytes are written as visible "\\xff" (raw, they made the whole CSV unreadable as
+    UTF-8), and a quoted newline no longer breaks --resume. JSONL keeps the exact name ("\\udcff" escapes)."""
+    digit = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
+    names = [b"+1.png", b"-x.png", b"=HYPERLINK(1).png", b"@SUM.png", b"bad\xff.png", b"new\nline.png",
+             b'q"uote,comma.png', b"plain.png"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in names:
+        (folder / os.fsdecode(name)).write_bytes(digit)
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:  # in the folder, so the paths are the bare names
+        return subprocess.run([sys.executable, "-m", "serving.batch", "*", "--model", LENET, "--top-k", "1", *args],
+                              capture_output=True, cwd=folder, env=env, timeout=120)
+
+    assert run("-o", "../out.csv").returncode == 0
+    text = (tmp_path / "out.csv").read_bytes().decode("utf-8")  # strict: valid UTF-8
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == ["'+1.png", "'-x.png", "'=HYPERLINK(1).png", "'@SUM.png",
+                                             "bad\\xff.png", "new\nline.png", "plain.png", 'q"uote,comma.png']
+    assert all(row["label_1"] == "7" for row in rows)
+    r = run("-o", "../out.csv", "--resume")
+    assert r.returncode == 0 and "0 processed, 0 failed, 8 skipped" in r.stderr.decode(), r.stderr
+    assert (tmp_path / "out.csv").read_bytes().decode("utf-8") == text
+    assert run("-o", "../out.jsonl").returncode == 0
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(os.fsencode(rec["path"]) for rec in records) == sorted(names)
+
+
+def test_progress_bar_counts_failures_as_a_plain_number(tmp_path: Path):
+    for i in range(10_000):  # tqdm shows a round number this large as "1e+4" unless given text
+        (tmp_path / f"{i:05d}.png").touch()
+    r = cli(str(tmp_path), "--model", LENET, "--progress", "on", "-o", str(tmp_path / "out.jsonl"))
+    assert r.returncode == 1
+    assert "failed=10000" in r.stderr and "e+4" not in r.stderr
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
