@@ -5,6 +5,7 @@ CLI's --api-key / CONVNET_API_KEY."""
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -341,3 +342,38 @@ def test_helper_keeps_the_files_owner_and_explains_what_it_cannot_edit(tmp_path)
         for args in (("new", "carol"), ("revoke", "alice"), ("list",)):
             r = keys_cli(path, *args)
             assert r.returncode in (1, 2) and "Traceback" not in r.stderr and str(path) in r.stderr, (args, r.stderr)
+
+
+def raw_request(base: str, request_line: str, body: bytes = b"") -> tuple[int, bytes]:
+    """(status, body) of one request sent as written: httpx would normalise the target."""
+    host, port = base.removeprefix("http://").split(":")
+    head = f"{request_line}\r\nHost: {host}\r\nConnection: close\r\nContent-Type: image/png\r\n" \
+           f"Content-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head.encode("latin-1") + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_no_spelling_of_a_protected_path_gets_past_the_check(keyed):
+    """The check is on the decoded path the router also uses: percent-encoding, dot segments, an open prefix
+    (/demo/, /livez/, /static_content/) followed by `..`, `;` parameters and absolute-form targets either get the
+    401 or reach no endpoint (404/405: the router does not resolve `..`). None classifies the image."""
+    base, _, _, _ = keyed
+    port = base.rsplit(":", 1)[1]
+    refused = ["/%63lassify", "//classify", "/classify/", "/Classify", "/classify;x=1", "/%2Fclassify",
+               f"http://127.0.0.1:{port}/classify", "http://elsewhere/classify", "*", "/./classify",
+               "/livez/../classify", "/livez%2f..%2fclassify", "/v2/health/live/../../classify", "/%6dodel_input",
+               "/v2/models/lenet5/%69nfer"]
+    unrouted = ["/demo/../classify", "/demo/..%2fclassify", "/demo/%2e%2e/classify", "/demo.x/../../classify",
+                "/static_content/../classify", "/demo/..;/classify", "/demo/..%5cclassify"]
+    for target in refused + unrouted:
+        status, body = raw_request(base, f"POST {target}?model=lenet5 HTTP/1.1", DIGIT_7)
+        assert (status == 401) if target in refused else (status in (401, 404, 405)), (target, status, body)
+        assert b"predictions" not in body and body.startswith(b"{"), (target, body)
+    for method in ("HEAD", "OPTIONS"):  # OPTIONS passes the check (CORS preflights) but no route acts on it
+        status, body = raw_request(base, f"{method} /models HTTP/1.1")
+        assert status in (401, 405) and b"default_model" not in body, (method, status, body)
