@@ -65,6 +65,7 @@ class ServiceConfig:
     metrics_auth: str = "open"  # open | key
     # Slow and abusive clients, per front worker (serving/limits.py, docs/hardening.md).
     header_timeout_s: int = 10  # the request line and headers must arrive within this (else 408, closed)
+    max_header_bytes: int = 65_536  # the request line and headers together (else 431, closed); Node's is 16 KiB
     body_timeout_s: int = 30  # the whole body must arrive within this of the request's start (else 408, closed)
     keepalive_timeout_s: int = 5  # an idle kept-alive connection is closed after this
     max_connections: int = 1000  # open connections; more are answered 503 + Retry-After and closed

@@ -107,6 +107,13 @@ class ClientTooSlow(ClientError):
     code = "request_timeout"
 
 
+class HeadersTooLarge(ClientError):
+    """The request line and headers are longer than the server reads (CONVNET_MAX_HEADER_BYTES); closed after."""
+
+    status = 431
+    code = "headers_too_large"
+
+
 class Unauthorized(ClientError):
     """No API key, or one that is not (or no longer) in the key file, while API keys are on (serving/keys.py)."""
 

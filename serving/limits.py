@@ -3,8 +3,9 @@
 BentoML starts uvicorn (httptools) itself and passes none of uvicorn's protocol settings through, and uvicorn has
 no header-read timeout at all (its keep-alive timer only runs between requests). Two small pieces close the gap:
 
-- `GuardedHttpProtocol`, uvicorn's own HTTP protocol with a header-read deadline (408 and close), a cap on open
-  connections (503 + Retry-After and close) and our keep-alive idle timeout. Headers never reach ASGI until they
+- `GuardedHttpProtocol`, uvicorn's own HTTP protocol with a header-read deadline (408 and close), a cap on the
+  header bytes (431 and close), a cap on open connections (503 + Retry-After and close) and our keep-alive idle
+  timeout. Headers never reach ASGI until they
   are complete, so this has to live at the protocol level; `install` makes it uvicorn's "auto" protocol in the
   worker process (BentoML builds uvicorn's Config after importing the service).
 - `RequestLimits`, an ASGI middleware on our endpoints: a cap on requests in progress (503 + Retry-After) and a
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServiceConfig
-from serving.errors import ClientError, ClientTooSlow, ServerBusy, error_body, shown
+from serving.errors import ClientError, ClientTooSlow, HeadersTooLarge, ServerBusy, error_body, shown
 
 Message = dict
 PARSER_REASON_CHARS = 200  # how much of the parser's reason a 400 quotes (llhttp's are short fixed texts)
@@ -54,6 +55,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus a header-read deadline and a connection cap. Settings: `install`."""
 
     header_timeout_s: float = 10.0
+    max_header_bytes: int = 65_536
     keepalive_timeout_s: float = 5.0
     max_connections: int = 1000
     retry_after_s: int = 1
@@ -64,7 +66,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.app = _app_wrapper(self.app)
         self.timeout_keep_alive = self.keepalive_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
-        self._refused_upgrade = False
+        # Header bytes (see data_received): those of the request being read, the size of the read being parsed,
+        # whether a request began in it, and whether the connection was between requests when it came.
+        self._header_bytes = self._read_size = 0
+        self._began_in_read = False
+        self._between_requests = True
+        self._refused = False  # a request was refused mid-parse: the rest of what arrives is not served
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -76,13 +83,43 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._arm_header_timer()  # a connection that never sends a byte is timed out too
 
+    def data_received(self, data: bytes) -> None:
+        # llhttp sets no limit on headers, and httptools joins a header's pieces with `+=` as they arrive: one
+        # connection sent 100 MB of one header in 10 s, the event loop copying it over and over. So the bytes of a
+        # request's line and headers are counted, read by read, and a request over the cap is refused (431, closed)
+        # as soon as it is. A read that starts mid-request (a pipelined one behind another's body) counts from the
+        # next read: the count is never more than the real size, and is short by at most one read (256 KiB).
+        self._read_size, self._began_in_read = len(data), False
+        between_requests = self._between_requests
+        super().data_received(data)
+        if self._header_timer is None or self._refused or self.transport.is_closing():
+            return  # no request's headers are incomplete
+        if not self._began_in_read:
+            self._header_bytes += len(data)
+        else:
+            self._header_bytes = len(data) if between_requests else 0
+        if self._header_bytes > self.max_header_bytes:
+            self._refuse_headers_too_large()
+
     def on_message_begin(self) -> None:
+        if self._refused:
+            return  # a pipelined request behind a refused one: not served (the connection is closing)
         super().on_message_begin()
+        self._began_in_read, self._between_requests = True, False
         if self._header_timer is None:  # the next request on a kept-alive connection
             self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._cancel_header_timer()
+        # Headers that came whole within the reads counted so far: measured only when those reads could hold more
+        # than the cap (an upload's first read, say), from what the parser gave (whitespace around values aside).
+        if self._read_size + (0 if self._began_in_read else self._header_bytes) > self.max_header_bytes:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
+            if size > self.max_header_bytes:
+                self._refuse_headers_too_large()
+                return
         if not self.parser.should_upgrade():  # Upgrade and Connection: upgrade both there (a C call: cheap)
             super().on_headers_complete()
             return
@@ -90,7 +127,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # its headers to the new protocol, so a body it announces is never read as one: refuse that request. A
         # bodiless one is answered as plain HTTP, then the connection closes (bytes behind it would be lost).
         if declares_body(self.headers):
-            self._refused_upgrade = True
             # None for CONNECT, or when the "upgrade" token and the Upgrade header are split over several
             # Connection headers (uvicorn reads the last one): the parser still calls it an upgrade.
             upgrade = self._get_upgrade()
@@ -102,11 +138,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
-        if not self._refused_upgrade:
+        if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._refused_upgrade:
+        if not self._refused:
+            self._between_requests = True
             super().on_message_complete()
 
     def _should_upgrade_to_ws(self) -> bool:
@@ -128,16 +165,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             detail += f" ({str(error)[:PARSER_REASON_CHARS]})"
         self._refuse(ClientError(detail))
 
-    def _refuse(self, exc: ClientError) -> None:
+    def _refuse_headers_too_large(self) -> None:
+        self._cancel_header_timer()
+        self._refuse(HeadersTooLarge(f"the request line and headers are over {self.max_header_bytes} bytes "
+                                     "(CONVNET_MAX_HEADER_BYTES)"), 431, "Request Header Fields Too Large")
+
+    def _refuse(self, exc: ClientError, status: int = 400, reason: str = "Bad Request") -> None:
         """Answer `exc` (our JSON error, `Connection: close`) and close the connection. If an earlier request's
         answer is being written (pipelining), ours would land inside it: let that one finish, then close."""
+        self._refused = True
         cycle = self.cycle
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             cycle.keep_alive = False  # uvicorn's send closes the connection after the last byte of that answer
             self.flow.pause_reading()
             return
         if not self.transport.is_closing():
-            self.transport.write(_raw_response(400, "Bad Request", exc))
+            self.transport.write(_raw_response(status, reason, exc))
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,6 +218,7 @@ def wrap_app(wrapper: Callable[[Any], Any]) -> None:
 def install(cfg: ServiceConfig) -> None:
     """Make `GuardedHttpProtocol`, with `cfg`'s limits, the protocol uvicorn picks for http="auto" in this process."""
     GuardedHttpProtocol.header_timeout_s = float(cfg.header_timeout_s)
+    GuardedHttpProtocol.max_header_bytes = cfg.max_header_bytes
     GuardedHttpProtocol.keepalive_timeout_s = float(cfg.keepalive_timeout_s)
     GuardedHttpProtocol.max_connections = cfg.max_connections
     GuardedHttpProtocol.retry_after_s = cfg.retry_after_s

@@ -265,3 +265,51 @@ def test_an_answer_sent_before_the_body_closes_the_connection(limited):
             r = client.post(f"{limited}/classify", params={"model": "lenet5"}, content=DIGIT,
                             headers={"Content-Type": "image/png"})
             assert r.status_code == 200 and r.headers.get("connection") != "close"
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",  # one long header
+    b"GET /models HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n",  # many short ones
+    b"GET /models?q=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a long request line
+], ids=["one-header", "many-headers", "request-line"])
+def test_headers_over_the_cap_get_a_json_431_and_the_connection_closes(limited, request_bytes):
+    status, headers, body, closed = _exchange(_port(limited), request_bytes)
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large", (status, body)
+    assert json.loads(body) == {"error": "headers_too_large", "detail": "the request line and headers are over "
+                                "65536 bytes (CONVNET_MAX_HEADER_BYTES)"}
+    assert headers[b"connection"] == b"close" and closed
+
+
+def test_a_header_that_never_ends_is_cut_off_early(limited):
+    # llhttp has no header limit and httptools joins a header's pieces with +=: this connection used to get ~100 MB
+    # into one worker within the header timeout, its event loop copying the growing value over and over.
+    sent = 0
+    with socket.create_connection(("127.0.0.1", _port(limited)), timeout=SLACK_S) as s:
+        s.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 256 * 2**20:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+    assert sent < 32 * 2**20  # the cap plus what the sockets' buffers took
+    r = httpx.post(f"{limited}/classify", params={"model": "lenet5"}, content=DIGIT,
+                   headers={"Content-Type": "image/png"}, timeout=30)
+    assert r.status_code == 200
+
+
+def test_headers_under_the_cap_and_bodies_behind_them_are_not_counted_as_headers(limited):
+    port = _port(limited)
+    status, _, body, _ = _exchange(port, b"GET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Ok: "
+                                   + b"a" * 60_000 + b"\r\n\r\n")
+    assert status == b"HTTP/1.1 200 OK" and b'"lenet5"' in body
+    # a 300 KB body arrives in the same reads as its headers; a request pipelined behind it starts mid-read
+    junk = b"\x00" * 300_000
+    upload = (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(junk)) + junk
+    status, headers, body, _ = _exchange(port, upload + b"GET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                         b"X-Ok: " + b"a" * 30_000 + b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400 ") and b'"not_an_image"' in body, (status, body[:300])
+    assert b"HTTP/1.1 200 OK" in body and body.endswith(b"}")  # the second answer follows the first
