@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -113,8 +114,9 @@ def _service_settings() -> tuple[int, int, Path]:
     return cfg.max_body_bytes, cfg.max_pixels, Path(cfg.models_dir)
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer no smaller than `minimum`, with a message that says which rule it broke."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer no smaller than `minimum` (nor larger than `maximum`), with a message that says
+    which rule it broke."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -122,12 +124,18 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     return parse
 
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+# A typo's extra zeros get a message, not hours: `--workers 100000` started as many threads or decode processes,
+# `--batch-size 100000000` spent 27 s setting up its shared-memory block. 256 decoders feed any GPU we target (a
+# 16-core machine decodes with 16); an AlexNet batch of 4,096 already holds ~3 GB of activations.
+MAX_WORKERS, MAX_BATCH_SIZE = 256, 4096
 
 
 def _positive_float(text: str) -> float:
@@ -152,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
     p.add_argument("--format", choices=("jsonl", "csv"), default=None,
                    help="output format (default: from the output's extension, else jsonl)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per inference call (default 32)")
-    p.add_argument("--workers", type=_positive_int, default=_default_workers(),
-                   help="decoders (with --url: concurrent requests); default: the CPU count")
+    p.add_argument("--batch-size", type=_int_at_least(1, MAX_BATCH_SIZE), default=32,
+                   help=f"images per inference call (default 32, at most {MAX_BATCH_SIZE})")
+    p.add_argument("--workers", type=_int_at_least(1, MAX_WORKERS), default=min(_default_workers(), MAX_WORKERS),
+                   help=f"decoders (with --url: concurrent requests); default: the CPU count, at most {MAX_WORKERS}")
     p.add_argument("--decode-in", choices=DECODE_IN, default="auto",
                    help="where images decode: auto = processes when a GPU runs the model (decoding then has every "
                    "CPU), threads on a CPU (decoding and inference take turns) and with --url")
@@ -601,14 +610,39 @@ def feed(paths: Iterator[str], submit: Callable[[str], Future], out: queue.Queue
         out.put((None, e))
 
 
-def _filtered(paths: Iterator[str], done: ExistingOutput, limit: int | None, stats: RunStats) -> Iterator[str]:
+def _own_files(args: argparse.Namespace) -> dict[str, os.stat_result]:
+    """The regular files this run writes (--output, --summary-json), by name, once they are open."""
+    own = {}
+    for target in (args.output, args.summary_json):
+        if target and target != "-":
+            with contextlib.suppress(OSError):
+                st = os.stat(target)
+                if stat.S_ISREG(st.st_mode):
+                    own[os.path.basename(target)] = st
+    return own
+
+
+def _filtered(paths: Iterator[str], done: ExistingOutput, limit: int | None, stats: RunStats,
+              own: dict[str, os.stat_result]) -> Iterator[str]:
     for i, path in enumerate(paths):
         if limit is not None and i >= limit:
             return
+        # `'photos/*' -o photos/out.jsonl` lists the output too: recording it as "not an image" made a clean run
+        # exit 1. A name match first, so an ordinary input costs no stat.
+        mine = own.get(os.path.basename(path))
+        if mine is not None and _same_file(path, mine):
+            continue
         if done.has(path):
             stats.skipped += 1
             continue
         yield path
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), st)
+    except OSError:
+        return False
 
 
 def _start_decode_thread(increment: int) -> None:
@@ -899,7 +933,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     writer, done, out_file = _open_output(args, fmt, args.top_k)
     bar = _progress_bar(args, done)
     try:
-        paths = _filtered(iter_inputs(args.inputs, stdin), done, args.limit, stats)
+        paths = _filtered(iter_inputs(args.inputs, stdin), done, args.limit, stats, _own_files(args))
         run_pipeline(paths, backend, writer, k=args.top_k, batch_size=args.batch_size,
                      workers=args.workers, fail_fast=args.fail_fast, evaluator=evaluator, stats=stats,
                      progress=bar, decode_nice=0 if args.url else args.decode_nice, decode_in=decode_in)

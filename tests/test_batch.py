@@ -210,6 +210,8 @@ def test_fail_fast_stops_at_the_first_failure(digits: Path, tmp_path: Path):
     (["--model", LENET, "--summary-json", "/proc/no/such/dir/summary.json"], "cannot write /proc/no/such/dir"),
     (["--model", LENET, "--timeout", "-1"], "must be a positive number of seconds"),
     (["--model", LENET, "--timeout", "nan"], "must be a positive number of seconds"),
+    (["--model", LENET, "--workers", "100000"], "must be at most 256"),  # a typo's zeros: not 100,000 threads
+    (["--model", LENET, "--batch-size", "100000000"], "must be at most 4096"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, digits: Path):
     r = cli(str(digits / "0"), *args)
@@ -260,6 +262,21 @@ def test_an_output_that_would_destroy_an_input_is_refused(tmp_path: Path):
         assert photo.read_bytes() == digit and other.read_bytes() == digit
         assert listing.read_text() == f"{photo}\n"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_output_inside_the_listed_folder_is_not_read_as_an_input(tmp_path: Path, resume: bool):
+    """`'photos/*' -o photos/out.jsonl` listed the output too and recorded it as not_an_image: a clean run exited 1."""
+    digit = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(digit)
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    args = ["--model", LENET, "-o", str(out), "--summary-json", str(summary), "--progress", "off"]
+    for spec in (str(tmp_path / "*"), str(tmp_path)):  # a glob, a folder walk
+        assert batch.main([spec, *args, *(["--resume"] if resume else [])]) == 0
+        records = read_jsonl(out)
+        assert [Path(rec["path"]).name for rec in records] == ["a.png", "b.png"]
+        assert all("predictions" in rec for rec in records)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
