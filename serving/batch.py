@@ -27,6 +27,7 @@ import io
 import json
 import os
 import queue
+import signal
 import stat
 import sys
 import threading
@@ -58,7 +59,7 @@ from serving.runtime import DEVICES, DeviceUnavailable
 from serving.threads import DECODE_THREADS, name_os_thread
 
 PROG = "convnet-classify"
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 FEEDER = "feeder"  # the thread that lists the inputs (and may sit in a read of stdin): main() looks for it by name
 EVAL_K = 5  # --eval needs the top 5 whatever --top-k asks to print
 # Decode threads run this much nicer than onnxruntime's (see _nice_current_thread); measured with
@@ -70,12 +71,23 @@ USAGE_EPILOG = """\
 inputs: files, directories (walked recursively for image extensions), glob patterns ('**' recurses), @list.txt
 (one path, folder or glob per line) and '-' (paths from stdin), in any mix.
 exit status: 0 all inputs classified, 1 some inputs failed (recorded in the output), 2 usage error, 3 the output
-could not be written (disk full, ...; it holds every record up to the last complete one), 130 interrupted.
+could not be written (disk full, ...; it holds every record up to the last complete one), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM; stopped the same way: complete records, the summary; --resume goes on).
 """
 
 
 class UsageError(Exception):
     """Bad arguments or an unusable environment: exit status 2 before any input is processed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler preempting the job): stop as Ctrl-C does, with whole records and
+    the summary, so `--resume` picks up where it ended; exit status 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
 
 
 class OutputError(Exception):
@@ -589,6 +601,7 @@ class RunStats:
     cpu_end: float = 0.0
     pipeline_end: float = 0.0
     interrupted: bool = False
+    terminated: bool = False  # the interruption was SIGTERM
     stopped_early: bool = False
     output_error: str | None = None
 
@@ -723,8 +736,8 @@ def run_pipeline(paths: Iterator[str], backend: LocalBackend | RemoteBackend, wr
                 progress.update(len(records))
                 if stats.failed:  # as text: tqdm shows a large number as "2e+5"
                     progress.set_postfix(failed=str(stats.failed), refresh=False)
-    except KeyboardInterrupt:
-        stats.interrupted = True
+    except KeyboardInterrupt as e:
+        stats.interrupted, stats.terminated = True, isinstance(e, Terminated)
     except OutputError as e:  # stop: every record from here on would be lost too
         stats.output_error = str(e)
     finally:
@@ -902,7 +915,8 @@ def summary_line(summary: dict[str, Any]) -> str:
             parts.append("no image sat in a known class folder")
         if ev["unlabelled"]:
             parts.append(f"{ev['unlabelled']} in unknown class folders")
-    state = (" (interrupted)" if summary["interrupted"] else " (output failed)" if summary.get("output_error")
+    state = (" (terminated: SIGTERM)" if summary.get("terminated") else " (interrupted)" if summary["interrupted"]
+             else " (output failed)" if summary.get("output_error")
              else " (stopped at the first failure)" if summary["stopped_early"] else "")
     precision = f" ({summary['precision']})" if summary.get("precision") else ""
     return (f"{PROG}: {', '.join(parts)}; model {summary['model']} v{summary['version']} on {summary['device']}"
@@ -955,7 +969,8 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         "wall_s": time.perf_counter() - stats.started, "model": backend.name, "version": backend.version,
         "device": device, "precision": precision, "batch_size": args.batch_size, "workers": args.workers,
         "threads": args.threads, "decode_nice": args.decode_nice, "decode_in": decode_in,
-        "output": args.output, "format": fmt, "interrupted": stats.interrupted, "stopped_early": stats.stopped_early,
+        "output": args.output, "format": fmt, "interrupted": stats.interrupted,
+        "terminated": stats.terminated, "stopped_early": stats.stopped_early,
         "output_error": stats.output_error,
     }
     if evaluator is not None:
@@ -972,14 +987,21 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
         print(f"{PROG}: error: {stats.output_error}; the output ends at the last complete record "
               f"(free some space and run again with --resume)", file=sys.stderr)
     if stats.interrupted:
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if stats.terminated else EXIT_INTERRUPTED
     if stats.output_error:
         return EXIT_OUTPUT_FAILED
     return EXIT_SOME_FAILED if stats.failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+    # SIGTERM's default ended the run at once: complete batches, but no summary and no word of why.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        code = _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if any(t.name == FEEDER and t.is_alive() for t in threading.enumerate()):
         # Stopped (Ctrl-C) while the feeder waits on a stdin that is still open: no thread can wake it, and
         # interpreter shutdown would then abort on stdin's lock ("Fatal Python error: _enter_buffered_busy", exit
@@ -1001,9 +1023,9 @@ def _main(argv: list[str] | None) -> int:
     except OutputError as e:  # before the first record: the CSV header didn't fit
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_OUTPUT_FAILED
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # before or after the pipeline (loading the model, say)
+        print(f"{PROG}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:
         # Whoever read our stdout went away (`| head`): stop quietly, like other Unix tools.
         try:

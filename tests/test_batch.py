@@ -404,16 +404,23 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_output(digits: Path, 
     assert f"0 processed, 0 failed, {len(paths)} skipped" in r.stderr
 
 
+@pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                        (signal.SIGTERM, 143, "terminated: SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("decode_in", ["threads", "processes"])
-def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path, decode_in: str):
-    """Also: decode processes never hold an image back for a fuller chunk while the listing (stdin) waits."""
-    out = tmp_path / "out.jsonl"
+def test_ctrl_c_or_sigterm_stops_cleanly_with_complete_lines_and_the_summary(digits: Path, tmp_path: Path,
+                                                                             decode_in: str, signum: int, status: int,
+                                                                             word: str):
+    """Also: decode processes never hold an image back for a fuller chunk while the listing (stdin) waits. SIGTERM
+    (docker stop, a scheduler's preemption) used to end the run at once, with no summary."""
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
     # A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and a child inherits that: Python
     # then installs no Ctrl-C handler at all. The CLI is right to keep an ignored SIGINT ignored; the test wants the
     # interactive case, so it gives the child SIGINT's default whatever ran pytest.
     proc = subprocess.Popen([sys.executable, "-m", "serving.batch", "-", "--model", LENET, "--batch-size", "4",
-                             "-o", str(out), "--decode-in", decode_in], stdin=subprocess.PIPE,
+                             "-o", str(out), "--decode-in", decode_in, "--summary-json", str(summary)],
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -422,13 +429,15 @@ def test_ctrl_c_stops_cleanly_with_complete_lines(digits: Path, tmp_path: Path, 
         deadline = time.monotonic() + 60
         while not (out.exists() and out.read_bytes().count(b"\n") >= 8) and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # while it waits on stdin for the rest of the third batch
+        proc.send_signal(signum)  # while it waits on stdin for the rest of the third batch
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    assert proc.returncode == status, stderr
+    assert "8 processed, 0 failed" in stderr and f"({word})" in stderr, stderr
     assert [rec["path"] for rec in read_jsonl(out)] == digit_files(digits, 6)[:8]
+    written = json.loads(summary.read_text())
+    assert written["processed"] == 8 and written["interrupted"] and written["terminated"] == (signum == signal.SIGTERM)
 
 
 def test_a_killed_run_leaves_no_decode_process_and_no_shared_memory(digits: Path, tmp_path: Path):
