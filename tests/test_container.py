@@ -163,6 +163,7 @@ def test_image_has_no_torch_and_runs_as_non_root(container, image):
     assert user not in ("", "0", "root")
     env = dict(line.split("=", 1) for line in podman("exec", name, "env").stdout.splitlines() if "=" in line)
     assert TELEMETRY_OFF.items() <= env.items()
+    podman("exec", name, "sleep", "0")  # the Kubernetes manifests' preStop hook is `sleep 5`: the image has it
 
 
 def served_requests(base: str, endpoint: str) -> float:

@@ -233,6 +233,10 @@ def test_deployments_probe_the_service_and_request_resources():
             assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             assert TELEMETRY_OFF.items() <= env.items(), name
+            # out of the Services before SIGTERM, and the drain after it, inside the grace period
+            wait = c["lifecycle"]["preStop"]["exec"]["command"]
+            assert wait[0] == "sleep" and 0 < int(wait[1]) <= 10, name
+            assert pod["spec"].get("terminationGracePeriodSeconds", 30) >= int(wait[1]) + 20, name
     gpu = containers_of(deployments["convnet-serving-gpu"])[0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {e["name"]: e["value"] for e in gpu["env"]}["CONVNET_DEVICE"] == "auto"

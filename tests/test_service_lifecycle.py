@@ -264,3 +264,49 @@ def test_with_the_access_log_on_our_routes_take_bentomls_way_and_behave_the_same
         assert re.search(r"method=POST,path=/classify,.*status=200", server_log(proc)), "BentoML's access log saw it"
     finally:
         stop_server(proc)
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits():
+    """docker stop and Kubernetes send SIGTERM to PID 1 (`bentoml serve`, the arbiter) and wait a grace period: a
+    request already being served is answered, not cut, and the whole server is gone well within the period."""
+    import threading
+
+    port = free_port()
+    proc = start_server(port, models=["alexnet"])
+    base = f"http://127.0.0.1:{port}"
+    photo = imagegen.photo(640, 480)
+    outcomes: list[tuple[float, float, int | str]] = []  # (sent, answered, status or the error's name)
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    status: int | str = c.post(f"{base}/classify", params={"model": "alexnet"}, content=photo,
+                                               headers={"Content-Type": "image/jpeg"}).status_code
+                except httpx.HTTPError as e:
+                    status = type(e).__name__
+                    time.sleep(0.05)
+                outcomes.append((sent, time.monotonic(), status))
+
+    try:
+        wait_ready(base, proc)
+        with ThreadPoolExecutor(6) as pool:
+            clients = [pool.submit(client) for _ in range(6)]
+            time.sleep(2)  # requests flowing
+            terminated_at = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)  # the arbiter alone, as a container runtime does
+            proc.wait(timeout=30)
+            exited_s = time.monotonic() - terminated_at
+            stop.set()
+            for c in clients:
+                c.result()
+    finally:
+        stop.set()
+        stop_server(proc)
+    in_flight = [status for sent, answered, status in outcomes if sent < terminated_at < answered]
+    assert in_flight, outcomes[-10:]
+    assert all(status == 200 for status in in_flight), (in_flight, server_log(proc))
+    assert sum(status == 200 for _, _, status in outcomes) > len(in_flight)
+    assert exited_s < 30
