@@ -19,7 +19,7 @@ from PIL import Image
 from serverproc import started_server
 from test_batch import cli, read_jsonl
 
-from serving.errors import ClientError
+from serving.errors import ClientError, CorruptImage
 from serving.preprocess import ALLOWED_FORMATS, decode, open_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -167,6 +167,49 @@ def test_pixel_cap_is_checked_from_the_header_before_decoding(fmt):
     assert error_code(oversized_header(fmt, 8000, 8000)) == "image_too_large"
     with pytest.raises(ClientError, match="over the 1 MP limit"):
         open_image(oversized_header(fmt, 1200, 1000), max_pixels=1_000_000)
+
+
+def undersized_header(fmt: str, side: int, claimed: int = 64) -> bytes:
+    """A real side×side image whose `ispe` box claims claimed×claimed: the coded stream is larger than its header."""
+    data = encode(Image.new("RGB", (side, side), (200, 10, 10)), fmt, quality=30)
+    i = data.find(b"ispe")
+    return data[:i + 8] + struct.pack(">II", claimed, claimed) + data[i + 16:]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_stream_larger_than_its_header_is_never_decoded(fmt):
+    """Decoder fuzzing (docs/hardening.md): an AVIF whose `ispe` claimed 64×64 over an 8192×8192 AV1 stream (1 KB)
+    was decoded whole, 143 MB past the pixel cap, on the event loop as a "thumbnail". AVIF is now refused from the
+    stream's sequence header at open(); libheif refuses the HEIF lie itself at load() with a RuntimeError, which
+    is now a corrupt_image too."""
+    data = undersized_header(fmt, 512)
+    if fmt == "AVIF":
+        with pytest.raises(CorruptImage, match="AV1 stream holds frames up to 512x512"):
+            open_image(data)
+    assert error_code(data) == "corrupt_image"
+
+
+@pytest.mark.parametrize("where", ["pitm", "mdat"])
+def test_an_avif_libavif_refuses_is_a_corrupt_image(where):
+    """libavif's refusals come out of Pillow as RuntimeError, at open() (a primary item that is not there) and at
+    load() (coded data dav1d cannot decode): fuzzing found both on most damaged AVIF files. Both are the bytes'
+    fault: corrupt_image, not the exception the service logs as a decoder surprise."""
+    data = encode(Image.new("RGB", (64, 48), (200, 10, 10)), "AVIF", quality=60)
+    i = data.find(where.encode())
+    if where == "pitm":  # the primary item's ID (a full box: 4 bytes of version and flags) → an item that is missing
+        data = data[:i + 8] + struct.pack(">H", 99) + data[i + 10:]
+    else:  # keep the sequence header at the start of the coded data, garble the frame after it
+        data = data[:i + 24] + b"\xff" * (len(data) - i - 24)
+    assert error_code(data) == "corrupt_image"
+
+
+def test_an_avif_track_with_a_timescale_of_0_is_a_corrupt_image():
+    """Pillow 13's AVIF load() divides the frame's timestamp by the track's timescale (mdhd): 0 raised
+    ZeroDivisionError (found by fuzzing)."""
+    data = two_frames("AVIF")
+    i = data.find(b"mdhd")  # a full box: version, flags, then creation and modification times (8 bytes each in v1)
+    at = i + (24 if data[i + 4] == 1 else 16)
+    assert error_code(data[:at] + bytes(4) + data[at + 4:]) == "corrupt_image"
 
 
 def test_exotic_formats_stay_unsupported():

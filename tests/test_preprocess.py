@@ -363,3 +363,45 @@ def test_a_decoder_surprise_is_answered_as_a_corrupt_image_naming_the_exception(
     err = decoder_surprise(KeyError("tile"))
     assert isinstance(err, CorruptImage) and err.status == 400
     assert err.to_dict() == {"error": "corrupt_image", "detail": "the image could not be decoded (KeyError)"}
+
+
+def test_a_tiff_whose_strip_offsets_are_fractions_is_corrupt():
+    """Decoder fuzzing (docs/hardening.md): StripOffsets typed RATIONAL (or DOUBLE) gave Pillow a non-integer offset
+    and load() raised TypeError, answered only as a logged decoder surprise. It is refused from the header now."""
+    data = bytearray(gen.encode(Image.fromarray(np.arange(480, dtype=np.uint16).reshape(20, 24)), "TIFF"))
+    assert data[:4] == b"II*\x00"  # little-endian; IFD: a 2-byte count, then 12-byte entries (tag, type, count, value)
+    ifd = int.from_bytes(data[4:8], "little")
+    entries = [ifd + 2 + 12 * k for k in range(int.from_bytes(data[ifd:ifd + 2], "little"))]
+    strip_offsets = next(e for e in entries if int.from_bytes(data[e:e + 2], "little") == 273)
+    data[strip_offsets + 2:strip_offsets + 4] = (5).to_bytes(2, "little")  # LONG → RATIONAL
+    with pytest.raises(CorruptImage, match="offsets are not whole numbers"):
+        open_image(bytes(data))
+    with pytest.raises(CorruptImage):
+        preprocess_bytes(bytes(data), IMAGENET)
+
+
+# Pillow skips stray bytes before a block (the fuzzed file had some)
+@pytest.mark.parametrize("stray", [b"", b"\x00\x99"])
+def test_a_gif_frame_past_the_pixel_cap_is_refused_before_pillow_allocates_it(monkeypatch, stray):
+    """Decoder fuzzing (docs/hardening.md): a 48x40 GIF whose first frame's descriptor said 64,655 wide at an offset,
+    disposed to the background, made Pillow's open() fill a frame-sized picture: 1.3 GB and 0.8 s before the pixel
+    cap was checked. The frame is refused from its descriptor now, before Pillow sees the file."""
+    data = bytearray(gen.encode(Image.new("P", (48, 40), 1), "GIF", disposal=2))
+    i = data.index(b"\x2c\x00\x00\x00\x00")  # the image descriptor: x, y, width, height (little-endian)
+    data[i + 5:i + 9] = (30000).to_bytes(2, "little") + (20000).to_bytes(2, "little")
+    data[i:i] = stray
+
+    def not_opened(*args, **kwargs):
+        raise AssertionError("Pillow opened a GIF whose first frame is over the cap")
+
+    monkeypatch.setattr(Image, "open", not_opened)
+    with pytest.raises(ImageTooLarge, match="first frame reaches 30000x20000"):
+        open_image(bytes(data))
+
+
+def test_a_gif_cut_inside_its_first_image_descriptor_is_corrupt_not_a_hang():
+    # The descriptor walk above looped for ever on a file ending inside the descriptor (found by fuzzing it).
+    data = gen.encode(Image.new("P", (8, 8), 1), "GIF")
+    with pytest.raises(CorruptImage):
+        open_image(data[:data.index(b"\x2c\x00\x00\x00\x00") + 5])
+
