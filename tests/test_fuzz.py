@@ -18,7 +18,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
-FUZZ_SECONDS = 60  # schemathesis' own budget for the run; the test's hard limit is above it
+FUZZ_SECONDS = 50  # schemathesis' own budget for the run; the test's hard limit is above it
 # The Open Inference Protocol routes (serving/v2.py) are fuzzed for server errors only: their generic tensor schema
 # cannot say which input names, datatypes and shapes a model takes, so "schema-valid" v2 requests are refused by
 # design, and the v2 catch-all answers 404 rather than 405 for an undeclared method (docs/hardening.md).
