@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from PIL import Image
 
 from serving.decode_procs import ProcessDecoder, preprocess_file
 from serving.errors import ClientError, ModelRepositoryError, error_body
@@ -834,16 +835,10 @@ def refuse_clobbering(target: str, inputs: list[str], option: str) -> None:
         return  # /dev/null, a pipe, a terminal
     for spec in inputs:
         named = spec[1:] if spec.startswith("@") and spec != "@" else spec
-        try:
-            same = spec != STDIN and os.path.samestat(st, os.stat(named))
-        except OSError:
-            continue
-        if same:
+        if spec != STDIN and _same_file(named, st):
             raise UsageError(f"{option} {target} is the input {spec}: writing it would destroy it")
     if st.st_size:
         try:
-            from PIL import Image
-
             with Image.open(target) as im:  # reads the header only
                 fmt = im.format
         except Exception:  # noqa: BLE001 (anything Pillow can't open is not an image to protect)

@@ -2,8 +2,10 @@
 an AVIF's AV1 stream holds. `serving.preprocess.open_image` calls these on every upload of those formats, before
 the picture is decoded (found by fuzzing the decoders, docs/hardening.md "Decoder fuzzing").
 
-Each walk is bounded (a few thousand steps whatever the upload), because it runs on the event loop; anything it
-cannot follow is left to Pillow and the codec to refuse.
+Both run on the event loop (`open_image`). The AVIF walk is bounded whatever the upload (64 `av1C` boxes, 10,000
+`iloc` fields, 4 KB a stream). The GIF walk steps over the blocks before the first frame as Pillow's own open()
+then does again, at about a sixth of its cost (10 MB of 1-byte comment blocks: 0.3 s here, 1.65 s in Pillow).
+Anything a walk cannot follow is left to Pillow and the codec to refuse.
 """
 
 from __future__ import annotations

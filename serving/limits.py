@@ -5,9 +5,9 @@ no header-read timeout at all (its keep-alive timer only runs between requests).
 
 - `GuardedHttpProtocol`, uvicorn's own HTTP protocol with a header-read deadline (408 and close), a cap on the
   header bytes (431 and close), a cap on open connections (503 + Retry-After and close) and our keep-alive idle
-  timeout. Headers never reach ASGI until they
-  are complete, so this has to live at the protocol level; `install` makes it uvicorn's "auto" protocol in the
-  worker process (BentoML builds uvicorn's Config after importing the service).
+  timeout. Headers never reach ASGI until they are complete, so this has to live at the protocol level; `install`
+  makes it uvicorn's "auto" protocol in the worker process (BentoML builds uvicorn's Config after importing the
+  service).
 - `RequestLimits`, an ASGI middleware on our endpoints: a cap on requests in progress (503 + Retry-After) and a
   deadline for reading the body (408 and close). Health probes and /metrics stay uncapped. It also stamps every
   answer's `Server-Timing` header: one layer for all three, because every layer costs time on each request.
@@ -52,7 +52,8 @@ def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a header-read deadline and a connection cap. Settings: `install`."""
+    """uvicorn's httptools protocol plus a header-read deadline, a header-size cap, a connection cap and no protocol
+    upgrades. Settings: `install`."""
 
     header_timeout_s: float = 10.0
     max_header_bytes: int = 65_536
