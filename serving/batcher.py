@@ -16,9 +16,10 @@ split, and a request older than `max_wait_s` when its turn comes is shed with 50
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,28 +28,38 @@ import numpy as np
 from serving.errors import ServerBusy
 from serving.threads import INFER_THREADS, name_os_thread
 
+MIN_PATIENCE_S = 0.010
+
 
 class Decoding:
-    """How many requests for one model are being decoded right now, for the batcher to wait for. Used on the event
-    loop only: `with decoding:` around the decode of one upload."""
+    """The requests for one model being decoded right now, and since when, for the batcher to wait for. Used on the
+    event loop only: `with decoding.upload():` around the decode of one upload."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.started: dict[object, float] = {}
         self.changed: asyncio.Event | None = None
 
-    def __enter__(self) -> None:
-        self.count += 1
+    @contextlib.contextmanager
+    def upload(self) -> Iterator[None]:
+        token = object()
+        self.started[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self.started[token]
+            if self.changed is not None:
+                self.changed.set()
 
-    def __exit__(self, *exc: object) -> None:
-        self.count -= 1
-        if self.changed is not None:
-            self.changed.set()
+    def oldest_since(self, t: float) -> float | None:
+        """When the oldest decode that started after `t` started; None if there is none."""
+        return min((s for s in self.started.values() if s > t), default=None)
 
-    async def wait_change(self) -> None:
+    async def wait_change(self, timeout_s: float) -> None:
         if self.changed is None:
             self.changed = asyncio.Event()
         self.changed.clear()
-        await self.changed.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), timeout_s)
 
 
 @dataclass
@@ -61,13 +72,14 @@ class _Waiting:
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float, name: str,
                  on_loop: bool = False, on_batch: Callable[[int], None] | None = None,
-                 decoding: Decoding | None = None) -> None:
+                 decoding: Decoding | None = None, min_patience_s: float = MIN_PATIENCE_S) -> None:
         self.run, self.max_batch, self.max_wait_s, self.on_batch = run, max_batch, max_wait_s, on_batch
-        self.decoding = decoding
+        self.decoding, self.min_patience_s = decoding, min_patience_s
         self.thread = None if on_loop else ThreadPoolExecutor(max_workers=1, thread_name_prefix=INFER_THREADS + name,
                                                               initializer=name_os_thread)
         self.waiting: deque[_Waiting] = deque()
         self.draining = False
+        self.last_run_s = 0.0  # the last batch's inference, for `_gather`'s patience
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:
         """Logits for `rows` (uint8 NHWC), computed in whichever batch they land in."""
@@ -102,12 +114,20 @@ class MicroBatcher:
         return batch
 
     async def _gather(self) -> None:
-        """Before a batch starts: wait while requests for this model are still decoding and the batch has room.
-        Bounded by those decodes (each one ends, in success or a 4xx) and by `max_batch` rows."""
+        """Before a batch starts: wait while requests for this model are still decoding and the batch has room, but
+        not for a decode that has run longer than `patience`: twice the last batch's inference (`min_patience_s` at
+        least). A
+        normal decode finishes well within one inference; a slow one (a 40 MP WebP takes 0.5 s) would otherwise hold
+        every request for the model until it ends, and its own request simply joins a later batch."""
         if self.decoding is None:
             return
-        while self.decoding.count > 0 and sum(len(item.rows) for item in self.waiting) < self.max_batch:
-            await self.decoding.wait_change()
+        patience = max(self.min_patience_s, 2 * self.last_run_s)
+        while sum(len(item.rows) for item in self.waiting) < self.max_batch:
+            now = time.monotonic()
+            oldest = self.decoding.oldest_since(now - patience)
+            if oldest is None:
+                return
+            await self.decoding.wait_change(oldest + patience - now)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,12 +140,14 @@ class MicroBatcher:
                 x = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
                 if self.on_batch is not None:
                     self.on_batch(len(x))
+                t0 = time.monotonic()
                 try:
                     if self.thread is None:
                         await asyncio.sleep(0)  # let the requests that are ready join this batch first
                         logits = self.run(x)
                     else:
                         logits = await loop.run_in_executor(self.thread, self.run, x)
+                    self.last_run_s = time.monotonic() - t0
                 except Exception as exc:  # noqa: BLE001 (each waiting request gets the failure as its own answer)
                     for item in batch:
                         if not item.result.done():

@@ -2,7 +2,8 @@
 an AVIF's AV1 stream holds. `serving.preprocess.open_image` calls these on every upload of those formats, before
 the picture is decoded (found by fuzzing the decoders, docs/hardening.md "Decoder fuzzing").
 
-Both run on the event loop (`open_image`). The AVIF walk is bounded whatever the upload (64 `av1C` boxes, 10,000
+Both run where `open_image` does: on the event loop for uploads of up to 64 KiB, in a decoding thread for larger
+ones (serving/api.py). The AVIF walk is bounded whatever the upload (64 `av1C` boxes, 10,000
 `iloc` fields, 4 KB a stream). The GIF walk steps over the blocks before the first frame as Pillow's own open()
 then does again, at about a sixth of its cost (10 MB of 1-byte comment blocks: 0.3 s here, 1.65 s in Pillow).
 Anything a walk cannot follow is left to Pillow and the codec to refuse.
@@ -76,7 +77,7 @@ def check_av1_frame_size(data: bytes, w: int, h: int) -> None:
 
 
 _AV1_PEEK = 4096  # bytes of an item or sample to look for the sequence header in: it comes first, and is small
-# This runs on the event loop (open_image), so a 20 MB upload of repeated boxes must not make it loop millions of
+# This runs with the GIL held (open_image), so a 20 MB upload of repeated boxes must not make it loop millions of
 # times: at most this many `av1C` boxes (a file has one per coded item or track) and _ILOC_MAX_FIELDS `iloc` fields.
 _AV1C_MAX = 64
 

@@ -6,6 +6,7 @@ The server runs with short timeouts so the run is bounded; the mechanisms are th
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import statistics
@@ -13,7 +14,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from serverproc import started_server, wait_ready
 
 DIGIT = (Path(__file__).resolve().parent.parent / "examples" / "digit-7.png").read_bytes()
@@ -313,3 +316,75 @@ def test_headers_under_the_cap_and_bodies_behind_them_are_not_counted_as_headers
                                          b"X-Ok: " + b"a" * 30_000 + b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 400 ") and b'"not_an_image"' in body, (status, body[:300])
     assert b"HTTP/1.1 200 OK" in body and body.endswith(b"}")  # the second answer follows the first
+
+
+
+def _gif_of_one_byte_comment_blocks(nbytes: int) -> bytes:
+    """A valid 16×16 grey GIF whose first frame follows `nbytes` of comment in 1-byte sub-blocks: Pillow's open()
+    walks them one at a time in Python, about 1.3 s for 10 MB here."""
+    out = io.BytesIO()
+    Image.new("L", (16, 16), 128).save(out, "GIF")
+    gif = out.getvalue()
+    first_frame = gif.index(b"\x2c", 13)  # after the header, screen descriptor and colour table
+    return b"GIF89a" + gif[6:first_frame] + b"\x21\xfe" + b"\x01x" * (nbytes // 2) + b"\x00" + gif[first_frame:]
+
+
+def _webp_at_the_pixel_cap() -> bytes:
+    """A 28 KB lossless WebP of 6324×6324 = 39,992,976 pixels, just under the 40 MP cap: 0.5 s to decode here."""
+    ramp = np.linspace(0, 255, 6324, dtype=np.float32)
+    pixels = ((ramp[None, :, None] + ramp[:, None, None]) / 2 + np.arange(3) * 20) % 256
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, "WEBP", lossless=True, method=0)
+    return out.getvalue()
+
+
+def _noisy_png(side: int) -> bytes:
+    """Over 64 KiB, so it is opened and decoded in the decoding threads (a digit is decoded on the event loop)."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("make_upload", "content_type", "senders"), [
+    (lambda: _gif_of_one_byte_comment_blocks(12_000_000), "image/gif", 1),
+    (_webp_at_the_pixel_cap, "image/webp", 3),
+], ids=["gif-header-walk", "40mp-webp"])
+def test_slow_uploads_do_not_hold_the_other_requests(limited, make_upload, content_type: str, senders: int):
+    # One worker. Before (docs/hardening.md, "Slow pictures"): the GIF's header was walked on the event loop, so a
+    # digit waited 1.27 s while the GIF took 1.34 s; the model's batch waited for every decode in flight, the
+    # 40 MP pictures filled both decoding threads, and a digit waited on the event loop for the pixel budget they
+    # held (an AlexNet photo went from 20 ms to 1.05 s behind three such WebPs).
+    import threading
+
+    upload = make_upload()
+    victims = [(DIGIT, "image/png"), (_noisy_png(300), "image/png")]
+    answers: list[tuple[int, str, float]] = []
+
+    def send() -> None:
+        t0 = time.monotonic()
+        r = httpx.post(f"{limited}/classify", params={"model": "lenet5"}, content=upload,
+                       headers={"content-type": content_type}, timeout=60)
+        answers.append((r.status_code, r.text, time.monotonic() - t0))
+
+    waits = []
+    with httpx.Client(base_url=limited, timeout=60) as client:
+        for body, ctype in victims:  # warm
+            client.post("/classify", params={"model": "lenet5"}, content=body, headers={"content-type": ctype})
+        threads = [threading.Thread(target=send) for _ in range(senders)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            body, ctype = victims[len(waits) % 2]
+            t0 = time.monotonic()
+            r = client.post("/classify", params={"model": "lenet5"}, content=body, headers={"content-type": ctype})
+            waits.append(time.monotonic() - t0)
+            assert r.status_code == 200, r.text
+            time.sleep(0.01)
+        for t in threads:
+            t.join()
+    assert [(code, json.loads(text)["model"]) for code, text, _ in answers] == [(200, "lenet5")] * senders, answers
+    slow_s = statistics.median(s for _, _, s in answers)
+    assert slow_s > 0.3, f"the slow uploads took {slow_s:.2f} s: too fast here for a stall to show"
+    assert len(waits) >= 4 and max(waits) < slow_s / 3, (
+        f"the longest other request took {max(waits):.2f} s while the slow uploads took {slow_s:.2f} s "
+        f"({len(waits)} requests)")

@@ -25,18 +25,19 @@ def digits(n: int) -> np.ndarray:
     return rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)
 
 
-def make(lenet, on_loop: bool, max_batch: int = 32) -> tuple[MicroBatcher, Decoding, list[int]]:
+def make(lenet, on_loop: bool, max_batch: int = 32, patience_s: float = 2.0) -> tuple[MicroBatcher, Decoding,
+                                                                                     list[int]]:
     calls: list[int] = []
     decoding = Decoding()
     batcher = MicroBatcher(lenet.logits, max_batch, 10.0, "lenet5", on_loop=on_loop, on_batch=calls.append,
-                           decoding=decoding)
+                           decoding=decoding, min_patience_s=patience_s)
     return batcher, decoding, calls
 
 
 async def decode_then_submit(batcher: MicroBatcher, decoding: Decoding, rows: np.ndarray, seconds: float,
                              fails: bool = False) -> np.ndarray | None:
     """What the API does for one upload: the decode runs under `decoding`, then the rows go to the batcher."""
-    with decoding:
+    with decoding.upload():
         await asyncio.sleep(seconds)  # the decode, in a thread in real life
     if fails:
         return None  # a corrupt upload: answered 400 by the API, never reaches the batcher
@@ -81,7 +82,27 @@ def test_a_failed_decode_does_not_hold_the_batch(lenet) -> None:
     out, bad = asyncio.run(scenario())
     assert bad is None and out.shape == (2, 10)
     assert calls == [2]
-    assert decoding.count == 0
+    assert not decoding.started
+
+
+@pytest.mark.parametrize("on_loop", [True, False], ids=["on-loop", "infer-thread"])
+def test_a_batch_does_not_wait_for_a_decode_past_its_patience(lenet, on_loop: bool) -> None:
+    # A slow decode (a 40 MP WebP takes 0.5 s, a crafted file more) must not hold every request for the model: the
+    # batch waits for it `patience`, then runs without it, and the slow request joins a later batch.
+    batcher, decoding, calls = make(lenet, on_loop, patience_s=0.05)
+
+    async def scenario():
+        slow = asyncio.create_task(decode_then_submit(batcher, decoding, digits(3), 2.0))
+        await asyncio.sleep(0)
+        first = asyncio.create_task(batcher(digits(1)))
+        done, _ = await asyncio.wait({first}, timeout=1.5)
+        assert first in done, "the batch waited for the whole slow decode"
+        return first.result(), await slow
+
+    a, b = asyncio.run(scenario())
+    assert calls == [1, 3]
+    np.testing.assert_allclose(a, lenet.logits(digits(1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, lenet.logits(digits(3)), rtol=1e-5, atol=1e-5)
 
 
 def test_a_full_batch_does_not_wait(lenet) -> None:
