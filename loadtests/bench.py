@@ -415,7 +415,7 @@ def load_runs(targets: list[Target], content_type: str, files: list[Path], model
 
 
 # The service's threads by kind, from their names (serving/threads.py): MicroBatcher's `infer-<model>` threads run
-# onnxruntime, the API's `decode` pool runs Pillow and the preprocessing, and the rest is each worker's event loop
+# onnxruntime, the API's `decode` pools run Pillow and the preprocessing, and the rest is each worker's event loop
 # (HTTP, multipart, answers, metrics; LeNet-5's inference and small decodes too) and whatever else BentoML runs.
 SPLIT_KINDS = ("inference", "decoding", "event loop and the rest")
 
@@ -424,7 +424,7 @@ def cpu_split(before: dict[str, float], after: dict[str, float], answers: int) -
     """CPU ms per answer by kind of thread, between two `servers.thread_cpu_seconds` readings."""
     split = dict.fromkeys(SPLIT_KINDS, 0.0)
     for name, seconds in after.items():
-        kind = ("inference" if name.startswith(INFER_THREADS) else "decoding" if name == DECODE_THREADS
+        kind = ("inference" if name.startswith(INFER_THREADS) else "decoding" if name.startswith(DECODE_THREADS)
                 else "event loop and the rest")
         split[kind] += max(seconds - before.get(name, 0.0), 0.0) * 1000 / answers
     return split

@@ -59,7 +59,7 @@ from serving.preprocess import (
 )
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
-from serving.threads import DECODE_THREADS, name_os_thread
+from serving.threads import DECODE_THREADS, LARGE_DECODE_THREAD, name_os_thread
 from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
 log = logging.getLogger("convnet_serving")
@@ -224,7 +224,8 @@ class ClassifierAPI:
                                        initializer=name_os_thread)
         # Pictures over LARGE_PICTURE_PIXELS decode one at a time in a thread of their own, within the pixel budget;
         # the smaller ones bound their memory by their size and number, so they never wait for the budget.
-        self.large = ThreadPoolExecutor(max_workers=1, thread_name_prefix=DECODE_THREADS, initializer=name_os_thread)
+        self.large = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LARGE_DECODE_THREAD,
+                                        initializer=name_os_thread)
         self.decoding = {name: Decoding() for name in models}  # uploads in the pools now, per model
         DECODE_BUDGET.resize(cfg.decode_budget_pixels)
 

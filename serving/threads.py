@@ -11,6 +11,7 @@ import threading
 # The names' prefixes, in one place: the pools below name their threads `<prefix>_<index>`, and `make bench` sorts
 # a worker's CPU by them (loadtests/bench.py, `cpu_split`).
 DECODE_THREADS = "decode"  # Pillow and the preprocessing (the service's and the batch CLI's decode pools)
+LARGE_DECODE_THREAD = DECODE_THREADS + "-large"  # the service's pictures over LARGE_PICTURE_PIXELS, one at a time
 INFER_THREADS = "infer-"  # + the model's name: MicroBatcher's onnxruntime thread
 
 _PR_SET_NAME = 15  # prctl(2): names the calling thread; Linux keeps the first 15 bytes
