@@ -128,8 +128,11 @@ serve: models
 # The whole suite. What it drives from Debian is installed when missing (scripts/apt-tools.sh): the container test's
 # buildah/podman/runc/debootstrap, the demo page test's Chromium (driven by Playwright), avifenc (a 10-bit AVIF for
 # the format tests: Pillow's encoder is 8-bit only) and wrk (the benchmark harness test).
-# pytest's exit 5 ("no tests collected") is a failure, not a pass.
+# Two passes: most files on TEST_PROCS processes (pytest-xdist, a whole file to a process, so a file's fixtures are
+# set up once), then the files marked `serial` (they time, load or measure the machine) alone. pytest's exit 5 ("no
+# tests collected") is a failure when both passes collect nothing (PYTEST_ARGS=tests/test_x.py runs one file).
 PYTEST_ARGS ?=
+TEST_PROCS ?= 2
 CONTAINER_TOOLS := buildah=buildah podman=podman runc=runc debootstrap=debootstrap
 .PHONY: container-tools test-tools
 container-tools:
@@ -139,8 +142,10 @@ test-tools:
 	@bash scripts/apt-tools.sh $(CONTAINER_TOOLS) chromium=chromium avifenc=libavif-bin wrk=wrk
 
 test: models test-tools
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	@$(PY) -m pytest -n $(TEST_PROCS) --dist loadfile -m "not serial" $(PYTEST_ARGS); a=$$?; \
+	$(PY) -m pytest -m serial $(PYTEST_ARGS); b=$$?; \
+	if [ $$a -eq 5 ] && [ $$b -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
+	for rc in $$a $$b; do if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; done
 
 # --- containers (docs/deploy.md) -----------------------------------------------------------------------------------
 # VARIANT=cpu (slim image, onnxruntime CPU) or gpu (same base + onnxruntime-gpu with CUDA/cuDNN pip wheels).

@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 from serverproc import started_server, wait_ready
 
+pytestmark = pytest.mark.serial  # timeouts and how long other requests wait: `make test` runs it alone
+
 DIGIT = (Path(__file__).resolve().parent.parent / "examples" / "digit-7.png").read_bytes()
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEPALIVE_S = 3, 5, 2
 SLACK_S = 10  # how late a timeout may fire on a loaded 2-core machine and still count as "on time"

@@ -17,6 +17,8 @@ import httpx
 import pytest
 from serverproc import MODEL_SERVICE_ENV, server_log, started_server, worker_pids
 
+pytestmark = pytest.mark.serial  # recovery times under load, on the machine to itself: `make test` runs it alone
+
 DIGIT = (Path(__file__).resolve().parent.parent / "examples" / "digit-7.png").read_bytes()
 RECOVER_TIMEOUT_S = 120.0  # a generous bound on the loaded 2-core machine; the measured time is printed
 CLIENTS = 4

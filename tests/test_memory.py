@@ -17,6 +17,8 @@ from serverproc import ALLOCATOR_ENV, REPO_ROOT
 
 from serving.preprocess import DIGIT, IMAGENET, PixelBudget, _shrink, decode, to_8bit
 
+pytestmark = pytest.mark.serial  # workers' RSS under large uploads: `make test` runs it alone
+
 MIB = 1 << 20
 PEAK_BOUND_MIB = 768  # per worker, any moment of any pass (docs/hardening.md: measured ~0.45 GB front, ~0.4 GB models)
 # A leak climbs pass after pass: from the first pass to the last, RSS may not grow by more than this beyond its largest

@@ -17,6 +17,8 @@ from serverproc import MODEL_SERVICE_ENV, free_port, server_log, start_server, s
 
 from serving.config import ServiceConfig, load_config, parallelism
 
+pytestmark = pytest.mark.serial  # shedding, restarts and shutdown under load, timed: `make test` runs it alone
+
 # Every model in the separate model service with ONE model worker, so killing that worker is felt by every request
 # (503 server_busy until it is back), and AlexNet's load makes the warm-up long enough to be seen from outside.
 LIMITS = {**MODEL_SERVICE_ENV, "CONVNET_MODELS": "lenet5,alexnet", "CONVNET_MODEL_WORKERS": "1",

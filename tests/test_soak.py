@@ -7,6 +7,8 @@ import pytest
 
 from loadtests.soak import report, run
 
+pytestmark = pytest.mark.serial  # a 30 s load with RSS and status bounds: `make test` runs it alone
+
 RSS_SLACK_MIB = 64
 
 

@@ -16,7 +16,10 @@ import time
 
 import httpx
 import psutil
+import pytest
 from serverproc import REPO_ROOT, free_port, server_env, server_log, started_server, wait_ready, worker_pids
+
+pytestmark = pytest.mark.serial  # how connections spread over busy workers: `make test` runs it alone
 
 TWO_FRONT_WORKERS = {"CONVNET_API_WORKERS": "2", "CONVNET_MODELS": "lenet5"}
 CONNECTIONS = 32
