@@ -47,7 +47,7 @@ class ServiceConfig:
     ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
     # The request-facing service.
     api_workers: int = 0  # 0 = auto: one per CPU up to 4 when inference runs in front, else one per CPU up to 16
-    decode_threads: int = 2  # Pillow decodes in this many threads per worker (it releases the GIL)
+    decode_threads: int = 2  # Pillow decodes in this many threads per worker (it releases the GIL), +1 for > 4 MP
     # 1: each front worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads connections evenly;
     # 0: BentoML's one shared socket, where one worker can take every connection of a burst (docs/service.md).
     socket_per_worker: int = 1
@@ -71,8 +71,9 @@ class ServiceConfig:
     max_connections: int = 1000  # open connections; more are answered 503 + Retry-After and closed
     max_concurrent_requests: int = 64  # /classify* requests in progress; more are answered 503 + Retry-After
     retry_after_s: int = 1  # the Retry-After of every 503
-    # Pixels being decoded at once per worker, across its decode threads (serving.preprocess.PixelBudget): bounds
-    # the decoding part of a worker's memory at ~4 bytes a pixel plus conversions.
+    # Pixels of large pictures (over LARGE_PICTURE_PIXELS once decoded) being decoded at once per worker
+    # (serving.preprocess.PixelBudget): with the smaller ones' threads, bounds the decoding part of a worker's memory
+    # at ~4 bytes a pixel plus conversions.
     decode_budget_pixels: int = 40_000_000
 
     def __post_init__(self) -> None:
