@@ -85,36 +85,25 @@ def test_a_failed_decode_does_not_hold_the_batch(lenet) -> None:
     assert not decoding.started
 
 
-@pytest.mark.parametrize("on_loop", [True, False], ids=["on-loop", "infer-thread"])
-def test_a_batch_does_not_wait_for_a_decode_past_its_patience(lenet, on_loop: bool) -> None:
+@pytest.mark.parametrize(("max_batch", "patience_s", "first_rows"), [(4, 2.0, 4), (32, 0.05, 1)],
+                         ids=["full-batch", "past-patience"])
+def test_a_batch_does_not_wait_for_a_slow_decode_when_full_or_past_its_patience(lenet, max_batch: int,
+                                                                                patience_s: float,
+                                                                                first_rows: int) -> None:
     # A slow decode (a 40 MP WebP takes 0.5 s, a crafted file more) must not hold every request for the model: the
-    # batch waits for it `patience`, then runs without it, and the slow request joins a later batch.
-    batcher, decoding, calls = make(lenet, on_loop, patience_s=0.05)
+    # batch waits for it at most `patience`, not at all once full, and the slow request joins a later batch.
+    batcher, decoding, calls = make(lenet, on_loop=False, max_batch=max_batch, patience_s=patience_s)
+    first, slow = digits(first_rows), digits(3)
 
     async def scenario():
-        slow = asyncio.create_task(decode_then_submit(batcher, decoding, digits(3), 2.0))
+        late = asyncio.create_task(decode_then_submit(batcher, decoding, slow, 1.0))
         await asyncio.sleep(0)
-        first = asyncio.create_task(batcher(digits(1)))
-        done, _ = await asyncio.wait({first}, timeout=1.5)
-        assert first in done, "the batch waited for the whole slow decode"
-        return first.result(), await slow
+        early = asyncio.create_task(batcher(first))
+        done, _ = await asyncio.wait({early}, timeout=0.6)
+        assert early in done, "the batch waited for the whole slow decode"
+        return early.result(), await late
 
     a, b = asyncio.run(scenario())
-    assert calls == [1, 3]
-    np.testing.assert_allclose(a, lenet.logits(digits(1)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(b, lenet.logits(digits(3)), rtol=1e-5, atol=1e-5)
-
-
-def test_a_full_batch_does_not_wait(lenet) -> None:
-    batcher, decoding, calls = make(lenet, on_loop=False, max_batch=4)
-
-    async def scenario():
-        slow = asyncio.create_task(decode_then_submit(batcher, decoding, digits(1), 0.2))
-        await asyncio.sleep(0)
-        full = asyncio.create_task(batcher(digits(4)))
-        done, _ = await asyncio.wait({full}, timeout=0.15)
-        assert full in done, "a full batch ran while another request was still decoding"
-        await slow
-
-    asyncio.run(scenario())
-    assert calls == [4, 1]
+    assert calls == [first_rows, 3]
+    np.testing.assert_allclose(a, lenet.logits(first), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, lenet.logits(slow), rtol=1e-5, atol=1e-5)
