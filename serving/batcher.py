@@ -1,11 +1,12 @@
 """Micro-batching inside one worker: requests for a model that arrive while its previous onnxruntime call runs are
 merged into the next call.
 
-There is no timer. Under light load a request runs at once, as a batch of one, with no added latency. Under load the
-batches grow on their own to whatever arrived during one inference, up to `max_batch` rows, and a batch about to
-start first waits for the requests for its model that are still being decoded (`Decoding`): they are already here
-and cost only their decode, so one call takes them all. On a core that both decodes and infers, that is the
-in-process limit's own pattern (decode a batch, then run it) instead of two half batches time-slicing each other.
+There is no batching window. Under light load a request runs at once, as a batch of one, with no added latency.
+Under load the batches grow on their own to whatever arrived during one inference, up to `max_batch` rows, and a
+batch about to start first waits for the requests for its model that are still being decoded (`Decoding`): they are
+already here and cost only their decode, so one call takes them all. On a core that both decodes and infers, that is
+the in-process limit's own pattern (decode a batch, then run it) instead of two half batches time-slicing each
+other. It waits for a decode only so long (twice an inference), so a slow one does not hold everyone else's answer.
 Batching is what makes AlexNet on a CPU ~2× faster than one call per image: its fully-connected weights are read
 once per batch, not once per image. One inference thread per model keeps the event loop and the decoding threads
 free while onnxruntime runs (it releases the GIL). A small model (LeNet-5: ~0.1 ms a batch) runs on the event loop
@@ -28,6 +29,8 @@ import numpy as np
 from serving.errors import ServerBusy
 from serving.threads import INFER_THREADS, name_os_thread
 
+# The least time a batch waits for a decode in flight (`_gather`), for when the last inference was very short: a
+# photo decodes in ~3 ms, a digit too small for the event loop in less.
 MIN_PATIENCE_S = 0.010
 
 
@@ -115,10 +118,9 @@ class MicroBatcher:
 
     async def _gather(self) -> None:
         """Before a batch starts: wait while requests for this model are still decoding and the batch has room, but
-        not for a decode that has run longer than `patience`: twice the last batch's inference (`min_patience_s` at
-        least). A
-        normal decode finishes well within one inference; a slow one (a 40 MP WebP takes 0.5 s) would otherwise hold
-        every request for the model until it ends, and its own request simply joins a later batch."""
+        not for a decode that has run longer than `patience`: twice the last batch's inference, `min_patience_s` at
+        least. A normal decode ends well within one inference; a slow one (a 40 MP WebP takes 0.5 s) would otherwise
+        hold every request for the model until it ends. Its own request joins a later batch."""
         if self.decoding is None:
             return
         patience = max(self.min_patience_s, 2 * self.last_run_s)
