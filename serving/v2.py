@@ -18,7 +18,6 @@ Not supported (said by a 404 naming it): GRPC, shared memory, model repository c
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -484,8 +483,7 @@ class V2Protocol:
     async def _decode(self, model: ModelInfo, images: list[bytes]) -> np.ndarray:
         """Every BYTES element through /classify's decoding (thread pool, pixel cap, metrics); the first failure is
         reported with its element index."""
-        arrays = await asyncio.gather(*(self.api._preprocess(model, Part(BYTES_INPUT, None, "", data))
-                                        for data in images), return_exceptions=True)
+        arrays = await self.api.preprocess_each(model, [Part(BYTES_INPUT, None, "", data) for data in images])
         for i, a in enumerate(arrays):
             if isinstance(a, ClientError):
                 raise type(a)(f"input {BYTES_INPUT!r} element {i}: {a.detail}") from a

@@ -347,15 +347,18 @@ def _noisy_png(side: int) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize(("make_upload", "content_type", "senders"), [
-    (lambda: _gif_of_one_byte_comment_blocks(12_000_000), "image/gif", 1),
-    (_webp_at_the_pixel_cap, "image/webp", 3),
-], ids=["gif-header-walk", "40mp-webp"])
-def test_slow_uploads_do_not_hold_the_other_requests(limited, make_upload, content_type: str, senders: int):
+@pytest.mark.parametrize(("make_upload", "content_type", "senders", "per_request"), [
+    (lambda: _gif_of_one_byte_comment_blocks(12_000_000), "image/gif", 1, 1),
+    (_webp_at_the_pixel_cap, "image/webp", 3, 1),
+    (lambda: _gif_of_one_byte_comment_blocks(300_000), "image/gif", 1, 60),
+], ids=["gif-header-walk", "40mp-webp", "batch-of-60-gif-walks"])
+def test_slow_uploads_do_not_hold_the_other_requests(limited, make_upload, content_type: str, senders: int,
+                                                     per_request: int):
     # One worker. Before (docs/hardening.md, "Slow pictures"): the GIF's header was walked on the event loop, so a
     # digit waited 1.27 s while the GIF took 1.34 s; the model's batch waited for every decode in flight, the
     # 40 MP pictures filled both decoding threads, and a digit waited on the event loop for the pixel budget they
-    # held (an AlexNet photo went from 20 ms to 1.05 s behind three such WebPs).
+    # held (an AlexNet photo went from 20 ms to 1.05 s behind three such WebPs); a /classify_batch request queued
+    # all its images in the decoding threads ahead of everyone else's (photos waited 3.1 s).
     import threading
 
     upload = make_upload()
@@ -364,8 +367,12 @@ def test_slow_uploads_do_not_hold_the_other_requests(limited, make_upload, conte
 
     def send() -> None:
         t0 = time.monotonic()
-        r = httpx.post(f"{limited}/classify", params={"model": "lenet5"}, content=upload,
-                       headers={"content-type": content_type}, timeout=60)
+        if per_request == 1:
+            r = httpx.post(f"{limited}/classify", params={"model": "lenet5"}, content=upload,
+                           headers={"content-type": content_type}, timeout=60)
+        else:
+            r = httpx.post(f"{limited}/classify_batch", params={"model": "lenet5"}, timeout=60,
+                           files=[("image", (f"{i}.gif", upload, content_type)) for i in range(per_request)])
         answers.append((r.status_code, r.text, time.monotonic() - t0))
 
     waits = []
