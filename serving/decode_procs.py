@@ -51,15 +51,18 @@ def _attach(name: str) -> SharedMemory:
 
 def _exit_with(parent: int) -> None:
     """A worker's watch: a parent killed outright (kill -9) leaves its workers waiting on a queue whose writing end
-    they hold themselves, forever. Once they are gone, the resource tracker removes the shared block."""
+    they hold themselves, forever. Once they are gone, the resource tracker removes the shared block. `parent` is
+    the pid the parent gave, not this process's parent now: a worker still starting when the parent was killed
+    would otherwise watch its new parent (init) forever (seen in CI on a loaded machine)."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
 
 
-def _worker_init(name: str, shape: tuple[int, ...], nice: int, recipe_and_limits: tuple[Recipe, int, int]) -> None:
+def _worker_init(parent: int, name: str, shape: tuple[int, ...], nice: int,
+                 recipe_and_limits: tuple[Recipe, int, int]) -> None:
     global _slots, _block, _recipe_and_limits
-    threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the pool, writes what is done).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
@@ -121,7 +124,8 @@ class ProcessDecoder:
         self.out = 0  # chunks sent and not back
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_worker_init,
-                                        initargs=(self.block.name, shape, nice, (recipe, max_bytes, max_pixels)))
+                                        initargs=(os.getpid(), self.block.name, shape, nice,
+                                                  (recipe, max_bytes, max_pixels)))
 
     def submit(self, path: str) -> Future:
         result: Future = Future()
