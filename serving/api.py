@@ -47,11 +47,10 @@ from serving.limits import RequestLimits
 from serving.preprocess import (
     ALLOWED_FORMATS,
     DECODE_BUDGET,
-    LARGE_PICTURE_PIXELS,
     THUMBNAIL_BYTES,
     Recipe,
-    decoded_pixels,
     decoder_surprise,
+    is_large_picture,
     is_thumbnail,
     open_image,
     preprocess_opened,
@@ -367,7 +366,7 @@ class ClassifierAPI:
                                                         self.cfg.max_pixels)
                     if isinstance(opened, np.ndarray):
                         return opened
-                large = decoded_pixels(opened, model.recipe) > LARGE_PICTURE_PIXELS
+                large = is_large_picture(opened, model.recipe)
                 return await loop.run_in_executor(self.large if large else self.pool, preprocess_opened, opened,
                                                   model.recipe, large)
             # (*) Pillow parses some headers block by block in Python: a 10 MB GIF of 1-byte comment blocks held the

@@ -192,6 +192,11 @@ def decoded_pixels(im: Image.Image, recipe: Recipe | None) -> int:
     return im.size[0] * im.size[1]
 
 
+def is_large_picture(im: Image.Image, recipe: Recipe | None) -> bool:
+    """Whether the service decodes `im` where large pictures go (LARGE_PICTURE_PIXELS)."""
+    return decoded_pixels(im, recipe) > LARGE_PICTURE_PIXELS
+
+
 def decode_opened(im: Image.Image, recipe: Recipe | None = None, budgeted: bool = True) -> Image.Image:
     """`decode` for a picture whose header `open_image` has already parsed and checked. It first waits for its
     pixels in DECODE_BUDGET, unless `budgeted` is False: for a caller that bounds its decodes otherwise."""
@@ -328,7 +333,7 @@ def preprocess_unless_large(data: bytes, recipe: Recipe,
     opened (its header checked) for the caller to decode where large pictures go. Small pictures are not budgeted:
     their decoding threads bound them."""
     im = open_image(data, max_pixels)
-    if decoded_pixels(im, recipe) > LARGE_PICTURE_PIXELS:
+    if is_large_picture(im, recipe):
         return im
     return preprocess_opened(im, recipe, budgeted=False)
 
