@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,19 @@ from serverproc import free_port, start_server, stop_server, wait_ready  # noqa:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[str]:
-    """Base URL (http://127.0.0.1:<port>) of a ready service serving every model in models/."""
+def server_proc() -> Iterator[subprocess.Popen]:
+    """The `bentoml serve` process behind `server` (its log: serverproc.server_log); `base_url` is its address."""
     port = free_port()
     proc = start_server(port)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc)
-        yield base
+        proc.base_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        wait_ready(proc.base_url, proc)  # type: ignore[attr-defined]
+        yield proc
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def server(server_proc: subprocess.Popen) -> str:
+    """Base URL (http://127.0.0.1:<port>) of a ready service serving every model in models/."""
+    return server_proc.base_url  # type: ignore[attr-defined]
