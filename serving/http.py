@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from typing import NoReturn
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
@@ -342,3 +342,29 @@ def int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int)
     if not lo <= value <= hi:
         raise BadParameter(f"{name} must be from {lo} to {hi}, not {value}")
     return value
+
+
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def relative_redirects(send):
+    """`send`, with a redirect's absolute Location made relative (path and query). Starlette answers `/classify/` with a
+    307 to the same path without the slash, as an absolute URL built from the request's Host header: `Host:
+    evil.example` got `Location: http://evil.example/classify`, what security scanners report as Host-header
+    injection, and wrong behind a proxy that rewrites Host. A relative one (RFC 9110 §10.2.2) is resolved by the
+    client against the URL it used. The front door wraps only requests whose path ends in a slash."""
+
+    async def send_relative(message) -> None:
+        if message["type"] == "http.response.start" and message.get("status") in REDIRECTS:
+            headers = []
+            for name, value in message.get("headers", []):
+                if name.lower() == b"location":
+                    url = urlsplit(value.decode("latin-1"))
+                    if url.scheme or url.netloc:  # one leading slash: "//host/x" would name another host
+                        path = "/" + url.path.lstrip("/\\")
+                        value = (path + ("?" + url.query if url.query else "")).encode("latin-1")
+                headers.append((name, value))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_relative

@@ -39,6 +39,7 @@ from serving.batcher import MicroBatcher
 from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
 from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy, routing_error_body
+from serving.http import relative_redirects
 from serving.keys import install as install_api_keys
 from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
@@ -190,6 +191,8 @@ class FrontDoor:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
+            if path.endswith("/") and path != "/":  # Starlette redirects these to the same path without the slash
+                send = relative_redirects(send)
             if path in self.exact or path.startswith(self.prefixes):
                 await self.ours(scope, receive, send)
                 return

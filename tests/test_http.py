@@ -13,7 +13,7 @@ import pytest
 from starlette.datastructures import QueryParams
 
 from serving.errors import ClientError
-from serving.http import MAX_PARTS, _parse_full, _split_simple, parse_multipart, query_dict
+from serving.http import MAX_PARTS, _parse_full, _split_simple, parse_multipart, query_dict, relative_redirects
 
 BOUNDARY = "convnet-test-7f3a9c"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -151,6 +151,26 @@ def test_a_boundary_over_256_characters_is_refused_by_both_paths(shape: str) -> 
         else:
             with pytest.raises(ClientError, match=f"boundary in the Content-Type is {length} characters long"):
                 parse_multipart(body, f"multipart/form-data; boundary={boundary}")
+
+
+def test_redirects_are_made_relative_and_never_name_another_host() -> None:
+    sent = []
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    async def redirect(location: bytes, status: int = 307) -> bytes:
+        await relative_redirects(send)({"type": "http.response.start", "status": status,
+                                        "headers": [(b"content-length", b"0"), (b"location", location)]})
+        return dict(sent[-1]["headers"])[b"location"]
+
+    cases = {b"http://evil.example/classify?model=lenet5&top_k=3": b"/classify?model=lenet5&top_k=3",
+             b"https://evil.example": b"/", b"http://h//evil.example/x": b"/evil.example/x",
+             b"http://h/\\\\evil.example/x": b"/evil.example/x", b"/demo": b"/demo",
+             b"//evil.example/x": b"/x"}
+    for location, relative in cases.items():
+        assert asyncio.run(redirect(location)) == relative, location
+    assert asyncio.run(redirect(b"http://evil.example/x", status=200)) == b"http://evil.example/x"  # not a redirect
 
 
 def test_query_string_reads_as_starlette_reads_it() -> None:
