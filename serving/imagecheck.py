@@ -4,7 +4,7 @@ the picture is decoded (found by fuzzing the decoders, docs/hardening.md "Decode
 
 Both run where `open_image` does: on the event loop for uploads of up to 64 KiB, in a decoding thread for larger
 ones (serving/api.py). The AVIF walk is bounded whatever the upload (64 `av1C` boxes, 10,000
-`iloc` fields, 4 KB a stream). The GIF walk steps over the blocks before the first frame as Pillow's own open()
+`iloc` fields, 20,000 OBUs). The GIF walk steps over the blocks before the first frame as Pillow's own open()
 then does again, at about a sixth of its cost (10 MB of 1-byte comment blocks: 0.3 s here, 1.65 s in Pillow).
 Anything a walk cannot follow is left to Pillow and the codec to refuse.
 """
@@ -65,21 +65,25 @@ def check_av1_frame_size(data: bytes, w: int, h: int) -> None:
     Pillow sizes an AVIF by its `ispe` box, but dav1d decodes the frame the stream's AV1 sequence header describes
     (up to libavif's 16384×16384 default) and Pillow converts all of it: a 1 KB file claiming 64×64 and holding
     8192×8192 took 143 MB and 0.3 s, past the pixel cap, the decode budget and, as a "thumbnail", on the event loop
-    (found by fuzzing, docs/hardening.md). The sequence header leads each image item's data (`iloc`) and each track's
-    first sample (`stco`/`co64`); the largest frame it allows must fit in the header's area (a grid's tiles are
-    smaller than the grid, an alpha plane is the image's size).
+    (found by fuzzing, docs/hardening.md). Sequence headers lead each image item's data (`iloc`) and each track's
+    first sample (`stco`/`co64`, `stsz`), but a stream may hold more than one, and the decoder obeys the latest: a
+    small one first and a large one after it passed when only the first was read. So every sequence header of every
+    stream is read, and the largest frame each allows must fit in the header's area (a grid's tiles are smaller
+    than the grid, an alpha plane is the image's size).
     """
+    budget = [_AV1_MAX_OBUS]
     for stream in _av1_streams(data):
-        dims = _av1_max_frame_size(stream)
-        if dims is not None and dims[0] * dims[1] > w * h:
-            raise CorruptImage(f"the AVIF header says {w}x{h} but its AV1 stream holds frames up to "
-                               f"{dims[0]}x{dims[1]}")
+        for width, height in _sequence_header_sizes(stream, budget):
+            if width * height > w * h:
+                raise CorruptImage(f"the AVIF header says {w}x{h} but its AV1 stream holds frames up to "
+                                   f"{width}x{height}")
 
 
-_AV1_PEEK = 4096  # bytes of an item or sample to look for the sequence header in: it comes first, and is small
-# This runs with the GIL held (open_image), so a 20 MB upload of repeated boxes must not make it loop millions of
-# times: at most this many `av1C` boxes (a file has one per coded item or track) and _ILOC_MAX_FIELDS `iloc` fields.
+# This runs with the GIL held (open_image), so a 20 MB upload of repeated boxes or tiny OBUs must not make it loop
+# millions of times: at most this many `av1C` boxes (a file has one per coded item or track), _ILOC_MAX_FIELDS `iloc`
+# fields, and _AV1_MAX_OBUS OBUs in all (a frame has at most 4,096 tiles, and usually one tile group for all).
 _AV1C_MAX = 64
+_AV1_MAX_OBUS = 20_000
 
 
 def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
@@ -97,8 +101,8 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
 
 
 def _av1_streams(data: bytes) -> Iterator[bytes]:
-    """The first bytes of every AVIF image item's data and of every track's first chunk (where AV1 streams start),
-    and the config OBUs of every `av1C` box (libavif writes none, but a file may carry its sequence header there)."""
+    """The data of every AVIF image item and the first sample of every track (AV1 streams, each a run of OBUs), and
+    the config OBUs of every `av1C` box (libavif writes none, but a file may carry its sequence header there)."""
     n, start = len(data), 0
     for _ in range(_AV1C_MAX):
         if (i := data.find(b"av1C", start)) < 4:
@@ -106,7 +110,7 @@ def _av1_streams(data: bytes) -> Iterator[bytes]:
         start = i + 4
         size = int.from_bytes(data[i - 4:i], "big")
         if 12 <= size <= n - i + 4:  # else not a box: the bytes happen to spell "av1C"
-            yield data[i + 8:i - 4 + min(size, 12 + _AV1_PEEK)]
+            yield data[i + 8:i - 4 + size]
     for kind, start, end in _boxes(data, 0, n):
         if kind == b"meta":
             children = {k: (s, e) for k, s, e in _boxes(data, start + 4, end)}  # meta is a full box
@@ -115,21 +119,11 @@ def _av1_streams(data: bytes) -> Iterator[bytes]:
                 for method, extents in _iloc_items(data, *children[b"iloc"]):
                     base = 0 if method == 0 else idat[0] if method == 1 else -1
                     if base >= 0:
-                        yield _peek_extents(data, base, extents)
+                        yield b"".join(data[base + offset:base + offset + length] if length else data[base + offset:]
+                                       for offset, length in extents)
         elif kind == b"moov":
-            for offset in _first_chunk_offsets(data, start, end):
-                yield data[offset:offset + _AV1_PEEK]
-
-
-def _peek_extents(data: bytes, base: int, extents: list[tuple[int, int]]) -> bytes:
-    """The first _AV1_PEEK bytes of an item's extents joined (a length of 0 means "to the end of the file")."""
-    out = b""
-    for offset, length in extents:
-        if len(out) >= _AV1_PEEK:
-            break
-        take = _AV1_PEEK - len(out) if length == 0 else min(length, _AV1_PEEK - len(out))
-        out += data[base + offset:base + offset + take]
-    return out
+            for offset, size in _first_samples(data, start, end):
+                yield data[offset:offset + size]
 
 
 # The most fields of an `iloc` box read: field sizes of 0 bytes make a 20 MB upload describe billions of extents.
@@ -167,32 +161,46 @@ def _iloc_items(data: bytes, start: int, end: int) -> Iterator[tuple[int, list[t
         return
 
 
-def _first_chunk_offsets(data: bytes, start: int, end: int) -> Iterator[int]:
-    """The first chunk offset of each track (moov/trak/mdia/minf/stbl/stco or co64): where its first sample is."""
+def _first_samples(data: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, size) of each track's first sample (moov/trak/mdia/minf/stbl: the first chunk's offset in `stco` or
+    `co64`, the sample's size in `stsz`; to the end of the file if there is no size)."""
     path = (b"trak", b"mdia", b"minf", b"stbl")
     level = [(start, end)]
     for name in path:
         level = [(s, e) for ls, le in level for k, s, e in _boxes(data, ls, le) if k == name]
     for ls, le in level:
+        offset, size = None, len(data)
         for kind, s, e in _boxes(data, ls, le):
             width = 4 if kind == b"stco" else 8 if kind == b"co64" else 0
             if width and s + 8 + width <= e and int.from_bytes(data[s + 4:s + 8], "big") > 0:
-                yield int.from_bytes(data[s + 8:s + 8 + width], "big")
+                offset = int.from_bytes(data[s + 8:s + 8 + width], "big")
+            elif kind == b"stsz" and s + 12 <= e:  # version/flags, sample_size (0: each its own), sample_count
+                size = int.from_bytes(data[s + 4:s + 8], "big")
+                if size == 0 and s + 16 <= e and int.from_bytes(data[s + 8:s + 12], "big") > 0:
+                    size = int.from_bytes(data[s + 12:s + 16], "big")
+        if offset is not None:
+            yield offset, size or len(data)
 
 
-def _av1_max_frame_size(obus: bytes) -> tuple[int, int] | None:
-    """(max_frame_width, max_frame_height) of the sequence header OBU that starts an AV1 stream, per the AV1
-    specification's sequence_header_obu(); None if a frame comes first (dav1d decodes none without one), or the
-    bytes are not OBUs or are cut short."""
-    pos = 0
-    while pos < len(obus):
+def _sequence_header_sizes(obus: bytes, budget: list[int]) -> Iterator[tuple[int, int]]:
+    """(max_frame_width, max_frame_height) of each sequence header OBU in an AV1 stream, per the AV1 specification's
+    sequence_header_obu(). The walk reads every OBU's header and steps over its payload, whatever its type (a decoder
+    ignores reserved ones and goes on), and ends where the bytes stop being OBUs: at the forbidden bit, where dav1d
+    stops too. `budget[0]` is the OBUs left to read in this file; past it the file is refused."""
+    pos, n = 0, len(obus)
+    while pos < n:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise CorruptImage(f"the AVIF's AV1 streams hold over {_AV1_MAX_OBUS:,} OBUs: not a picture")
         header = obus[pos]
+        if header & 0x80:  # obu_forbidden_bit
+            return
         obu_type, has_extension, has_size = (header >> 3) & 0xF, header >> 2 & 1, header >> 1 & 1
         pos += 1 + has_extension
-        length = len(obus) - pos
+        length = n - pos
         if has_size:
             length, shift = 0, 0
-            while pos < len(obus) and shift < 56:  # leb128
+            while pos < n and shift < 56:  # leb128
                 byte = obus[pos]
                 pos += 1
                 length |= (byte & 0x7F) << shift
@@ -200,11 +208,9 @@ def _av1_max_frame_size(obus: bytes) -> tuple[int, int] | None:
                 if not byte & 0x80:
                     break
         if obu_type == 1:  # OBU_SEQUENCE_HEADER
-            return _parse_sequence_header(obus[pos:pos + length])
-        if obu_type in (0, 3, 4, 6) or header & 0x80:  # reserved, a frame (header) or tile group, forbidden bit
-            return None
+            if (size := _parse_sequence_header(obus[pos:pos + length])) is not None:
+                yield size
         pos += length
-    return None
 
 
 def _parse_sequence_header(payload: bytes) -> tuple[int, int] | None:

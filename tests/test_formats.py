@@ -20,6 +20,7 @@ from serverproc import started_server
 from test_batch import cli, read_jsonl
 
 from serving.errors import ClientError, CorruptImage
+from serving.imagecheck import _boxes, _iloc_items, _sequence_header_sizes
 from serving.preprocess import ALLOWED_FORMATS, decode, open_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +188,71 @@ def test_a_stream_larger_than_its_header_is_never_decoded(fmt):
         with pytest.raises(CorruptImage, match="AV1 stream holds frames up to 512x512"):
             open_image(data)
     assert error_code(data) == "corrupt_image"
+
+
+def obus_of(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(offset, length, OBUs) of a one-item AVIF's item data, as libavif writes it (one extent, meta before mdat)."""
+    meta = next((s, e) for k, s, e in _boxes(data, 0, len(data)) if k == b"meta")
+    iloc = next((s, e) for k, s, e in _boxes(data, meta[0] + 4, meta[1]) if k == b"iloc")
+    (_, [(offset, length)]), = _iloc_items(data, *iloc)
+    obus, pos = [], offset
+    while pos < offset + length:  # header byte, then a one-byte leb128 size (small OBUs) or more
+        size_at, size, shift = pos + 1, 0, 0
+        while True:
+            byte = data[size_at]
+            size_at += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        obus.append(data[pos:size_at + size])
+        pos = size_at + size
+    return offset, length, obus
+
+
+def with_item_obus(data: bytes, obus: list[bytes]) -> bytes:
+    """The AVIF with its item's data replaced by these OBUs: the `iloc` length and the `mdat` size follow."""
+    offset, length, _ = obus_of(data)
+    new = b"".join(obus)
+    grow = len(new) - length
+    meta = next((s, e) for k, s, e in _boxes(data, 0, len(data)) if k == b"meta")
+    iloc_at = data.find(b"iloc", meta[0])
+    length_at = data.find(struct.pack(">I", length), iloc_at)
+    out = bytearray(data[:offset] + new + data[offset + length:])
+    out[length_at:length_at + 4] = struct.pack(">I", length + grow)
+    mdat = out.find(b"mdat")
+    out[mdat - 4:mdat] = struct.pack(">I", int.from_bytes(out[mdat - 4:mdat], "big") + grow)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("between", ["nothing", "5 KB of padding"])
+def test_a_larger_sequence_header_after_a_small_one_is_read_too(between):
+    """dav1d obeys the latest sequence header. A file claiming 64×64 whose stream holds a 64×64 sequence header, then
+    the real 4096×4096 one, passed the check when it read only the first (and, as the 4 KB it read, anything past
+    some padding): dav1d then decoded the large frame, 42 MB for a 1 KB upload at 4096², 554 MB and 0.47 s for a
+    3.5 KB one at libavif's 16384², on the event loop as a "thumbnail". Every sequence header is read now."""
+    big = undersized_header("AVIF", 4096)
+    small_header = next(o for o in obus_of(encode(Image.new("RGB", (64, 64)), "AVIF", quality=30))[2]
+                        if o[0] >> 3 & 15 == 1)
+    padding = [bytes([15 << 3 | 2]) + bytes([0x80 | 5000 & 0x7F, 5000 >> 7]) + bytes(5000)] if between != "nothing" \
+        else []
+    data = with_item_obus(big, [small_header, *padding, *obus_of(big)[2]])
+    offset, length, obus = obus_of(data)
+    stream = data[offset:offset + length]
+    assert next(_sequence_header_sizes(stream, [100])) == (64, 64)  # what the old check read, and let through
+    with pytest.raises(CorruptImage, match="AV1 stream holds frames up to 4096x4096"):
+        open_image(data)
+    assert error_code(data) == "corrupt_image"
+
+
+def test_an_avif_of_too_many_obus_is_refused_before_decoding():
+    """The walk reads every OBU's header with the GIL held, so it is bounded: a file of 25,000 empty padding OBUs
+    (50 KB) is refused, where a real picture has a handful."""
+    data = encode(Image.new("RGB", (64, 48), (200, 10, 10)), "AVIF", quality=60)
+    assert open_image(data).size == (64, 48)
+    padded = with_item_obus(data, [bytes([15 << 3 | 2, 0])] * 25_000 + obus_of(data)[2])
+    with pytest.raises(CorruptImage, match="over 20,000 OBUs"):
+        open_image(padded)
 
 
 @pytest.mark.parametrize("where", ["pitm", "mdat"])
