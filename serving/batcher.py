@@ -74,7 +74,7 @@ class _Waiting:
 
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float, name: str,
-                 on_loop: bool = False, on_batch: Callable[[int], None] | None = None,
+                 on_loop: bool = False, on_batch: Callable[[int, float], None] | None = None,
                  decoding: Decoding | None = None, min_patience_s: float = MIN_PATIENCE_S) -> None:
         self.run, self.max_batch, self.max_wait_s, self.on_batch = run, max_batch, max_wait_s, on_batch
         self.decoding, self.min_patience_s = decoding, min_patience_s
@@ -140,8 +140,6 @@ class MicroBatcher:
                 if not batch:
                     break
                 x = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
-                if self.on_batch is not None:
-                    self.on_batch(len(x))
                 t0 = time.monotonic()
                 try:
                     if self.thread is None:
@@ -150,6 +148,8 @@ class MicroBatcher:
                     else:
                         logits = await loop.run_in_executor(self.thread, self.run, x)
                     self.last_run_s = time.monotonic() - t0
+                    if self.on_batch is not None:
+                        self.on_batch(len(x), self.last_run_s)  # rows and seconds of each call that answered
                 except Exception as exc:  # noqa: BLE001 (each waiting request gets the failure as its own answer)
                     for item in batch:
                         if not item.result.done():

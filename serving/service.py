@@ -113,6 +113,11 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def observe_batch(metrics: Metrics, model: str, rows: int, seconds: float) -> None:
+    metrics.child(metrics.batch_size, model).observe(rows)
+    metrics.child(metrics.inference_seconds, model).observe(seconds)
+
+
 def with_placement(card: dict, where: str) -> dict:
     card["runtime"]["placement"] = where
     return card
@@ -277,7 +282,7 @@ class Convnet:
         metrics = Metrics()
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
-                                            on_batch=metrics.batch_size.labels(name).observe,
+                                            on_batch=functools.partial(observe_batch, metrics, name),
                                             decoding=API.decoding[name])
                          for name, model in self.front.items()}
         API.attach(self._infer, self._describe, metrics)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -439,6 +440,7 @@ class V2Protocol:
         return Response(status_code=200 if self.api.infer is not None else 503)
 
     async def infer(self, request: Request) -> Response:
+        started = time.perf_counter()
         model_name = "-"
         try:
             model = self._model(request)
@@ -453,7 +455,7 @@ class V2Protocol:
             response = infer_response(model, parsed, logits)
         except Exception as exc:  # noqa: BLE001 (every failure becomes the protocol's error JSON)
             return self._error(request, model_name, exc)
-        self.api._count("v2_infer", model.name, "ok", images=parsed.count)
+        self.api._count("v2_infer", model.name, "ok", images=parsed.count, started=started)
         return response
 
     async def unsupported(self, request: Request) -> JSONResponse:

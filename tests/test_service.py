@@ -271,6 +271,10 @@ def test_our_metrics_count_each_request(server):
         "decode_failures": ("convnet_decode_failures_total", {"model": "lenet5", "error": "not_an_image"}),
         "images": ("convnet_images_total", {"model": "lenet5"}),
         "preprocessed": ("convnet_preprocess_seconds_count", {"model": "lenet5"}),
+        "timed_ok": ("convnet_request_seconds_count", {"endpoint": "classify", "model": "lenet5"}),
+        "timed_batch_ok": ("convnet_request_seconds_count", {"endpoint": "classify_batch", "model": "lenet5"}),
+        "inferences": ("convnet_inference_seconds_count", {"model": "lenet5"}),
+        "inference_rows": ("convnet_batch_size_sum", {"model": "lenet5"}),
     }
 
     def snapshot() -> dict[str, float]:
@@ -285,8 +289,11 @@ def test_our_metrics_count_each_request(server):
     assert httpx.post(f"{server}/classify_batch", params={"model": "lenet5"}, files=files, timeout=60).is_success
     after = snapshot()
     rose = {key: after[key] - before[key] for key in series}
-    # 2 images classified by the batch (its junk item is a per-item error), 1 by /classify; 4 uploads decoded.
-    assert rose == {"ok": 1, "refused": 1, "batch_ok": 1, "decode_failures": 2, "images": 3, "preprocessed": 5}, rose
+    # 2 images classified by the batch (its junk item is a per-item error), 1 by /classify; 4 uploads decoded. The
+    # answers of the two that succeeded are timed; each ran one onnxruntime call (1 row, then 2).
+    assert rose == {"ok": 1, "refused": 1, "batch_ok": 1, "decode_failures": 2, "images": 3, "preprocessed": 5,
+                    "timed_ok": 1, "timed_batch_ok": 1, "inferences": 2, "inference_rows": 3}, rose
+    assert metric_total(server, "convnet_request_seconds_sum", endpoint="classify", model="lenet5") > 0
 
 
 def test_collector_pauses_and_tracked_objects_are_reported(server):
