@@ -117,9 +117,9 @@ def _av1_streams(data: bytes) -> Iterator[bytes]:
             idat = children.get(b"idat", (0, 0))
             if b"iloc" in children:
                 for method, extents in _iloc_items(data, *children[b"iloc"]):
-                    base = 0 if method == 0 else idat[0] if method == 1 else -1
-                    if base >= 0:
-                        yield b"".join(data[base + offset:base + offset + length] if length else data[base + offset:]
+                    if method in (0, 1):  # offsets in the file, or in the `idat` box; a length of 0: to its end
+                        base, limit = (0, n) if method == 0 else idat
+                        yield b"".join(data[base + offset:min(base + offset + (length or limit), limit)]
                                        for offset, length in extents)
         elif kind == b"moov":
             for offset, size in _first_samples(data, start, end):
