@@ -120,16 +120,22 @@ class MicroBatcher:
         """Before a batch starts: wait while requests for this model are still decoding and the batch has room, but
         not for a decode that has run longer than `patience`: twice the last batch's inference, `min_patience_s` at
         least. A normal decode ends well within one inference; a slow one (a 40 MP WebP takes 0.5 s) would otherwise
-        hold every request for the model until it ends. Its own request joins a later batch."""
+        hold every request for the model until it ends. Its own request joins a later batch.
+
+        The whole wait is bounded by `patience` too. Decodes that begin while it lasts are waited for (at full load
+        they are the rest of the batch, arriving), but without that bound a stream of them never let it end: a
+        /classify_batch of 60 slow pictures, decoded three at a time, began a new one every ~20 ms, and held a digit
+        for the whole 2.3 s of that request; a stream of uploads that fail to decode would hold the model for good."""
         if self.decoding is None:
             return
         patience = max(self.min_patience_s, 2 * self.last_run_s)
+        deadline = time.monotonic() + patience
         while sum(len(item.rows) for item in self.waiting) < self.max_batch:
             now = time.monotonic()
             oldest = self.decoding.oldest_since(now - patience)
-            if oldest is None:
+            if oldest is None or now >= deadline:
                 return
-            await self.decoding.wait_change(oldest + patience - now)
+            await self.decoding.wait_change(min(oldest + patience, deadline) - now)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ test_service.py; the throughput it buys is measured by `make bench`, never asser
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +113,31 @@ def test_a_batch_does_not_wait_for_a_slow_decode_when_full_or_past_its_patience(
     assert calls == [first_rows, 3]
     np.testing.assert_allclose(a, lenet.logits(first), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b, lenet.logits(slow), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_does_not_wait_for_decodes_that_begin_while_it_waits(lenet) -> None:
+    """A request of many slow pictures decodes a few at a time (serving/api.py), so a new decode begins every few
+    ms for as long as it lasts. Waiting for those too held a digit for the whole request (2.3 s on the real server,
+    tests/test_abuse.py); the wait is bounded by the patience now."""
+    batcher, decoding, calls = make(lenet, on_loop=True, patience_s=0.05)
+
+    async def stream_of_decodes(seconds: float) -> None:  # one 60-ms decode beginning every 20 ms
+        end = time.monotonic() + seconds
+        pending = []
+        while time.monotonic() < end:
+            pending.append(asyncio.create_task(decode_then_submit(batcher, decoding, digits(1), 0.06, fails=True)))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*pending)
+
+    async def scenario() -> float:
+        stream = asyncio.create_task(stream_of_decodes(1.5))
+        await asyncio.sleep(0.1)  # the stream is under way
+        t0 = time.monotonic()
+        await batcher(digits(1))
+        waited = time.monotonic() - t0
+        await stream
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert waited < 0.5, f"the digit waited {waited:.2f} s, as long as the stream of decodes ran"
+    assert calls == [1]
