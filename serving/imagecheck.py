@@ -199,18 +199,24 @@ def _sequence_header_sizes(obus: bytes, budget: list[int]) -> Iterator[tuple[int
         pos += 1 + has_extension
         length = n - pos
         if has_size:
-            length, shift = 0, 0
-            while pos < n and shift < 56:  # leb128
-                byte = obus[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
+            length, pos = _leb128(obus, pos)
         if obu_type == 1:  # OBU_SEQUENCE_HEADER
             if (size := _parse_sequence_header(obus[pos:pos + length])) is not None:
                 yield size
         pos += length
+
+
+def _leb128(buf: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned LEB128 number at buf[pos] (an OBU's size field), and the position after it."""
+    value, shift = 0, 0
+    while pos < len(buf) and shift < 56:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value, pos
 
 
 def _parse_sequence_header(payload: bytes) -> tuple[int, int] | None:

@@ -20,7 +20,7 @@ from serverproc import started_server
 from test_batch import cli, read_jsonl
 
 from serving.errors import ClientError, CorruptImage
-from serving.imagecheck import _boxes, _iloc_items, _sequence_header_sizes
+from serving.imagecheck import _boxes, _iloc_items, _leb128, _sequence_header_sizes
 from serving.preprocess import ALLOWED_FORMATS, decode, open_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -196,17 +196,10 @@ def obus_of(data: bytes) -> tuple[int, int, list[bytes]]:
     iloc = next((s, e) for k, s, e in _boxes(data, meta[0] + 4, meta[1]) if k == b"iloc")
     (_, [(offset, length)]), = _iloc_items(data, *iloc)
     obus, pos = [], offset
-    while pos < offset + length:  # header byte, then a one-byte leb128 size (small OBUs) or more
-        size_at, size, shift = pos + 1, 0, 0
-        while True:
-            byte = data[size_at]
-            size_at += 1
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        obus.append(data[pos:size_at + size])
-        pos = size_at + size
+    while pos < offset + length:  # a header byte (libavif writes no extension), then the size
+        size, data_at = _leb128(data, pos + 1)
+        obus.append(data[pos:data_at + size])
+        pos = data_at + size
     return offset, length, obus
 
 
