@@ -100,30 +100,42 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
         start += size
 
 
-def _av1_streams(data: bytes) -> Iterator[bytes]:
+def _av1_streams(data: bytes) -> Iterator[bytes | memoryview]:
     """The data of every AVIF image item and the first sample of every track (AV1 streams, each a run of OBUs), and
-    the config OBUs of every `av1C` box (libavif writes none, but a file may carry its sequence header there)."""
-    n, start = len(data), 0
+    the config OBUs of every `av1C` box (libavif writes none, but a file may carry its sequence header there).
+
+    Views, not copies: thousands of items may each name the whole file. An item in several extents is joined, and
+    all such joins together may not exceed the file's size (extents of real items do not overlap)."""
+    n, start, view = len(data), 0, memoryview(data)
     for _ in range(_AV1C_MAX):
         if (i := data.find(b"av1C", start)) < 4:
             break
         start = i + 4
         size = int.from_bytes(data[i - 4:i], "big")
         if 12 <= size <= n - i + 4:  # else not a box: the bytes happen to spell "av1C"
-            yield data[i + 8:i - 4 + size]
+            yield view[i + 8:i - 4 + size]
+    joined_left = n
     for kind, start, end in _boxes(data, 0, n):
         if kind == b"meta":
             children = {k: (s, e) for k, s, e in _boxes(data, start + 4, end)}  # meta is a full box
             idat = children.get(b"idat", (0, 0))
             if b"iloc" in children:
                 for method, extents in _iloc_items(data, *children[b"iloc"]):
-                    if method in (0, 1):  # offsets in the file, or in the `idat` box; a length of 0: to its end
-                        base, limit = (0, n) if method == 0 else idat
-                        yield b"".join(data[base + offset:min(base + offset + (length or limit), limit)]
-                                       for offset, length in extents)
+                    if method not in (0, 1):
+                        continue
+                    base, limit = (0, n) if method == 0 else idat  # in the file or in `idat`; length 0: to its end
+                    parts = [view[base + offset:min(base + offset + (length or limit), limit)]
+                             for offset, length in extents]
+                    if len(parts) == 1:
+                        yield parts[0]
+                    elif parts:
+                        joined_left -= sum(len(part) for part in parts)
+                        if joined_left < 0:
+                            raise CorruptImage("the AVIF's items name more data than the file holds")
+                        yield b"".join(parts)
         elif kind == b"moov":
             for offset, size in _first_samples(data, start, end):
-                yield data[offset:offset + size]
+                yield view[offset:offset + size]
 
 
 # The most fields of an `iloc` box read: field sizes of 0 bytes make a 20 MB upload describe billions of extents.
@@ -182,7 +194,7 @@ def _first_samples(data: bytes, start: int, end: int) -> Iterator[tuple[int, int
             yield offset, size or len(data)
 
 
-def _sequence_header_sizes(obus: bytes, budget: list[int]) -> Iterator[tuple[int, int]]:
+def _sequence_header_sizes(obus: bytes | memoryview, budget: list[int]) -> Iterator[tuple[int, int]]:
     """(max_frame_width, max_frame_height) of each sequence header OBU in an AV1 stream, per the AV1 specification's
     sequence_header_obu(). The walk reads every OBU's header and steps over its payload, whatever its type (a decoder
     ignores reserved ones and goes on), and ends where the bytes stop being OBUs: at the forbidden bit, where dav1d
@@ -206,7 +218,7 @@ def _sequence_header_sizes(obus: bytes, budget: list[int]) -> Iterator[tuple[int
         pos += length
 
 
-def _leb128(buf: bytes, pos: int) -> tuple[int, int]:
+def _leb128(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     """The unsigned LEB128 number at buf[pos] (an OBU's size field), and the position after it."""
     value, shift = 0, 0
     while pos < len(buf) and shift < 56:
@@ -219,7 +231,7 @@ def _leb128(buf: bytes, pos: int) -> tuple[int, int]:
     return value, pos
 
 
-def _parse_sequence_header(payload: bytes) -> tuple[int, int] | None:
+def _parse_sequence_header(payload: bytes | memoryview) -> tuple[int, int] | None:
     bits = int.from_bytes(payload, "big")
     total, pos = len(payload) * 8, 0
 
