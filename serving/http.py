@@ -151,7 +151,7 @@ def parse_multipart(body: bytes, content_type_header: str) -> list[Part]:
     if not boundary:
         raise ClientError("multipart/form-data body without a boundary parameter in its Content-Type")
     # RFC 2046 allows 70 characters; python-multipart refuses over 256 in its constructor, with an exception of its own
-    # that was a 500 here (a fuzzer's find). Checked before either parser, so that both refuse the same bodies.
+    # that was a 500 here (found by probing the running server). Checked before either parser, so both refuse alike.
     if len(boundary) > MAX_BOUNDARY_LENGTH:
         raise ClientError(f"the multipart boundary in the Content-Type is {len(boundary):,} characters long; at most "
                           f"{MAX_BOUNDARY_LENGTH} are accepted (RFC 2046 allows 70)")

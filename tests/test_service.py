@@ -490,14 +490,13 @@ def test_malformed_multipart_bodies_leave_no_line_in_the_log(server_proc):
 def test_a_trailing_slash_redirects_to_a_relative_location_whatever_the_host_header(server):
     """Starlette built the redirect's URL from the Host header (`Host: evil.example` → `Location:
     http://evil.example/classify`); it is relative now, and a client that follows it still gets its answer."""
-    digit = (Path(__file__).resolve().parent.parent / "examples" / "digit-7.png").read_bytes()
     for method, path, location in (("POST", "/classify/?model=lenet5", "/classify?model=lenet5"),
                                    ("GET", "/models/", "/models"), ("GET", "/readyz/", "/readyz"),
                                    ("GET", "/metrics/", "/metrics"), ("POST", "/model_input/", "/model_input")):
         r = httpx.request(method, f"{server}{path}", headers={"Host": "evil.example"})
         assert r.status_code == 307 and r.headers["location"] == location, (path, r.status_code, r.headers)
-    r = httpx.post(f"{server}/classify/?model=lenet5", content=digit, headers={"Content-Type": "image/png"},
-                   follow_redirects=True)
+    r = httpx.post(f"{server}/classify/?model=lenet5", content=DIGIT_7.read_bytes(),
+                   headers={"Content-Type": "image/png"}, follow_redirects=True)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "7", r.text
 
 
