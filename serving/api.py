@@ -107,6 +107,11 @@ class Metrics:
 
         self.requests = prom.Counter("convnet_requests", "Classification requests by endpoint, model and outcome "
                                      "(ok or the error code)", ["endpoint", "model", "outcome"])
+        # Errors answered before a request reaches a route, or instead of its answer: invisible in the one above.
+        self.http_errors = prom.Counter(
+            "convnet_http_errors", "Errors answered outside the routes, by error code: unparsable requests "
+            "(bad_request), headers too large (headers_too_large) or too slow (request_timeout), over the connection "
+            "or request cap (server_busy), past CONVNET_TIMEOUT_S (timeout)", ["error"])
         self.images = prom.Counter("convnet_images", "Images classified, by model", ["model"])
         self.decode_failures = prom.Counter("convnet_decode_failures", "Uploads that could not be decoded, by "
                                             "error code", ["model", "error"])
@@ -156,6 +161,9 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def count_http_error(self, code: str) -> None:
+        self.child(self.http_errors, code).inc()
 
     def watch_gc(self) -> None:
         """Time every collection from now on (call it after start-up, so the pauses shown are serving-time ones)."""

@@ -13,13 +13,14 @@ no header-read timeout at all (its keep-alive timer only runs between requests).
   answer's `Server-Timing` header: one layer for all three, because every layer costs time on each request.
 
 `wrap_app` lets the service put its front door (serving/service.py) before uvicorn's app in the protocol, ahead of
-BentoML's middleware stack.
+BentoML's middleware stack. `count_errors` lets /metrics count the errors answered here, outside any route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +45,51 @@ def _raw_response(status: int, reason: str, exc: Exception, extra: tuple[tuple[s
     head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(payload)}",
             "connection: close", *(f"{k}: {v}" for k, v in extra)]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+_count_error: Callable[[str], None] | None = None
+
+
+def count_errors(callback: Callable[[str], None] | None) -> None:
+    """From now on call `callback(error code)` for every error answered outside the routes: the protocol's 400, 408,
+    431 and 503, the request cap's 503, and the service deadline's 504 (serving/upstream.py). None: no counting."""
+    global _count_error
+    _count_error = callback
+
+
+def counted(exc: ClientError) -> ClientError:
+    if _count_error is not None:
+        _count_error(exc.code)
+    return exc
+
+
+class OncePerMinute(logging.Filter):
+    """Lets one record with a given message through per minute, and says in it how many were held back since.
+
+    uvicorn logs "Invalid HTTP request received." for every request its parser rejects, just before it calls
+    `send_400_response`: any client could write a log line per request (and BentoML printed each one twice)."""
+
+    def __init__(self, messages: tuple[str, ...], period_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.messages, self.period_s, self.clock = messages, period_s, clock
+        self.held: dict[str, int] = {}
+        self.next_at: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if message not in self.messages:
+            return True
+        now = self.clock()
+        if now < self.next_at.get(message, 0.0):
+            self.held[message] = self.held.get(message, 0) + 1
+            return False
+        self.next_at[message] = now + self.period_s
+        held = self.held.pop(message, 0)
+        if held:
+            record.msg = (f"{message} ({held} more since the last such line, not logged; /metrics counts each: "
+                          "convnet_http_errors_total)")
+        return True
 
 
 def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -77,7 +123,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            busy = ServerBusy(f"this worker has {self.max_connections} connections open; retry shortly")
+            busy = counted(ServerBusy(f"this worker has {self.max_connections} connections open; retry shortly"))
             transport.write(_raw_response(503, "Service Unavailable", busy,
                                           (("retry-after", str(self.retry_after_s)),)))
             transport.close()
@@ -174,6 +220,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, exc: ClientError, status: int = 400, reason: str = "Bad Request") -> None:
         """Answer `exc` (our JSON error, `Connection: close`) and close the connection. If an earlier request's
         answer is being written (pipelining), ours would land inside it: let that one finish, then close."""
+        counted(exc)
         self._refused = True
         cycle = self.cycle
         if cycle is not None and cycle.response_started and not cycle.response_complete:
@@ -200,8 +247,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
+        late = counted(ClientTooSlow(f"the request headers did not arrive within {self.header_timeout_s:g} s"))
         if self.cycle is None or self.cycle.response_complete:  # no answer of an earlier request is being written
-            late = ClientTooSlow(f"the request headers did not arrive within {self.header_timeout_s:g} s")
             self.transport.write(_raw_response(408, "Request Timeout", late))
         self.transport.close()
 
@@ -224,6 +271,11 @@ def install(cfg: ServiceConfig) -> None:
     GuardedHttpProtocol.max_connections = cfg.max_connections
     GuardedHttpProtocol.retry_after_s = cfg.retry_after_s
     uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpProtocol"
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    # BentoML gives this logger its handler and lets it propagate to the root logger, which has the same handler:
+    # each of uvicorn's warnings and tracebacks was printed twice.
+    uvicorn_log.propagate = False
+    uvicorn_log.addFilter(OncePerMinute(("Invalid HTTP request received.",)))
 
 
 # Probes and scrapes must answer when the worker is saturated: that is when they matter.
@@ -263,8 +315,8 @@ class RequestLimits:
             await self.app(scope, receive, send_timed)
             return
         if self.active >= self.max_requests:
-            status, body = error_body(ServerBusy(f"this worker already has {self.max_requests} requests in "
-                                                 "progress; retry shortly"))
+            status, body = error_body(counted(ServerBusy(f"this worker already has {self.max_requests} requests "
+                                                         "in progress; retry shortly")))
             await JSONResponse(body, status, headers={"Retry-After": self.retry_after})(scope, receive, send_timed)
             return
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s

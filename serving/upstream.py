@@ -15,6 +15,7 @@ from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 
 from serving.errors import RequestTimeout, error_body
+from serving.limits import counted
 
 
 class CancellingTimeoutMiddleware(traffic.TimeoutMiddleware):
@@ -45,7 +46,8 @@ class CancellingTimeoutMiddleware(traffic.TimeoutMiddleware):
         except TimeoutError:
             if started:
                 raise
-            status, body = error_body(RequestTimeout(f"the request was not answered within {self.timeout:g} s"))
+            late = counted(RequestTimeout(f"the request was not answered within {self.timeout:g} s"))
+            status, body = error_body(late)
             await JSONResponse(body, status_code=status)(scope, receive, send)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import socket
 import statistics
 import time
@@ -17,7 +18,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serverproc import started_server, wait_ready
+from serverproc import server_log, started_server, wait_ready
+
+from serving.limits import OncePerMinute
 
 pytestmark = pytest.mark.serial  # timeouts and how long other requests wait: `make test` runs it alone
 
@@ -30,9 +33,25 @@ LIMITS = {"CONVNET_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "CONVNET_BODY_TIMEO
 
 
 @pytest.fixture(scope="module")
-def limited():
-    with started_server(env={**LIMITS, "CONVNET_MAX_CONCURRENT_REQUESTS": "48"}, models=["lenet5"]) as (base, _):
-        yield base
+def limited_server():
+    """(address, process) of one server with short limits, for the whole module."""
+    with started_server(env={**LIMITS, "CONVNET_MAX_CONCURRENT_REQUESTS": "48"}, models=["lenet5"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def limited(limited_server) -> str:
+    return limited_server[0]
+
+
+def http_errors(base: str) -> dict[str, float]:
+    """convnet_http_errors_total by error code, from the server's /metrics."""
+    counts = {}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith("convnet_http_errors_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('error="', 1)[1].split('"', 1)[0]] = float(value)
+    return counts
 
 
 async def _slow_client(port: int, first: bytes, drip: bytes, every_s: float, give_up_s: float) -> tuple[float, bytes]:
@@ -139,10 +158,12 @@ def test_request_cap_answers_503_with_retry_after(limited):
             s.sendall(body_head + b"\x00")
             holders.append(s)
         time.sleep(1)
+        busy_before = http_errors(limited).get("server_busy", 0)
         r = httpx.post(f"{limited}/classify", params={"model": "lenet5"}, files={"image": ("7.png", DIGIT)},
                        timeout=30)
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "2" and r.json()["error"] == "server_busy"
+        assert http_errors(limited)["server_busy"] == busy_before + 1  # no route counted it: /metrics does
         assert httpx.get(f"{limited}/readyz", timeout=30).status_code == 200  # health checks are not capped
     finally:
         for s in holders:
@@ -255,6 +276,46 @@ def test_unparseable_http_gets_a_json_400_and_the_connection_closes(limited, req
     assert answer["detail"].startswith("the request is not valid HTTP/1.1"), answer
     assert answer["detail"].endswith(reason), answer
     assert len(body) == int(headers[b"content-length"])
+
+
+def test_errors_outside_the_routes_are_counted_and_logged_at_most_once_a_minute(limited_server):
+    """uvicorn logged "Invalid HTTP request received." for every unparsable request, and BentoML printed it twice: a
+    client could write two log lines a request. Now /metrics counts each; the log says it once a minute at most."""
+    base, proc = limited_server
+    port, before = _port(base), http_errors(base)
+    lines_before = server_log(proc, tail=10**9).count("Invalid HTTP request received.")
+    for _ in range(30):
+        status, *_ = _exchange(port, b"GET /models HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+        assert status == b"HTTP/1.1 400 Bad Request"
+    status, *_ = _exchange(port, b"GET /models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    after = http_errors(base)
+    assert after["bad_request"] == before.get("bad_request", 0) + 30
+    assert after["headers_too_large"] == before.get("headers_too_large", 0) + 1
+    time.sleep(0.5)  # the log is written by the worker through a pipe
+    # one worker: one line if none was logged in the minute before, else none
+    assert server_log(proc, tail=10**9).count("Invalid HTTP request received.") - lines_before <= 1
+
+
+def test_the_log_filter_lets_one_line_through_per_period_and_says_how_many_it_held():
+    now = [100.0]
+    once = OncePerMinute(("Invalid HTTP request received.",), clock=lambda: now[0])
+
+    def passes(message: str) -> str | None:
+        record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, message, (), None)
+        return record.getMessage() if once.filter(record) else None
+
+    assert passes("Invalid HTTP request received.") == "Invalid HTTP request received."
+    assert [passes("Invalid HTTP request received.") for _ in range(5)] == [None] * 5
+    assert passes("Exception in ASGI application") == "Exception in ASGI application"  # other lines: untouched
+    now[0] += 59.9
+    assert passes("Invalid HTTP request received.") is None
+    now[0] += 0.1
+    assert passes("Invalid HTTP request received.") == (
+        "Invalid HTTP request received. (6 more since the last such line, not logged; /metrics counts each: "
+        "convnet_http_errors_total)")
+    now[0] += 60
+    assert passes("Invalid HTTP request received.") == "Invalid HTTP request received."
 
 
 def test_an_answer_sent_before_the_body_closes_the_connection(limited):
