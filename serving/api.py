@@ -43,7 +43,7 @@ from serving.errors import (
     shown,
 )
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
-from serving.limits import RequestLimits
+from serving.limits import RequestLimits, count_error
 from serving.preprocess import (
     ALLOWED_FORMATS,
     DECODE_BUDGET,
@@ -111,7 +111,8 @@ class Metrics:
         self.http_errors = prom.Counter(
             "convnet_http_errors", "Errors answered outside the routes, by error code: unparsable requests "
             "(bad_request), headers too large (headers_too_large) or too slow (request_timeout), over the connection "
-            "or request cap (server_busy), past CONVNET_TIMEOUT_S (timeout)", ["error"])
+            "or request cap (server_busy), past CONVNET_TIMEOUT_S (timeout), no such path (not_found) or method "
+            "(method_not_allowed)", ["error"])
         self.images = prom.Counter("convnet_images", "Images classified, by model", ["model"])
         self.decode_failures = prom.Counter("convnet_decode_failures", "Uploads that could not be decoded, by "
                                             "error code", ["model", "error"])
@@ -430,6 +431,7 @@ class ClassifierAPI:
     async def _http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", 500)
         body = routing_error_body(status, request.method, request.url.path, getattr(exc, "detail", ""))
+        count_error(body["error"])
         # Starlette's 405 carries the Allow header RFC 9110 §15.5.6 requires: keep it.
         return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 

@@ -52,14 +52,19 @@ _count_error: Callable[[str], None] | None = None
 
 def count_errors(callback: Callable[[str], None] | None) -> None:
     """From now on call `callback(error code)` for every error answered outside the routes: the protocol's 400, 408,
-    431 and 503, the request cap's 503, and the service deadline's 504 (serving/upstream.py). None: no counting."""
+    431 and 503, the request cap's 503, the service deadline's 504 (serving/upstream.py), and the routers' 404 and
+    405 (serving/api.py, serving/service.py). None: no counting."""
     global _count_error
     _count_error = callback
 
 
-def counted(exc: ClientError) -> ClientError:
+def count_error(code: str) -> None:
     if _count_error is not None:
-        _count_error(exc.code)
+        _count_error(code)
+
+
+def counted(exc: ClientError) -> ClientError:
+    count_error(exc.code)
     return exc
 
 

@@ -41,6 +41,7 @@ from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy, routing_error_body
 from serving.http import relative_redirects
 from serving.keys import install as install_api_keys
+from serving.limits import count_error
 from serving.limits import count_errors as count_http_errors
 from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
@@ -230,6 +231,7 @@ def _json_router_errors(scope, send):
             if headers.get(b"content-type", b"").startswith(b"text/plain"):
                 swallowing = True
                 body = routing_error_body(status, scope["method"], scope["path"], HTTPStatus(status).phrase)
+                count_error(body["error"])
                 allow = {"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None
                 await JSONResponse(body, status_code=status, headers=allow)(scope, _no_body, send)
                 return

@@ -289,9 +289,13 @@ def test_errors_outside_the_routes_are_counted_and_logged_at_most_once_a_minute(
         assert status == b"HTTP/1.1 400 Bad Request"
     status, *_ = _exchange(port, b"GET /models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
     assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert httpx.get(f"{base}/no-such-path", timeout=30).status_code == 404
+    assert httpx.get(f"{base}/classify", timeout=30).status_code == 405
     after = http_errors(base)
     assert after["bad_request"] == before.get("bad_request", 0) + 30
     assert after["headers_too_large"] == before.get("headers_too_large", 0) + 1
+    assert after["not_found"] == before.get("not_found", 0) + 1
+    assert after["method_not_allowed"] == before.get("method_not_allowed", 0) + 1
     time.sleep(0.5)  # the log is written by the worker through a pipe
     # one worker: one line if none was logged in the minute before, else none
     assert server_log(proc, tail=10**9).count("Invalid HTTP request received.") - lines_before <= 1
