@@ -251,18 +251,25 @@ def _parse_full(body: bytes, boundary: bytes) -> list[Part]:
 
 
 def query_dict(query_string: bytes) -> dict[str, str]:
-    """The query string as Starlette's `dict(request.query_params)` has it (blank values kept, a repeated name's
-    last value), without building its multidict: `?model=lenet5&top_k=3` needs no unquoting, so it is split
-    directly (#10: a LeNet-5 request's fixed cost); anything with %-escapes or '+' goes through parse_qsl."""
+    """The query string as a dict (blank values kept), without building Starlette's multidict:
+    `?model=lenet5&top_k=3` needs no unquoting, so it is split directly (#10: a LeNet-5 request's fixed cost);
+    anything with %-escapes or '+' goes through parse_qsl. A name given twice is a 422: which value was meant is
+    ambiguous (Starlette's dict keeps the last, other frameworks the first)."""
     text = query_string.decode("latin-1")
     if "%" in text or "+" in text:
-        return dict(parse_qsl(text, keep_blank_values=True))
-    query = {}
-    for pair in text.split("&"):
-        if pair:
-            name, _, value = pair.partition("=")
-            query[name] = value
+        pairs = parse_qsl(text, keep_blank_values=True)
+    else:
+        pairs = [pair.partition("=")[::2] for pair in text.split("&") if pair]
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name in query:
+            _given_twice("query parameter", name)
+        query[name] = value
     return query
+
+
+def _given_twice(what: str, name: str) -> NoReturn:
+    raise BadParameter(f"the {what} {shown(name)} is given more than once; give it once")
 
 
 @dataclass
@@ -299,11 +306,14 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
         body = await read_body(request, limit)
         accepted_names = image_field_names(image_field)
         others: list[str] = []
+        fields: dict[str, str] = {}
         for part in parse_multipart(body, content_type):
             if part.name in accepted_names:
                 images.append(part)  # its content type is checked per image, so a batch reports it per item
             elif part.name in known_params:
-                params[part.name] = part.text
+                if part.name in fields:
+                    _given_twice("form field", part.name)
+                params[part.name] = fields[part.name] = part.text
             else:
                 others.append(part.name)
         if others:

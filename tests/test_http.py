@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.datastructures import QueryParams
 
-from serving.errors import ClientError
+from serving.errors import BadParameter, ClientError
 from serving.http import MAX_PARTS, _parse_full, _split_simple, parse_multipart, query_dict, relative_redirects
 
 BOUNDARY = "convnet-test-7f3a9c"
@@ -173,11 +173,19 @@ def test_redirects_are_made_relative_and_never_name_another_host() -> None:
     assert asyncio.run(redirect(b"http://evil.example/x", status=200)) == b"http://evil.example/x"  # not a redirect
 
 
-def test_query_string_reads_as_starlette_reads_it() -> None:
+def test_query_string_reads_as_starlette_reads_it_and_a_name_given_twice_is_refused() -> None:
     pieces = ["model", "top_k", "=", "&", "3", "lenet5", "", "%20", "%zz", "+", ";", "é", "==", "&&", "a b"]
     rng = random.Random(7)
-    strings = ["", "model=lenet5&top_k=3", "top_k=", "top_k", "&model=a&model=b&", "a=b=c"]
+    strings = ["", "model=lenet5&top_k=3", "top_k=", "top_k", "&model=a&model=b&", "a=b=c", "model=a&mod%65l=b"]
     strings += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(20_000)]
+    twice = 0
     for text in strings:
         raw = text.encode("utf-8")
-        assert query_dict(raw) == dict(QueryParams(raw)), text
+        names = [name for name, _ in QueryParams(raw).multi_items()]
+        if len(names) == len(set(names)):
+            assert query_dict(raw) == dict(QueryParams(raw)), text
+            continue
+        twice += 1
+        with pytest.raises(BadParameter, match="is given more than once; give it once"):
+            query_dict(raw)
+    assert twice > 200  # both kinds of string were tried

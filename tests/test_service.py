@@ -155,6 +155,17 @@ def test_multipart_parameters_as_form_fields_and_curl_style_parts(server):
     assert r.status_code == 200, r.text
 
 
+def test_a_parameter_given_twice_is_refused_not_guessed(server):
+    one = {"image": ("one.png", imagegen.drawn_digit_one(), "image/png")}
+    in_query = httpx.post(f"{server}/classify?model=lenet5&model=alexnet", files=one)
+    in_form = httpx.post(f"{server}/classify", data={"model": "lenet5", "top_k": ["1", "5"]}, files=one)
+    batch = httpx.post(f"{server}/classify_batch?top_k=1&top_k=2&model=lenet5", files=one)
+    for r, what in ((in_query, "query parameter 'model'"), (in_form, "form field 'top_k'"),
+                    (batch, "query parameter 'top_k'")):
+        assert r.status_code == 422, r.text
+        assert r.json() == {"error": "bad_parameter", "detail": f"the {what} is given more than once; give it once"}
+
+
 def test_lenet_reads_real_mnist_digits_as_png_and_jpeg(server):
     images, labels = load_mnist(MNIST_SAMPLE, "test")
     correct = total = 0
