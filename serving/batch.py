@@ -70,7 +70,8 @@ DECODE_IN = ("auto", "threads", "processes")
 FSYNC_INTERVAL_S = 1.0  # a power cut loses at most this much finished work; a killed process loses none
 USAGE_EPILOG = """\
 inputs: files, directories (walked recursively for image extensions), glob patterns ('**' recurses), @list.txt
-(one path, folder or glob per line) and '-' (paths from stdin), in any mix.
+(one path, folder or glob per line) and '-' (paths from stdin), in any mix. With --null, list files and stdin are
+NUL-separated: `find photos -name '*.jpg' -print0 | convnet-classify --null - --model alexnet`.
 exit status: 0 all inputs classified, 1 some inputs failed (recorded in the output), 2 usage error, 3 the output
 could not be written (disk full, ...; it holds every record up to the last complete one), 130 interrupted
 (Ctrl-C), 143 terminated (SIGTERM; stopped the same way: complete records, the summary; --resume goes on).
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "no server needed; one JSONL or CSV record per input, in input order.",
                                 epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, @list.txt or - (stdin)")
+    # No "-0" alias: an option that looks like a negative number makes argparse read "--timeout -1" as two options.
+    p.add_argument("--null", action="store_true",
+                   help="@list files and stdin are NUL-separated (find -print0), so names may hold newlines")
     p.add_argument("--model", required=True, help="model name in the repository (e.g. lenet5, alexnet)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="predictions per image (default 5)")
     p.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
@@ -886,7 +890,7 @@ def _progress_bar(args: argparse.Namespace, done: ExistingOutput) -> Any:
         # the list: it only counts.
         def count() -> None:
             n = 0
-            for i, path in enumerate(iter_inputs(args.inputs)):
+            for i, path in enumerate(iter_inputs(args.inputs, null=args.null)):
                 if args.limit is not None and i >= args.limit:
                     break
                 n += not done.has(path)
@@ -942,7 +946,7 @@ def run(args: argparse.Namespace, stdin: IO[str] | None = None) -> int:
     writer, done, out_file = _open_output(args, fmt, args.top_k)
     bar = _progress_bar(args, done)
     try:
-        paths = _filtered(iter_inputs(args.inputs, stdin), done, args.limit, stats, _own_files(args))
+        paths = _filtered(iter_inputs(args.inputs, stdin, args.null), done, args.limit, stats, _own_files(args))
         run_pipeline(paths, backend, writer, k=args.top_k, batch_size=args.batch_size,
                      workers=args.workers, fail_fast=args.fail_fast, evaluator=evaluator, stats=stats,
                      progress=bar, decode_nice=0 if args.url else args.decode_nice, decode_in=decode_in)

@@ -118,6 +118,32 @@ def _list_file_lines(stream: IO[str]) -> Iterator[str]:
             yield line
 
 
+# A NUL-separated list (--null) longer than this with no NUL is not a list of paths: most likely a newline-separated
+# one given with --null, or a file that is not a list at all. Refused rather than held in memory whole.
+MAX_NULL_RECORD_BYTES = 1 << 20
+
+
+def _null_records(stream: IO[bytes], name: str) -> Iterator[str]:
+    """Records separated by NUL bytes (`find -print0`, `xargs -0`), decoded as the OS decodes file names; each is one
+    path exactly (a newline is part of the name), empty records skipped. Read as the bytes arrive, not to EOF."""
+    read = getattr(stream, "read1", stream.read)
+    encoding, pending = sys.getfilesystemencoding(), bytearray()
+    while chunk := read(65536):
+        if b"\0" not in chunk:
+            pending += chunk
+            if len(pending) > MAX_NULL_RECORD_BYTES:
+                raise InputSpecError(f"{name}: over {MAX_NULL_RECORD_BYTES} bytes without a NUL separator; --null "
+                                     "lists are NUL-separated (find -print0), not one path per line")
+            continue
+        *records, rest = (pending + chunk).split(b"\0")
+        pending = bytearray(rest)
+        for record in records:
+            if record:
+                yield record.decode(encoding, "surrogateescape")
+    if pending:
+        yield pending.decode(encoding, "surrogateescape")
+
+
 def _stdin_paths() -> IO[str]:
     """stdin decoded the way the OS decodes file names, so any path bytes round-trip (not strict UTF-8)."""
     return io.TextIOWrapper(sys.stdin.buffer, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
@@ -134,21 +160,28 @@ def check_specs(specs: list[str]) -> None:
                 raise InputSpecError(f"list file {path!r} does not exist or can't be read")
 
 
-def expand(spec: str, stdin: IO[str] | None = None, nested: bool = False) -> Iterator[str]:
+def expand(spec: str, stdin: IO[str] | None = None, nested: bool = False, null: bool = False) -> Iterator[str]:
     """One input argument → the paths it stands for, lazily.
 
     `-` reads one path per line from stdin, `@list.txt` one per line from a file (blank lines and `#` comments
-    skipped); each such line is expanded like an argument (so a list may name folders and globs, but not other
-    lists). An existing directory is walked; a glob pattern that isn't an existing path is matched; anything else is
-    yielded as is, so a missing file becomes an `unreadable_input` record rather than disappearing.
+    skipped); with `null`, both are NUL-separated instead (`_null_records`). Each such entry is expanded like an
+    argument (so a list may name folders and globs, but not other lists). An existing directory is walked; a glob
+    pattern that isn't an existing path is matched; anything else is yielded as is, so a missing file becomes an
+    `unreadable_input` record rather than disappearing.
     """
     if not nested and spec == STDIN:
-        for line in _list_file_lines(stdin if stdin is not None else _stdin_paths()):
-            yield from expand(line, nested=True)
+        if null:
+            entries = _null_records(stdin.buffer if stdin is not None else sys.stdin.buffer, "stdin")
+        else:
+            entries = _list_file_lines(stdin if stdin is not None else _stdin_paths())
+        for entry in entries:
+            yield from expand(entry, nested=True)
     elif not nested and spec.startswith("@") and spec != "@":
-        with open(spec[1:], encoding="utf-8", errors="surrogateescape") as f:
-            for line in _list_file_lines(f):
-                yield from expand(line, nested=True)
+        with open(spec[1:], "rb") as f:
+            entries = (_null_records(f, spec[1:]) if null
+                       else _list_file_lines(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape")))
+            for entry in entries:
+                yield from expand(entry, nested=True)
     elif os.path.isdir(spec):
         yield from walk_images(spec)
     elif _has_magic(spec) and not os.path.lexists(spec):
@@ -165,10 +198,10 @@ def expand(spec: str, stdin: IO[str] | None = None, nested: bool = False) -> Ite
         yield spec
 
 
-def iter_inputs(specs: list[str], stdin: IO[str] | None = None) -> Iterator[str]:
-    """All arguments' paths, in argument order."""
+def iter_inputs(specs: list[str], stdin: IO[str] | None = None, null: bool = False) -> Iterator[str]:
+    """All arguments' paths, in argument order (`null`: list files and stdin are NUL-separated)."""
     for spec in specs:
-        yield from expand(spec, stdin)
+        yield from expand(spec, stdin, null=null)
 
 
 def read_input(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

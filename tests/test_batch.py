@@ -56,6 +56,33 @@ def cli(*args: str, stdin: str | None = None, cwd: Path | None = None,
                           text=True, cwd=cwd or REPO_ROOT, env=env, timeout=timeout)
 
 
+def test_null_separated_lists_take_names_with_newlines_whole(tmp_path: Path):
+    """--null: stdin and @list files as `find -print0` writes them. A name may hold a newline or bytes that are
+    not UTF-8; it is one path, read as the bytes arrive, and reported as it was given."""
+    seven = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
+    names = [b"seven\nlines.png", b"plain.png", b"latin-1 \xe9.png"]
+    for name in names:
+        (tmp_path.joinpath(os.fsdecode(name))).write_bytes(seven)
+    listing = tmp_path / "list0"
+    listing.write_bytes(b"\0".join([*names[:2], b"", b"gone.png"]))  # an empty record is skipped
+    # run from tmp_path, so that the names are given as they are (relative, as find prints them)
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
+    r = subprocess.run([sys.executable, "-m", "serving.batch", "-", f"@{listing}", "--null", "--model", LENET,
+                        "--top-k", "1", "--models-dir", str(REPO_ROOT / "models")],
+                       input=b"\0".join(names) + b"\0", capture_output=True, cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr  # the missing file fails; every other one is classified
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [os.fsencode(rec["path"]) for rec in records] == [*names, *names[:2], b"gone.png"]
+    assert [rec["predictions"][0]["label"] for rec in records[:5]] == ["7"] * 5
+    assert records[5]["error"] == "unreadable_input"
+    # A newline-separated list given with --null is one long "path" (a clear unreadable_input); one over 1 MiB with no
+    # NUL is refused as a usage error instead of being held in memory.
+    r = subprocess.run([sys.executable, "-m", "serving.batch", "--null", "-", "--model", LENET, "--models-dir",
+                        str(REPO_ROOT / "models")], input=b"a" * (2 << 20), capture_output=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2 and b"without a NUL separator" in r.stderr, r.stderr
+
+
 def read_jsonl(path: Path) -> list[dict]:
     text = path.read_text()
     assert text.endswith("\n"), "the output must end with a complete line"
