@@ -36,6 +36,11 @@ from serving.errors import ClientError, ClientTooSlow, HeadersTooLarge, ServerBu
 
 Message = dict
 PARSER_REASON_CHARS = 200  # how much of the parser's reason a 400 quotes (llhttp's are short fixed texts)
+# What a chunk may spend on its size line and CRLFs ("ffffffff\r\n" ... "\r\n" is 12), beyond the header cap that a
+# chunked body's framing gets for extensions and trailers (see _check_body_phase).
+CHUNK_LINE_ALLOWANCE = 16
+# The protocol's body deadline comes this long after RequestLimits' (our routes answer their own 408 first).
+BODY_DEADLINE_GRACE_S = 1.0
 
 
 def _raw_response(status: int, reason: str, exc: Exception, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -111,6 +116,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     keepalive_timeout_s: float = 5.0
     max_connections: int = 1000
     retry_after_s: int = 1
+    body_timeout_s: float = 30.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -124,6 +130,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._began_in_read = False
         self._between_requests = True
         self._refused = False  # a request was refused mid-parse: the rest of what arrives is not served
+        # The body phase (from complete headers to the message's end, see data_received): whether a request is in
+        # it, when it must be over, its bytes that were not body (chunk lines, extensions, trailers) and what those
+        # may add up to, and the body bytes of the read being parsed.
+        self._in_body = False
+        self._body_deadline = 0.0
+        self._framing = self._framing_allowance = self._read_body = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -141,10 +153,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # request's line and headers are counted, read by read, and a request over the cap is refused (431, closed)
         # as soon as it is. A read that starts mid-request (a pipelined one behind another's body) counts from the
         # next read: the count is never more than the real size, and is short by at most one read (256 KiB).
-        self._read_size, self._began_in_read = len(data), False
-        between_requests = self._between_requests
+        self._read_size, self._began_in_read, self._read_body = len(data), False, 0
+        between_requests, in_body = self._between_requests, self._in_body
         super().data_received(data)
-        if self._header_timer is None or self._refused or self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
+            return
+        if in_body and self._in_body:  # the whole read was one request's body phase
+            self._check_body_phase(len(data))
+            return
+        if self._header_timer is None:
             return  # no request's headers are incomplete
         if not self._began_in_read:
             self._header_bytes += len(data)
@@ -153,7 +170,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._header_bytes > self.max_header_bytes:
             self._refuse_headers_too_large()
 
+    def _check_body_phase(self, read_size: int) -> None:
+        """After a read that fell wholly within a request's body phase. uvicorn sets no limit on what a chunked body
+        carries besides its data: each trailer field was added to the request's headers, ~20 bytes of memory per
+        byte sent (80 MB of trailers took a worker from 0.9 to 2.4 GB), and a client trickling chunks held the
+        connection open forever on any path but ours (each byte cancels uvicorn's keep-alive timer; our routes have
+        RequestLimits' deadline, which this one backs up a second later). A read that crosses the phase's start or
+        end is not counted: the framing count is short by at most two reads, never over."""
+        self._framing += read_size - self._read_body
+        if self._framing > self._framing_allowance:
+            self._refuse_in_body(HeadersTooLarge(
+                f"the chunked body's framing (chunk extensions and trailer fields) is over {self.max_header_bytes} "
+                "bytes (CONVNET_MAX_HEADER_BYTES)"), 431, "Request Header Fields Too Large")
+        elif self.loop.time() > self._body_deadline:
+            self._refuse_in_body(ClientTooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s"),
+                                 408, "Request Timeout")
+
+    def _refuse_in_body(self, exc: ClientError, status: int, reason: str) -> None:
+        if self.cycle is not None and self.cycle.response_complete:  # answered already (/livez, a 404): just close
+            counted(exc)
+            self._refused = True
+            self.transport.close()
+            return
+        self._refuse(exc, status, reason)
+
+    def on_chunk_header(self) -> None:
+        self._framing_allowance += CHUNK_LINE_ALLOWANCE
+
     def on_message_begin(self) -> None:
+        self._in_body = False
         if self._refused:
             return  # a pipelined request behind a refused one: not served (the connection is closing)
         super().on_message_begin()
@@ -172,8 +217,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if size > self.max_header_bytes:
                 self._refuse_headers_too_large()
                 return
+        self._in_body, self._framing, self._framing_allowance = True, 0, self.max_header_bytes
+        self._body_deadline = self.loop.time() + self.body_timeout_s + BODY_DEADLINE_GRACE_S
         if not self.parser.should_upgrade():  # Upgrade and Connection: upgrade both there (a C call: cheap)
             super().on_headers_complete()
+            # uvicorn appends trailer fields to the list the request's scope holds as its headers; RFC 9110 §6.5.1
+            # forbids that merge. From here they go to a list nobody reads (and _check_body_phase caps it).
+            self.headers = []
             return
         # An upgrade request (websocket, h2c): no route of ours switches protocols. The parser hands whatever follows
         # its headers to the new protocol, so a body it announces is never read as one: refuse that request. A
@@ -190,10 +240,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
+        self._read_body += len(body)
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         if not self._refused:
             self._between_requests = True
             super().on_message_complete()
@@ -275,6 +327,7 @@ def install(cfg: ServiceConfig) -> None:
     GuardedHttpProtocol.keepalive_timeout_s = float(cfg.keepalive_timeout_s)
     GuardedHttpProtocol.max_connections = cfg.max_connections
     GuardedHttpProtocol.retry_after_s = cfg.retry_after_s
+    GuardedHttpProtocol.body_timeout_s = float(cfg.body_timeout_s)
     uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpProtocol"
     uvicorn_log = logging.getLogger("uvicorn.error")
     # BentoML gives this logger its handler and lets it propagate to the root logger, which has the same handler:

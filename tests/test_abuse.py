@@ -322,6 +322,47 @@ def test_the_log_filter_lets_one_line_through_per_period_and_says_how_many_it_he
     assert passes("Invalid HTTP request received.") == "Invalid HTTP request received."
 
 
+def _chunked(path: str, chunks: list[bytes], trailers: bytes = b"") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head.encode() + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n" + trailers + b"\r\n"
+
+
+def test_chunked_trailers_are_capped_like_headers(limited_server):
+    """uvicorn added each trailer field to the request's headers, with no cap: 80 MB of trailers after a digit took a
+    worker from 0.9 to 2.4 GB and got a 200. A body's framing (chunk lines, extensions, trailers) now has the header
+    cap; fine-grained chunks and a few trailers are served as before."""
+    base, _ = limited_server
+    port, before = _port(base), http_errors(base).get("headers_too_large", 0)
+    for trailers in (b"ab: cd\r\n" * 1_500_000, b"x: " + b"a" * 10_000_000 + b"\r\n"):  # many fields, one long one
+        status, headers, body, closed = _exchange(port, _chunked("/classify?model=lenet5", [DIGIT], trailers))
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", (status, body)
+        assert json.loads(body)["detail"].startswith("the chunked body's framing (chunk extensions and trailer")
+        assert closed
+    assert http_errors(base)["headers_too_large"] == before + 2
+    big = _noisy_png(300)  # ~90 KB in 1,400 chunks of 64 bytes: 6 bytes of framing each, well within the cap
+    status, _, body, _ = _exchange(port, _chunked("/classify?model=lenet5", [big[i:i + 64] for i in range(
+        0, len(big), 64)], b"X-Checksum: 1\r\nX-Other: 2\r\n") + b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: "
+        b"close\r\n\r\n")
+    assert status == b"HTTP/1.1 200 OK" and b'"predictions"' in body, body
+    assert body.count(b"HTTP/1.1 200 OK") == 1  # and the pipelined request behind it was answered too
+
+
+def test_a_body_trickled_to_any_path_is_cut_off_at_the_body_deadline(limited):
+    """/livez answers a POST at once (405), but the connection stayed open as long as chunks kept coming: each byte
+    cancelled uvicorn's keep-alive timer, and only our routes had a body deadline. Now every path has one."""
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def trickle():
+        return await asyncio.gather(*[_slow_client(_port(limited), head % path, b"1\r\nx\r\n", 1.0,
+                                                   BODY_TIMEOUT_S + 1 + SLACK_S + 10)
+                                      for path in (b"/livez", b"/no-such-path", b"/docs.json")])
+
+    for closed_after, answer in asyncio.run(trickle()):
+        assert BODY_TIMEOUT_S <= closed_after <= BODY_TIMEOUT_S + 1 + SLACK_S, (closed_after, answer)
+        assert answer.startswith((b"HTTP/1.1 405 ", b"HTTP/1.1 404 ")), answer  # the one answer it had, no other
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 def test_an_answer_sent_before_the_body_closes_the_connection(limited):
     # A 413 from Content-Length alone: the worker used to keep the connection and read the declared 100 MB.
     request = (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
