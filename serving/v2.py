@@ -150,7 +150,17 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
         raise BodyTooLarge(f"the decompressed request body exceeds the {limit:,}-byte limit")
     if not inflater.eof:
         raise InvalidTensor(f"the {encoding} request body is truncated")
+    if inflater.unused_data:  # a second gzip member, or junk: never silently dropped (tritonclient sends one member)
+        raise InvalidTensor(f"{len(inflater.unused_data):,} bytes follow the end of the {encoding} stream; send the "
+                            "request compressed as one stream")
     return out
+
+
+# A JSON array costs Python ~60 bytes however short its text: 20 MB of `[],` became 640 MB in a worker. Nested RGB
+# pixels spend at least 8 bytes of JSON on each array ("[0,0,0],", ~7.98 counting the rows' arrays too); a digit's
+# 1-pixel arrays ("[0],") take 4, but 64 nested digits are 68,000 arrays. So: 100,000 arrays free, then one per 7 bytes.
+JSON_CONTAINERS_FREE = 100_000
+JSON_BYTES_PER_CONTAINER = 7
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -164,6 +174,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         if not 0 <= length <= len(body):
             raise InvalidTensor(f"{HEADER_LENGTH} is {length:,} but the request body has {len(body):,} bytes")
         json_part, binary = body[:length], body[length:]
+    containers = json_part.count(b"[") + json_part.count(b"{")  # C-speed scans: ~2 ms for 20 MB
+    if containers > max(JSON_CONTAINERS_FREE, len(json_part) // JSON_BYTES_PER_CONTAINER):
+        raise InvalidTensor(f"the inference request has {containers:,} JSON arrays and objects in {len(json_part):,} "
+                            "bytes, more than tensor data needs; send 'data' flat (row-major), or as binary tensor "
+                            "data")
     try:
         header = loads_json(json_part)  # NaN, Infinity: a 400 NonFiniteNumber, not echoed back as invalid JSON
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[…
@@ -182,6 +197,18 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+# Echoed parameters are re-encoded in the response: ~960 levels that json.loads took failed json.dumps there (a 500).
+MAX_PARAMETER_DEPTH = 32
+
+
+def _nested_at_most(value: Any, depth: int) -> bool:
+    """Whether `value`'s lists and objects nest at most `depth` levels (recursing no deeper than that)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if children is None:
+        return True
+    return depth > 0 and all(_nested_at_most(child, depth - 1) for child in children)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -193,10 +220,15 @@ def _flag(params: dict[str, Any], name: str, default: bool, what: str) -> bool:
     return value
 
 
-def parse_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
-    """The binary BYTES serialization: each element a 4-byte little-endian length, then that many bytes."""
+def parse_bytes_tensor(raw: bytes, name: str, count: int) -> list[bytes]:
+    """The binary BYTES serialization: each element a 4-byte little-endian length, then that many bytes. `count`
+    elements are expected: the walk stops past that (20 MB of zero bytes is 5 million empty elements, ~2 s of the
+    event loop to list)."""
     items, offset = [], 0
     while offset < len(raw):
+        if len(items) == count:
+            raise InvalidTensor(f"input {name!r}: its binary data holds more than the {count} elements its shape "
+                                "needs")
         if offset + 4 > len(raw):
             raise InvalidTensor(f"input {name!r}: BYTES element {len(items)} has a truncated 4-byte length prefix")
         (size,) = struct.unpack_from("<I", raw, offset)
@@ -284,6 +316,9 @@ def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo,
     binary_default = _flag(params, "binary_data_output", False, "request")
     passed_through = {k: v for k, v in params.items()
                       if k not in ("binary_data_output", *SCHEDULING_PARAMS, *SEQUENCE_PARAMS)}
+    if not _nested_at_most(passed_through, MAX_PARAMETER_DEPTH):
+        raise InvalidTensor(f"'parameters' are nested over {MAX_PARAMETER_DEPTH} levels deep; they are echoed back in "
+                            "the response, and so must stay shallow")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidTensor("'inputs' must be a non-empty list of tensors")
@@ -332,7 +367,7 @@ def parse_infer_request(header: dict[str, Any], binary: bytes, model: ModelInfo,
     count = math.prod(shape)
     raw = chosen.get("raw")
     if spec is bytes_spec:
-        images = parse_bytes_tensor(raw, spec.name) if raw is not None else None
+        images = parse_bytes_tensor(raw, spec.name, count) if raw is not None else None
         if images is not None and len(images) != count:
             raise InvalidTensor(f"input {spec.name!r}: its binary data holds {len(images)} elements, its shape "
                                 f"{list(shape)} needs {count}")

@@ -7,6 +7,7 @@ Every inference answer is checked against /classify on the same image: the v2 pa
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import re
@@ -376,15 +377,60 @@ def with_input(**changes) -> dict:
      "'classification' must be a positive integer"),
     ({**GOOD, "id": 7}, X.tobytes(), None, "'id' must be a string"),
     ({**GOOD, "parameters": {"sequence_id": 3}}, X.tobytes(), None, "sequence batching is not supported"),
+    # echoed in the response, so kept shallow (test_parameters_nested_as_deep_as_json_allows_are_a_400: the 500)
+    ({**GOOD, "parameters": {"x": functools.reduce(lambda inner, _: [inner], range(33), [])}}, X.tobytes(), None,
+     "'parameters' are nested over 32 levels deep"),
+    # 20 MB of zero bytes was 5 million empty elements, listed in full (2 s of the event loop) before the count check
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                  "parameters": {"binary_data_size": 4_000_000}}]}, bytes(4_000_000), None,
+     "holds more than the 1 elements its shape needs"),
     ([1, 2], b"", None, "must be a json object"),
 ])
 def test_protocol_errors_are_400_with_the_protocols_shape(server, header, binary, header_length, message):
     assert_v2_error(v2_post(server, "lenet5", header, binary, header_length), 400, message)
 
 
+def test_parameters_nested_as_deep_as_json_allows_are_a_400(server):
+    """Unknown request parameters are echoed in the response: 963 levels passed json.loads, then failed json.dumps
+    building the answer, a 500 and a traceback in the log per request."""
+    pixels = '{"name":"image","datatype":"UINT8","shape":[1,32,32,1],"data":[' + ",".join("0" * 1024) + "]}"
+    for depth in (962, 963, 964):
+        body = '{"parameters":{"x":' + "[" * depth + "]" * depth + '},"inputs":[' + pixels + "]}"
+        r = httpx.post(f"{server}/v2/models/lenet5/infer", content=body, timeout=60)
+        assert r.status_code == 400, (depth, r.text)  # "nested over 32 levels", or over what the JSON parser takes
+
+
 def test_deeply_nested_json_is_a_400(server):
     r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b"[" * 100_000, timeout=60)
     assert_v2_error(r, 400, "not valid json")
+
+
+def test_a_body_of_empty_arrays_is_refused_before_parsing_and_nested_pixels_are_not(server):
+    """20 MB of `[],` parsed into ~640 MB of Python lists before anything checked it; nested pixel data, even all
+    zeros (the fewest bytes per array), is still served."""
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b'{"inputs":[{"name":"image","datatype":"UINT8",'
+                   b'"shape":[1,32,32,1],"data":[' + b"[]," * 2_000_000 + b"[]]}]}", timeout=60)
+    assert_v2_error(r, 400, "2,000,006 json arrays and objects in 6,000,080 bytes")
+    zeros = np.zeros((2, 224, 224, 3), np.uint8)
+    nested = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 224, 224, 3], "data": zeros.tolist()}]}
+    r = httpx.post(f"{server}/v2/models/alexnet/infer", content=json.dumps(nested, separators=(",", ":")), timeout=120)
+    assert r.status_code == 200, r.text
+    digits = np.zeros((64, 32, 32, 1), np.uint8)  # a digit's arrays are the shortest: 4 bytes, "[0],"
+    nested = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [64, 32, 32, 1], "data": digits.tolist()}]}
+    r = httpx.post(f"{server}/v2/models/lenet5/infer", content=json.dumps(nested, separators=(",", ":")), timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def test_a_second_gzip_member_is_refused_not_dropped(server):
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1],
+                                   "data": [0] * 1024}]}).encode()
+    ok = httpx.post(f"{server}/v2/models/lenet5/infer", content=gzip.compress(body),
+                    headers={"Content-Encoding": "gzip"}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    for tail in (gzip.compress(b" "), b"junk"):
+        r = httpx.post(f"{server}/v2/models/lenet5/infer", content=gzip.compress(body) + tail,
+                       headers={"Content-Encoding": "gzip"}, timeout=60)
+        assert_v2_error(r, 400, "follow the end of the gzip stream")
 
 
 def test_bad_compression_is_a_400_and_a_bomb_is_413(server):
