@@ -300,6 +300,11 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
     query = query_dict(request.scope.get("query_string", b""))
     params = dict(query)
     content_type = request.headers.get("content-type", "")
+    coding = request.headers.get("content-encoding")
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        # Ignored, a gzip-compressed PNG was "not an image" and a plain one labelled gzip was served as if fine.
+        raise UnsupportedMediaType(f"Content-Encoding {shown(coding)} is not accepted here: send the image as it is "
+                                   "(image formats are compressed already)")
     mtype = media_type(content_type)
     images: list[Part] = []
     if mtype == "multipart/form-data":

@@ -203,7 +203,7 @@ class FrontDoor:
             if path in self.exact or path.startswith(self.prefixes):
                 await self.ours(scope, receive, send)
                 return
-            if path == "/docs.json" and scope["method"] == "GET":
+            if path == "/docs.json" and scope["method"] in ("GET", "HEAD"):  # HEAD: the same headers as GET
                 spec = Convnet.openapi_spec.asdict()
                 spec["paths"] = {**self.paths, **spec.get("paths", {})}
                 spec["info"]["description"] = INDEX_DESCRIPTION  # Swagger UI at / shows it first: links the demo page

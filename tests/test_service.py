@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gzip
 import io
 import os
 import re
@@ -153,6 +154,30 @@ def test_multipart_parameters_as_form_fields_and_curl_style_parts(server):
     r = httpx.post(f"{server}/classify?model=lenet5", content=body,
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 200, r.text
+
+
+def test_a_content_encoding_is_refused_not_ignored(server):
+    """A gzip-compressed PNG was answered "not an image", and a plain one labelled gzip was served: the header was
+    never read. Images are compressed already; identity is the only coding taken."""
+    digit = imagegen.drawn_digit_one()
+    for path, kwargs in (("/classify", {"content": gzip.compress(digit), "headers": {"Content-Type": "image/png"}}),
+                         ("/classify", {"files": {"image": ("1.png", digit, "image/png")}}),
+                         ("/classify_batch", {"files": {"image": ("1.png", digit, "image/png")}}),
+                         ("/model_input", {"files": {"image": ("1.png", digit, "image/png")}})):
+        headers = {**kwargs.pop("headers", {}), "Content-Encoding": "gzip"}
+        r = httpx.post(f"{server}{path}?model=lenet5", headers=headers, timeout=30, **kwargs)
+        assert r.status_code == 415, (path, r.text)
+        assert r.json() == {"error": "unsupported_media_type", "detail": "Content-Encoding 'gzip' is not accepted "
+                            "here: send the image as it is (image formats are compressed already)"}
+    r = httpx.post(f"{server}/classify?model=lenet5", content=digit,
+                   headers={"Content-Type": "image/png", "Content-Encoding": "identity"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_head_of_the_openapi_document_says_what_get_sends(server):
+    get, head = httpx.get(f"{server}/docs.json", timeout=30), httpx.head(f"{server}/docs.json", timeout=30)
+    assert get.status_code == head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
 
 
 def test_a_parameter_given_twice_is_refused_not_guessed(server):
