@@ -195,6 +195,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refuse(exc, status, reason)
 
     def on_chunk_header(self) -> None:
+        if self._framing_allowance == self.max_header_bytes and not self._refused:  # the body's first chunk
+            # llhttp reads "Transfer-Encoding: gzip, chunked" as chunked and hands the still-compressed data on as
+            # the body; we decode no transfer coding but chunked (RFC 9112 §6.1).
+            codings = b",".join(v for n, v in self.scope["headers"] if n == b"transfer-encoding")
+            if codings.lower().replace(b" ", b"").replace(b"\t", b"") != b"chunked":
+                self._refuse_in_body(ClientError(f"Transfer-Encoding {shown(codings.decode('latin-1'))} is not "
+                                                 "supported; send the body with 'chunked' alone, or a Content-Length"),
+                                     400, "Bad Request")
+                return
         self._framing_allowance += CHUNK_LINE_ALLOWANCE
 
     def on_message_begin(self) -> None:

@@ -347,6 +347,21 @@ def test_chunked_trailers_are_capped_like_headers(limited_server):
     assert body.count(b"HTTP/1.1 200 OK") == 1  # and the pipelined request behind it was answered too
 
 
+def test_a_transfer_coding_other_than_chunked_is_refused(limited):
+    """`Transfer-Encoding: gzip, chunked` was read as chunked and the compressed bytes classified as they were."""
+    port = _port(limited)
+    for codings in (b"gzip, chunked", b"deflate,chunked"):
+        raw = _chunked("/classify?model=lenet5", [DIGIT]).replace(b"Transfer-Encoding: chunked",
+                                                                  b"Transfer-Encoding: " + codings)
+        status, headers, body, closed = _exchange(port, raw)
+        assert status == b"HTTP/1.1 400 Bad Request" and closed, (status, body)
+        assert json.loads(body)["detail"] == (f"Transfer-Encoding {codings.decode()!r} is not supported; send the "
+                                              "body with 'chunked' alone, or a Content-Length")
+    status, _, body, _ = _exchange(port, _chunked("/classify?model=lenet5", [DIGIT]).replace(
+        b"Transfer-Encoding: chunked", b"Transfer-Encoding: Chunked"))
+    assert status == b"HTTP/1.1 200 OK", body
+
+
 def test_a_body_trickled_to_any_path_is_cut_off_at_the_body_deadline(limited):
     """/livez answers a POST at once (405), but the connection stayed open as long as chunks kept coming: each byte
     cancelled uvicorn's keep-alive timer, and only our routes had a body deadline. Now every path has one."""
