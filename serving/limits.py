@@ -134,6 +134,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # it, when it must be over, its bytes that were not body (chunk lines, extensions, trailers) and what those
         # may add up to, and the body bytes of the read being parsed.
         self._in_body = False
+        self._bodies = 0  # body phases begun on this connection: a read that holds one's end and the next's start
         self._body_deadline = 0.0
         self._framing = self._framing_allowance = self._read_body = 0
 
@@ -154,11 +155,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # as soon as it is. A read that starts mid-request (a pipelined one behind another's body) counts from the
         # next read: the count is never more than the real size, and is short by at most one read (256 KiB).
         self._read_size, self._began_in_read, self._read_body = len(data), False, 0
-        between_requests, in_body = self._between_requests, self._in_body
+        between_requests, body_at_start = self._between_requests, self._bodies if self._in_body else -1
         super().data_received(data)
         if self._refused or self.transport.is_closing():
             return
-        if in_body and self._in_body:  # the whole read was one request's body phase
+        if self._in_body and self._bodies == body_at_start:  # the whole read was one request's body phase
             self._check_body_phase(len(data))
             return
         if self._header_timer is None:
@@ -227,6 +228,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._refuse_headers_too_large()
                 return
         self._in_body, self._framing, self._framing_allowance = True, 0, self.max_header_bytes
+        self._bodies += 1
         self._body_deadline = self.loop.time() + self.body_timeout_s + BODY_DEADLINE_GRACE_S
         if not self.parser.should_upgrade():  # Upgrade and Connection: upgrade both there (a C call: cheap)
             super().on_headers_complete()
