@@ -256,15 +256,19 @@ def query_dict(query_string: bytes) -> dict[str, str]:
     anything with %-escapes or '+' goes through parse_qsl. A name given twice is a 422: which value was meant is
     ambiguous (Starlette's dict keeps the last, other frameworks the first)."""
     text = query_string.decode("latin-1")
-    if "%" in text or "+" in text:
-        pairs = parse_qsl(text, keep_blank_values=True)
-    else:
-        pairs = [pair.partition("=")[::2] for pair in text.split("&") if pair]
     query: dict[str, str] = {}
-    for name, value in pairs:
-        if name in query:
-            _given_twice("query parameter", name)
-        query[name] = value
+    if "%" in text or "+" in text:
+        for name, value in parse_qsl(text, keep_blank_values=True):
+            if name in query:
+                _given_twice("query parameter", name)
+            query[name] = value
+        return query
+    for pair in text.split("&"):  # the same, inline: half the time of building the pairs first (0.5 against 0.9 µs)
+        if pair:
+            name, _, value = pair.partition("=")
+            if name in query:
+                _given_twice("query parameter", name)
+            query[name] = value
     return query
 
 
@@ -300,11 +304,13 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
     query = query_dict(request.scope.get("query_string", b""))
     params = dict(query)
     content_type = request.headers.get("content-type", "")
-    coding = request.headers.get("content-encoding")
-    if coding is not None and coding.strip().lower() not in ("", "identity"):
-        # Ignored, a gzip-compressed PNG was "not an image" and a plain one labelled gzip was served as if fine.
-        raise UnsupportedMediaType(f"Content-Encoding {shown(coding)} is not accepted here: send the image as it is "
-                                   "(image formats are compressed already)")
+    # Ignored, a gzip-compressed PNG was "not an image" and a plain one labelled gzip was served as if fine. Every
+    # such header is read (not only the first), from the raw list: Starlette's get() raises and catches KeyError
+    # when, as nearly always, there is none (0.7 µs against 0.2).
+    for name, value in request.scope["headers"]:
+        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            raise UnsupportedMediaType(f"Content-Encoding {shown(value.decode('latin-1'))} is not accepted here: "
+                                       "send the image as it is (image formats are compressed already)")
     mtype = media_type(content_type)
     images: list[Part] = []
     if mtype == "multipart/form-data":

@@ -163,6 +163,15 @@ JSON_CONTAINERS_FREE = 100_000
 JSON_BYTES_PER_CONTAINER = 7
 
 
+def _one_header(request: Request, name: str) -> str | None:
+    """A header that changes how the body is read: given twice, which one counts is ambiguous (a proxy may take the
+    other), so that is a 400, as for two Authorization headers (serving/keys.py)."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise InvalidTensor(f"the {name} header is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """The JSON inference header and the binary tensor data after it (`Inference-Header-Content-Length`)."""
     if header_length is None:
@@ -481,9 +490,9 @@ class V2Protocol:
             model = self._model(request)
             model_name = model.name
             limit = self.api.cfg.max_body_bytes
-            body = inflate(await read_body(request, limit), media_type(request.headers.get("content-encoding")),
+            body = inflate(await read_body(request, limit), media_type(_one_header(request, "content-encoding")),
                            limit)
-            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+            header, binary = split_body(body, _one_header(request, HEADER_LENGTH))
             parsed = parse_infer_request(header, binary, model, self.api.cfg.max_batch_images)
             batch = parsed.pixels if parsed.pixels is not None else await self._decode(model, parsed.images or [])
             logits = await self.api.infer(model.name, batch)

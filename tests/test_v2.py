@@ -421,6 +421,17 @@ def test_a_body_of_empty_arrays_is_refused_before_parsing_and_nested_pixels_are_
     assert r.status_code == 200, r.text
 
 
+def test_a_framing_header_given_twice_is_refused(server):
+    body = json.dumps(GOOD).encode() + X.tobytes()
+    length = str(len(json.dumps(GOOD)))
+    for name, values in (("Inference-Header-Content-Length", [length, length]),
+                         ("Content-Encoding", ["identity", "gzip"])):
+        headers = [(name, v) for v in values] + ([] if name != "Content-Encoding" else
+                                                 [("Inference-Header-Content-Length", length)])
+        r = httpx.post(f"{server}/v2/models/lenet5/infer", content=body, headers=headers, timeout=60)
+        assert_v2_error(r, 400, f"the {name} header is given 2 times; give it once")
+
+
 def test_a_second_gzip_member_is_refused_not_dropped(server):
     body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1],
                                    "data": [0] * 1024}]}).encode()
