@@ -317,14 +317,15 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
         body = await read_body(request, limit)
         accepted_names = image_field_names(image_field)
         others: list[str] = []
-        fields: dict[str, str] = {}
+        fields: set[str] = set()
         for part in parse_multipart(body, content_type):
             if part.name in accepted_names:
                 images.append(part)  # its content type is checked per image, so a batch reports it per item
             elif part.name in known_params:
                 if part.name in fields:
                     _given_twice("form field", part.name)
-                params[part.name] = fields[part.name] = part.text
+                fields.add(part.name)
+                params[part.name] = part.text
             else:
                 others.append(part.name)
         if others:

@@ -13,7 +13,7 @@ no header-read timeout at all (its keep-alive timer only runs between requests).
   answer's `Server-Timing` header: one layer for all three, because every layer costs time on each request.
 
 `wrap_app` lets the service put its front door (serving/service.py) before uvicorn's app in the protocol, ahead of
-BentoML's middleware stack. `count_errors` lets /metrics count the errors answered here, outside any route.
+BentoML's middleware stack. `count_errors_with` lets /metrics count the errors answered here, outside any route.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _raw_response(status: int, reason: str, exc: Exception, extra: tuple[tuple[s
 _count_error: Callable[[str], None] | None = None
 
 
-def count_errors(callback: Callable[[str], None] | None) -> None:
+def count_errors_with(callback: Callable[[str], None] | None) -> None:
     """From now on call `callback(error code)` for every error answered outside the routes: the protocol's 400, 408,
     431 and 503, the request cap's 503, the service deadline's 504 (serving/upstream.py), and the routers' 404 and
     405 (serving/api.py, serving/service.py). None: no counting."""
@@ -208,7 +208,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._framing_allowance += CHUNK_LINE_ALLOWANCE
 
     def on_message_begin(self) -> None:
-        self._in_body = False
         if self._refused:
             return  # a pipelined request behind a refused one: not served (the connection is closing)
         super().on_message_begin()

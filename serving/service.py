@@ -41,8 +41,7 @@ from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy, routing_error_body
 from serving.http import relative_redirects
 from serving.keys import install as install_api_keys
-from serving.limits import count_error
-from serving.limits import count_errors as count_http_errors
+from serving.limits import count_error, count_errors_with
 from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
 from serving.registry import ServedModel, load_repository
@@ -283,7 +282,7 @@ class Convnet:
         self.life = WorkerLifeRecord("convnet")
         self.front = load_warm(IN_FRONT, FRONT_DEVICE, WORKERS["front_ort_threads"])
         metrics = Metrics()
-        count_http_errors(metrics.count_http_error)
+        count_errors_with(metrics.count_http_error)
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
                                             on_batch=functools.partial(observe_batch, metrics, name),

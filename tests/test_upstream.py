@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from serving.limits import count_errors
+from serving.limits import count_errors_with
 from serving.upstream import CancellingTimeoutMiddleware
 
 
@@ -63,11 +63,11 @@ def test_a_late_answer_is_a_504_in_our_error_shape_and_a_started_one_is_not_cut(
         return late, streamed
 
     counted: list[str] = []
-    count_errors(counted.append)  # what the service's /metrics counts (convnet_http_errors_total)
+    count_errors_with(counted.append)  # what the service's /metrics counts (convnet_http_errors_total)
     try:
         late, streamed = asyncio.run(run())
     finally:
-        count_errors(None)
+        count_errors_with(None)
     assert counted == ["timeout"]  # the 504, once; not the answer that had started
     assert late.status_code == 504
     assert late.json()["error"] == "timeout" and "0.1 s" in late.json()["detail"]
