@@ -12,7 +12,7 @@ from pathlib import Path
 import imagegen as gen
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin
 
 from serving.errors import (
     CorruptImage,
@@ -38,6 +38,7 @@ from serving.preprocess import (
     resize_lanczos,
     resized_size,
     to_8bit,
+    upright,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -211,6 +212,47 @@ def test_exif_orientation_is_applied():
     assert im.size == (200, 400)  # stored 400×200, displayed rotated
     a = np.asarray(im.convert("L"))
     assert a[:150].mean() < 30 and a[250:].mean() > 225  # the black half is now on top
+
+
+def _oriented_6(source: str) -> bytes:
+    """Left half red, right half blue, 80×60, with orientation 6 (rotate 90° clockwise) carried in `source`."""
+    a = np.zeros((60, 80, 3), np.uint8)
+    a[:, :40], a[:, 40:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    png_text = PngImagePlugin.PngInfo()
+    if source == "png-raw-profile":
+        png_text.add_text("Raw profile type exif", f"\nexif\n{len(raw):8}\n{raw.hex()}\n")
+    elif source == "png-xmp":
+        png_text.add_itxt("XML:com.adobe.xmp", xmp)
+    tiff_tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tiff_tags[0x0112] = 6
+    fmt, options = {"jpeg-exif": ("JPEG", {"exif": raw, "quality": 95}), "png-exif": ("PNG", {"exif": raw}),
+                    "png-raw-profile": ("PNG", {"pnginfo": png_text}), "png-xmp": ("PNG", {"pnginfo": png_text}),
+                    "webp-xmp": ("WEBP", {"xmp": xmp.encode(), "lossless": True}),
+                    "tiff-tag": ("TIFF", {"tiffinfo": tiff_tags})}[source]
+    return gen.encode(Image.fromarray(a), fmt, **options)
+
+
+@pytest.mark.parametrize("source", ["jpeg-exif", "png-exif", "png-raw-profile", "png-xmp", "webp-xmp", "tiff-tag"])
+def test_every_place_pillow_reads_an_orientation_from_is_honoured(source):
+    # `upright` skips Pillow's EXIF parsing when a picture carries none of these; each must still turn it upright.
+    data = _oriented_6(source)
+    loaded = Image.open(io.BytesIO(data))
+    loaded.load()
+    assert ImageOps.exif_transpose(loaded).size == (60, 80)  # Pillow itself reads this source
+    out = np.asarray(decode(data))
+    assert out.shape == (80, 60, 3)
+    assert out[2, 30, 0] > 200 and out[2, 30, 2] < 50 and out[-3, 30, 2] > 200 and out[-3, 30, 0] < 50
+
+
+def test_a_picture_without_metadata_is_not_copied_to_be_turned_upright():
+    im = Image.open(EXAMPLES / "digit-7.png")
+    im.load()
+    assert upright(im) is im
 
 
 def test_palette_transparency_is_composited_on_white():
