@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServiceConfig
+from serving.deadlines import Deadlines, cancelled_by
 from serving.errors import ClientError, ClientTooSlow, HeadersTooLarge, ServerBusy, error_body, shown
 
 Message = dict
@@ -360,6 +361,7 @@ class RequestLimits:
         self.app, self.max_requests, self.body_timeout_s = app, max_requests, body_timeout_s
         self.retry_after = str(retry_after_s)
         self.active = 0
+        self.body_deadlines = Deadlines(body_timeout_s)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -387,19 +389,29 @@ class RequestLimits:
                                                          "in progress; retry shortly")))
             await JSONResponse(body, status, headers={"Retry-After": self.retry_after})(scope, receive, send_timed)
             return
-        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        task = asyncio.current_task()
+        body_deadline = self.body_deadlines.start(task.cancel, armed=False)  # armed only while waiting for the body
 
         async def receive_by_deadline() -> Message:
             nonlocal body_done, timed_out
             if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
                 return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):  # no task per receive, unlike wait_for on 3.11
-                    message = await receive()
-            except TimeoutError:
+            if body_deadline.expired:  # it passed while the request was doing something else
                 timed_out = True
-                raise ClientTooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+                raise self._too_slow()
+            body_deadline.armed = True
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if not cancelled_by(body_deadline, task):
+                    raise
+                timed_out = True
+                raise self._too_slow() from None
+            finally:
+                body_deadline.armed = False
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            if body_done:
+                self.body_deadlines.stop(body_deadline)
             return message
 
         self.active += 1
@@ -407,3 +419,7 @@ class RequestLimits:
             await self.app(scope, receive_by_deadline, send_timed)
         finally:
             self.active -= 1
+            self.body_deadlines.stop(body_deadline)
+
+    def _too_slow(self) -> ClientTooSlow:
+        return ClientTooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s")
