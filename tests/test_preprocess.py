@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin
 
+from loadtests.images import mnist_sample
 from serving.errors import (
     CorruptImage,
     ExtremeAspectRatio,
@@ -130,6 +131,57 @@ def test_lanczos_resize_equals_pillows_exactly():
             a = np.where(a > 200, 255, 0).astype(np.uint8)  # ink on a ground: the clipping at 0 and 255 matters
         want = np.asarray(Image.fromarray(a, "L").resize((out_w, out_h), Image.Resampling.LANCZOS))
         assert np.array_equal(resize_lanczos(a, out_w, out_h), want), (h, w, out_h, out_w)
+
+
+def _normalize_digit_per_pixel(gray: np.ndarray) -> np.ndarray:
+    """normalize_digit as it was until the twenty-first session: every pixel step on a float32 copy of the picture.
+    The shipped function runs those steps on the 256 grey levels and looks them up (#10); it must equal this."""
+    a = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    if border.mean() > 127.5:
+        a, border = 255.0 - a, 255.0 - border
+    n = len(border)
+    middle = np.sort(border)
+    a = np.maximum(a - float((middle[(n - 1) // 2] + middle[n // 2]) / 2), 0.0)
+    peak = float(a.max())
+    out = np.zeros((32, 32), dtype=np.uint8)
+    if peak <= 0:
+        return out
+    a *= 255.0 / peak
+    ink = a > 0.2 * 255.0
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    a = a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.uint8)
+    h, w = a.shape
+    nh, nw = max(1, int(round(h * 20 / max(h, w)))), max(1, int(round(w * 20 / max(h, w))))
+    fitted = np.asarray(Image.fromarray(a, "L").resize((nw, nh), Image.Resampling.LANCZOS))
+    mass = int(fitted.sum(dtype=np.int64))
+    cy = int(fitted.sum(axis=1, dtype=np.int64) @ np.arange(nh)) / mass
+    cx = int(fitted.sum(axis=0, dtype=np.int64) @ np.arange(nw)) / mass
+    top, left = int(round(13.5 - cy)), int(round(13.5 - cx))
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + nh, 28), min(left + nw, 28)
+    out[2 + y0:2 + y1, 2 + x0:2 + x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
+    return out
+
+
+def test_digit_levels_looked_up_equal_every_pixel_computed():
+    rng = np.random.default_rng(7)
+    pictures = [d for d in mnist_sample()[0]] + [255 - d for d in mnist_sample()[0][:200]]
+    for i in range(1500):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        kind = i % 4
+        if kind == 0:  # noise
+            g = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        elif kind == 1:  # sparse ink on black
+            g = np.where(rng.random((h, w)) > 0.9, 255, 0).astype(np.uint8)
+        elif kind == 2:  # grey around the inversion threshold, where rounding would show
+            g = rng.integers(100, 156, (h, w), dtype=np.uint8)
+        else:  # a dark stroke on a light ground
+            g = np.full((h, w), rng.integers(150, 256), np.uint8)
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            g[y:y + rng.integers(1, 30), x:x + rng.integers(1, 30)] = rng.integers(0, 120)
+        pictures.append(g)
+    for g in pictures:
+        assert np.array_equal(normalize_digit(g), _normalize_digit_per_pixel(g)), g.shape
 
 
 def test_a_very_long_ink_box_costs_bounded_memory_and_still_draws_its_ink():
