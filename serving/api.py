@@ -425,8 +425,10 @@ class ClassifierAPI:
         if not isinstance(exc, ClientError):
             log.error("%s failed", endpoint, exc_info=exc)
         self._count(endpoint, model, body["error"])
-        retry = {"Retry-After": str(self.cfg.retry_after_s)} if status == 503 else None
-        return JSONResponse(body, status_code=status, headers=retry)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if status == 503:
+            headers["Retry-After"] = str(self.cfg.retry_after_s)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def _http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", 500)

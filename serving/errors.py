@@ -14,6 +14,7 @@ class ClientError(Exception):
 
     status = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None  # response headers the status calls for (e.g. a 415's Accept-Encoding)
 
     def __init__(self, detail: str):
         super().__init__(detail)
@@ -59,6 +60,15 @@ class BodyTooLarge(ClientError):
 class UnsupportedMediaType(ClientError):
     status = 415
     code = "unsupported_media_type"
+
+
+class UnsupportedEncoding(UnsupportedMediaType):
+    """A Content-Encoding the endpoint does not inflate. RFC 9110 §12.5.3: the 415 lists in Accept-Encoding the
+    codings it does take, so a client can retry without guessing."""
+
+    def __init__(self, detail: str, accepted: str):
+        super().__init__(detail)
+        self.headers = {"Accept-Encoding": accepted}
 
 
 class BadParameter(ClientError):

@@ -25,6 +25,7 @@ from serving.errors import (
     ClientError,
     MissingImage,
     NonFiniteNumber,
+    UnsupportedEncoding,
     UnsupportedMediaType,
     shown,
 )
@@ -309,8 +310,8 @@ async def read_upload(request: Request, limit: int, image_field: str = "image", 
     # when, as nearly always, there is none (0.7 µs against 0.2).
     for name, value in request.scope["headers"]:
         if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-            raise UnsupportedMediaType(f"Content-Encoding {shown(value.decode('latin-1'))} is not accepted here: "
-                                       "send the image as it is (image formats are compressed already)")
+            raise UnsupportedEncoding(f"Content-Encoding {shown(value.decode('latin-1'))} is not accepted here: "
+                                      "send the image as it is (image formats are compressed already)", "identity")
     mtype = media_type(content_type)
     images: list[Part] = []
     if mtype == "multipart/form-data":

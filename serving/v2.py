@@ -26,16 +26,26 @@ import math
 import struct
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match, Route
 
-from serving.errors import BodyTooLarge, ClientError, InvalidTensor, ModelNotFound, shown, shown_path, v2_error_body
+from serving.errors import (
+    BodyTooLarge,
+    ClientError,
+    InvalidTensor,
+    ModelNotFound,
+    UnsupportedEncoding,
+    shown,
+    shown_path,
+    v2_error_body,
+)
 from serving.http import Part, loads_json, media_type, plain_int, read_body
 from serving.runtime import top_k
 
@@ -47,7 +57,6 @@ log = logging.getLogger("convnet_serving")
 SERVER_NAME = "convnet-serving"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "onnxruntime_onnx"
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_INPUT = "image_bytes"
 DATATYPES = {"uint8": "UINT8", "float32": "FP32"}  # card dtype → the protocol's datatype name
@@ -140,7 +149,8 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise InvalidTensor(f"Content-Encoding {shown(encoding)} is not supported; send gzip, deflate or none")
+        raise UnsupportedEncoding(f"Content-Encoding {shown(encoding)} is not supported; send gzip, deflate or none",
+                                  "gzip, deflate, identity")
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         out = inflater.decompress(body, limit + 1)
@@ -442,6 +452,19 @@ def infer_response(model: ModelInfo, request: InferRequest, logits: np.ndarray) 
 # ---- the endpoints ------------------------------------------------------------------------------------------------
 
 
+class EveryMethod:
+    """An endpoint as a plain ASGI app, which Starlette's Route matches whatever the method: given a function, it
+    matches a list, and any method not in it (TRACE, PROPFIND) got Starlette's 405 listing the list's methods, on
+    paths where every one of them is a 404."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope, receive, send) -> None:
+        response = await self.endpoint(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 class V2Protocol:
     """The protocol's routes over a ClassifierAPI: its models, decoding pool, limits, metrics and `infer`."""
 
@@ -459,7 +482,7 @@ class V2Protocol:
                        Route(prefix + "/infer", self.infer, methods=["POST"])]
         self.served = routes
         # Any other /v2 path or method: a 405 for a served path, else a 404 that says what this server does not speak.
-        return [*routes, Route("/v2/{rest:path}", self.unsupported, methods=ALL_METHODS)]
+        return [*routes, Route("/v2/{rest:path}", EveryMethod(self.unsupported))]
 
     async def server_metadata(self, request: Request) -> JSONResponse:
         return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
@@ -502,9 +525,15 @@ class V2Protocol:
         self.api._count("v2_infer", model.name, "ok", images=parsed.count, started=started)
         return response
 
-    async def unsupported(self, request: Request) -> JSONResponse:
+    async def unsupported(self, request: Request) -> Response:
         # The catch-all matches every method, so Starlette's own 405 never happens below it: a served path asked
         # with the wrong method is found here, and answered like every other route's (405 with Allow).
+        path = request.scope["path"]
+        if path.endswith("/"):  # nor its redirect of a trailing slash, which /classify/ gets: the same 307 here
+            bare = {**request.scope, "path": path.rstrip("/")}
+            if any(route.matches(bare)[0] is not Match.NONE for route in self.served):
+                query = request.scope.get("query_string", b"").decode("latin-1")
+                return RedirectResponse(bare["path"] + ("?" + query if query else ""), status_code=307)
         allowed = sorted({method for route in self.served if route.matches(request.scope)[0] is Match.PARTIAL
                           for method in route.methods or ()})
         if allowed:
@@ -544,7 +573,7 @@ class V2Protocol:
         code = exc.code if isinstance(exc, ClientError) else "internal_error"
         if request.url.path.endswith("/infer"):
             self.api._count("v2_infer", model, code)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
 
 
@@ -583,7 +612,8 @@ def _model_paths(prefix: str, params: list[dict]) -> dict[str, Any]:
             "responses": {"200": {"description": "outputs (JSON, or JSON header + binary data)"},
                           **{str(s): {"description": d, **_V2_ERROR} for s, d in (
                               (400, "bad tensor, framing or image"), (404, "unknown model or version"),
-                              (413, "body or image over the limit"), (503, "overloaded: retry"))}}}},
+                              (413, "body or image over the limit"), (415, "a Content-Encoding but gzip or deflate"),
+                              (503, "overloaded: retry"))}}}},
     }
 
 

@@ -158,7 +158,7 @@ def test_multipart_parameters_as_form_fields_and_curl_style_parts(server):
 
 def test_a_content_encoding_is_refused_not_ignored(server):
     """A gzip-compressed PNG was answered "not an image", and a plain one labelled gzip was served: the header was
-    never read. Images are compressed already; identity is the only coding taken."""
+    never read. Images are compressed already; identity is the only coding taken, and the 415 says so."""
     digit = imagegen.drawn_digit_one()
     for path, kwargs in (("/classify", {"content": gzip.compress(digit), "headers": {"Content-Type": "image/png"}}),
                          ("/classify", {"files": {"image": ("1.png", digit, "image/png")}}),
@@ -169,6 +169,7 @@ def test_a_content_encoding_is_refused_not_ignored(server):
         assert r.status_code == 415, (path, r.text)
         assert r.json() == {"error": "unsupported_media_type", "detail": "Content-Encoding 'gzip' is not accepted "
                             "here: send the image as it is (image formats are compressed already)"}
+        assert r.headers["accept-encoding"] == "identity", path  # RFC 9110 §12.5.3: the codings it does take
     r = httpx.post(f"{server}/classify?model=lenet5", content=digit,
                    headers={"Content-Type": "image/png", "Content-Encoding": "identity"}, timeout=30)
     assert r.status_code == 200, r.text

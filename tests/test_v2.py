@@ -158,6 +158,30 @@ def test_a_served_path_with_the_wrong_method_is_405_with_allow(server):
     assert_v2_error(r, 405, "use GET, HEAD")
     assert r.headers["allow"] == "GET, HEAD"
     assert_v2_error(httpx.delete(f"{server}/v2/health/live", timeout=10), 405, "use GET, HEAD")
+    # Methods outside the catch-all's old list got Starlette's 405 listing that list, on paths where all were 404s.
+    r = httpx.request("TRACE", f"{server}/v2/health/live", timeout=10)
+    assert_v2_error(r, 405, "TRACE /v2/health/live: method not allowed; use GET, HEAD")
+    assert r.headers["allow"] == "GET, HEAD"
+    for method in ("TRACE", "PROPFIND"):
+        r = httpx.request(method, f"{server}/v2/repository/index", timeout=10)
+        assert_v2_error(r, 404, f"{method} /v2/repository/index is not served")
+        assert "allow" not in r.headers
+
+
+def test_a_trailing_slash_redirects_like_classify(server):
+    """The catch-all under /v2 took every path, so Starlette's redirect of a trailing slash (which /classify/ gets)
+    never happened and `/v2/models/lenet5/` was a 404 "not served". Now the same relative 307; a path that is not
+    served without its slash either is still the 404."""
+    for method, path, location in (("GET", "/v2/", "/v2"), ("GET", "/v2/health/ready/", "/v2/health/ready"),
+                                   ("GET", "/v2/models/lenet5//", "/v2/models/lenet5"),
+                                   ("POST", "/v2/models/lenet5/infer/?x=1", "/v2/models/lenet5/infer?x=1")):
+        r = httpx.request(method, f"{server}{path}", headers={"Host": "evil.example"}, timeout=10)
+        assert r.status_code == 307 and r.headers["location"] == location, (path, r.status_code, r.headers)
+    r = httpx.post(f"{server}/v2/models/lenet5/infer/", json={"inputs": [
+        {"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [0] * 1024}]},
+        follow_redirects=True, timeout=30)
+    assert r.status_code == 200 and r.json()["model_name"] == "lenet5", r.text
+    assert_v2_error(httpx.get(f"{server}/v2/repository/index/", timeout=10), 404, "is not served")
 
 
 def test_docs_json_lists_the_v2_paths(server):
@@ -557,7 +581,8 @@ def test_huge_model_version_and_path_are_cut_in_the_404(server):
     assert_small_v2_error(r, 400, "must be an integer")
     r = httpx.post(f"{server}/v2/models/lenet5/infer", content=b"x", timeout=60,
                    headers={"Content-Encoding": "x" * 60_000})
-    assert_small_v2_error(r, 400, "is not supported")
+    assert_small_v2_error(r, 415, "is not supported")
+    assert r.headers["accept-encoding"] == "gzip, deflate, identity"  # RFC 9110 §12.5.3: what it would take
 
 
 def strict_json(text: bytes) -> object:
