@@ -44,6 +44,7 @@ from serving.keys import install as install_api_keys
 from serving.limits import count_error, count_errors_with
 from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
+from serving.preprocess import warm_decoding
 from serving.registry import ServedModel, load_repository
 from serving.runtime import candidate_providers
 
@@ -281,6 +282,7 @@ class Convnet:
     def __init__(self) -> None:
         self.life = WorkerLifeRecord("convnet")
         self.front = load_warm(IN_FRONT, FRONT_DEVICE, WORKERS["front_ort_threads"])
+        warm_decoding(info.recipe for info in MODEL_INFOS.values())  # this worker decodes for every model
         metrics = Metrics()
         count_errors_with(metrics.count_http_error)
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,

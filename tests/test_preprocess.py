@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
+import sys
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -499,3 +501,39 @@ def test_a_gif_cut_inside_its_first_image_descriptor_is_corrupt_not_a_hang():
     with pytest.raises(CorruptImage):
         open_image(data[:data.index(b"\x2c\x00\x00\x00\x00") + 5])
 
+
+
+WARM_CHECK = """
+import sys
+from pathlib import Path
+from serving.errors import ClientError
+from serving.preprocess import DIGIT, IMAGENET, preprocess_bytes, warm_decoding
+if sys.argv[2] == "warm":
+    warm_decoding([DIGIT, IMAGENET])
+for path in sorted(Path(sys.argv[1]).iterdir()):
+    before = set(sys.modules)
+    for recipe in (DIGIT, IMAGENET):
+        try:
+            preprocess_bytes(path.read_bytes(), recipe)
+        except ClientError:
+            pass
+    print(path.name, len(set(sys.modules) - before))
+"""
+
+
+def test_after_warm_decoding_no_upload_imports_anything(tmp_path):
+    """A fresh process's first WebP, TIFF or non-image upload imported Pillow's plugins then (`Image.init()`, 110-190
+    ms on a server's event loop, which every other request waits on). The service's workers run `warm_decoding`
+    before they are ready: after it, no upload of an accepted format, a refused one or junk imports a module."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    for fmt in (*ALLOWED_FORMATS, "ICO", "PCX"):
+        (tmp_path / f"picture.{fmt.lower()}").write_bytes(gen.encode(picture, fmt))
+    (tmp_path / "junk.bin").write_bytes(b"0123456789")
+    imported = {}
+    for state in ("cold", "warm"):
+        run = subprocess.run([sys.executable, "-c", WARM_CHECK, str(tmp_path), state], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent, timeout=120, check=True)
+        imported[state] = dict(line.split() for line in run.stdout.splitlines())
+    assert len(imported["warm"]) == len(ALLOWED_FORMATS) + 3
+    assert all(count == "0" for count in imported["warm"].values()), imported["warm"]
+    assert any(count != "0" for count in imported["cold"].values()), imported["cold"]  # the check can see imports
