@@ -425,10 +425,15 @@ class ClassifierAPI:
         if not isinstance(exc, ClientError):
             log.error("%s failed", endpoint, exc_info=exc)
         self._count(endpoint, model, body["error"])
+        return JSONResponse(body, status_code=status, headers=self.error_headers(exc, status))
+
+    def error_headers(self, exc: BaseException, status: int) -> dict[str, str]:
+        """What an error's status calls for besides its body: the exception's own headers (a 415's Accept-Encoding)
+        and, on a 503, Retry-After. /classify's and /v2's errors both answer with these."""
         headers = dict(getattr(exc, "headers", None) or {})
         if status == 503:
             headers["Retry-After"] = str(self.cfg.retry_after_s)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return headers
 
     async def _http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", 500)

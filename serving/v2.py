@@ -453,9 +453,9 @@ def infer_response(model: ModelInfo, request: InferRequest, logits: np.ndarray) 
 
 
 class EveryMethod:
-    """An endpoint as a plain ASGI app, which Starlette's Route matches whatever the method: given a function, it
-    matches a list, and any method not in it (TRACE, PROPFIND) got Starlette's 405 listing the list's methods, on
-    paths where every one of them is a 404."""
+    """An endpoint as a plain ASGI app: Starlette's Route matches one for every method. A request function is
+    matched for a list of methods only, and a method off the list (TRACE, PROPFIND) got Starlette's own 405 naming
+    the list, on paths where each method in it is a 404."""
 
     def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
         self.endpoint = endpoint
@@ -573,7 +573,7 @@ class V2Protocol:
         code = exc.code if isinstance(exc, ClientError) else "internal_error"
         if request.url.path.endswith("/infer"):
             self.api._count("v2_infer", model, code)
-        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
+        return JSONResponse(body, status_code=status, headers=self.api.error_headers(exc, status))
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import imagegen
+import numpy as np
 import pytest
 from PIL import Image
 from serverproc import MODEL_SERVICE_ENV, free_port, server_log, start_server, stop_server, wait_ready, worker_pids
@@ -215,8 +217,24 @@ def test_overload_is_shed_with_503_json_and_the_service_recovers():
                 # shed by BentoML's dispatcher, or by the front's own deadline for the model service's answer
                 assert r.json()["error"] == "server_busy", r.text
                 assert r.json()["detail"] in SHED_DETAILS, r.text
+                assert r.headers["retry-after"] == "1"
             else:
                 assert len(r.json()["results"]) == 32
+        # The same through the Open Inference Protocol: its 503 once came without Retry-After.
+        pixels = np.zeros((32, 224, 224, 3), dtype=np.uint8)
+        header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(pixels.shape),
+                                         "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()
+
+        def one_v2(_: int) -> httpx.Response:
+            return httpx.post(f"{base}/v2/models/alexnet/infer", content=header + pixels.tobytes(), timeout=120,
+                              headers={"Inference-Header-Content-Length": str(len(header))})
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one_v2, range(8)))
+        assert {r.status_code for r in answers} <= {200, 503} and 503 in {r.status_code for r in answers}, answers
+        for r in answers:
+            if r.status_code == 503:
+                assert r.json()["error"] in SHED_DETAILS and r.headers["retry-after"] == "1", (r.text, r.headers)
         alone = httpx.post(f"{base}/classify", params={"top_k": 1}, content=imagegen.photo(400, 300),
                            headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert alone.status_code == 200, alone.text  # alone again, it answers
