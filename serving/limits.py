@@ -227,6 +227,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if size > self.max_header_bytes:
                 self._refuse_headers_too_large()
                 return
+        hosts = sum(name == b"host" for name, _ in self.headers)
+        if hosts != 1 and (hosts > 1 or self.parser.get_http_version() != "1.0"):
+            # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header or with several
+            # (uvicorn served both; a proxy and this server could then each take a different one for the target).
+            self._refuse(ClientError(f"a request carries one Host header (HTTP/1.0 may omit it); this one has {hosts}"))
+            return
         self._in_body, self._framing, self._framing_allowance = True, 0, self.max_header_bytes
         self._bodies += 1
         self._body_deadline = self.loop.time() + self.body_timeout_s + BODY_DEADLINE_GRACE_S

@@ -362,6 +362,24 @@ def test_a_transfer_coding_other_than_chunked_is_refused(limited):
     assert status == b"HTTP/1.1 200 OK", body
 
 
+def test_a_request_without_exactly_one_host_header_is_refused(limited):
+    """RFC 9112 §3.2: an HTTP/1.1 request without a Host header, or any request with several, is a 400 (uvicorn
+    served both: with two, a proxy and this server may each take a different one as the request's target)."""
+    port = _port(limited)
+    for request, hosts in ((b"GET /models HTTP/1.1\r\n\r\n", 0),
+                           (b"GET /models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 2),
+                           (b"GET /models HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n", 2),
+                           (b"POST /classify?model=lenet5 HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(DIGIT)
+                            + DIGIT, 0)):
+        status, headers, body, closed = _exchange(port, request)
+        assert status == b"HTTP/1.1 400 Bad Request" and closed, (request, status, body)
+        assert json.loads(body) == {"error": "bad_request", "detail": "a request carries one Host header (HTTP/1.0 "
+                                    f"may omit it); this one has {hosts}"}
+    for request in (b"GET /models HTTP/1.0\r\n\r\n", b"GET /models HTTP/1.1\r\nhOsT: x\r\n\r\n"):
+        status, _, body, _ = _exchange(port, request)
+        assert status == b"HTTP/1.1 200 OK" and b'"lenet5"' in body, (request, status)
+
+
 def test_a_body_trickled_to_any_path_is_cut_off_at_the_body_deadline(limited):
     """/livez answers a POST at once (405), but the connection stayed open as long as chunks kept coming: each byte
     cancelled uvicorn's keep-alive timer, and only our routes had a body deadline. Now every path has one."""
