@@ -227,7 +227,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if size > self.max_header_bytes:
                 self._refuse_headers_too_large()
                 return
-        hosts = sum(name == b"host" for name, _ in self.headers)
+        hosts = [name for name, _ in self.headers].count(b"host")
         if hosts != 1 and (hosts > 1 or self.parser.get_http_version() != "1.0"):
             # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header or with several
             # (uvicorn served both; a proxy and this server could then each take a different one for the target).
