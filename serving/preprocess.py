@@ -358,12 +358,15 @@ def warm_decoding(recipes: Iterable[Recipe]) -> None:
     upload took 110-190 ms (`Image.init()`) and the first PNG ~50 ms, on an event loop every other request waits
     on. Then each recipe runs once on a PNG and a JPEG it makes."""
     Image.init()
-    picture = Image.linear_gradient("L").resize((64, 48))
+    picture = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
+    files = []
+    for fmt in ("PNG", "JPEG"):
+        encoded = io.BytesIO()
+        picture.save(encoded, fmt)
+        files.append(encoded.getvalue())
     for recipe in recipes:
-        for fmt in ("PNG", "JPEG"):
-            encoded = io.BytesIO()
-            picture.convert("RGB").save(encoded, fmt)
-            preprocess_bytes(encoded.getvalue(), recipe)
+        for data in files:
+            preprocess_bytes(data, recipe)
 
 
 def is_thumbnail(im: Image.Image, nbytes: int) -> bool:

@@ -502,7 +502,6 @@ def test_a_gif_cut_inside_its_first_image_descriptor_is_corrupt_not_a_hang():
         open_image(data[:data.index(b"\x2c\x00\x00\x00\x00") + 5])
 
 
-
 WARM_CHECK = """
 import sys
 from pathlib import Path
