@@ -12,6 +12,8 @@ and one output, `logits` FP32 [-1, classes], or with the classification extensio
 "score:index:label" (score = the logit, as Triton reports it). Tensors come as JSON or with the binary tensor data
 extension (`Inference-Header-Content-Length`, per-tensor `binary_data_size`), answered in binary when asked.
 Inference is `ClassifierAPI.infer`, the same adaptive batching as /classify: an N-image request is one N-row batch.
+The model configuration extension serves each model's Triton config (serving.triton_config, the one config.pbtxt
+renders) as JSON, declaring this server's own max_batch_size.
 Errors are the serving.errors exceptions, rendered by `v2_error_body` as the protocol's `{"error": "<message>"}`.
 Not supported (said by a 404 naming it): GRPC, shared memory, model repository control, statistics, sequences.
 """
@@ -48,6 +50,7 @@ from serving.errors import (
 )
 from serving.http import Part, loads_json, media_type, plain_int, read_body
 from serving.runtime import top_k
+from serving.triton_config import model_config
 
 if TYPE_CHECKING:
     from serving.api import ClassifierAPI, ModelInfo
@@ -55,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("convnet_serving")
 
 SERVER_NAME = "convnet-serving"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_INPUT = "image_bytes"
@@ -64,8 +67,8 @@ DATATYPES = {"uint8": "UINT8", "float32": "FP32"}  # card dtype → the protocol
 SCHEDULING_PARAMS = ("priority", "timeout")  # accepted; the adaptive batcher has its own policy
 SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
 UNSUPPORTED = ("this server speaks the Open Inference Protocol's REST health, metadata and infer endpoints with the "
-               "binary_tensor_data and classification extensions; not GRPC, shared memory, model repository "
-               "control, model configuration, statistics, tracing or logging")
+               "binary_tensor_data, classification and model_configuration extensions; not GRPC, shared memory, "
+               "model repository control, statistics, tracing or logging")
 
 
 def server_version() -> str:
@@ -479,6 +482,7 @@ class V2Protocol:
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [Route(prefix, self.model_metadata, methods=["GET"]),
                        Route(prefix + "/ready", self.model_ready, methods=["GET"]),
+                       Route(prefix + "/config", self.model_configuration, methods=["GET"]),
                        Route(prefix + "/infer", self.infer, methods=["POST"])]
         self.served = routes
         # Any other /v2 path or method: a 405 for a served path, else a 404 that says what this server does not speak.
@@ -505,6 +509,14 @@ class V2Protocol:
         except ClientError as exc:
             return self._error(request, "-", exc)
         return Response(status_code=200 if self.api.infer is not None else 503)
+
+    async def model_configuration(self, request: Request) -> Response:
+        try:
+            model = self._model(request)
+        except ClientError as exc:
+            return self._error(request, "-", exc)
+        # The repository's config, but with the batch this server takes: a client sizes its requests by it.
+        return JSONResponse(model_config(model.card, max_batch_size=self.api.cfg.max_batch_images))
 
     async def infer(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -603,6 +615,10 @@ def _model_paths(prefix: str, params: list[dict]) -> dict[str, Any]:
                                                                      **_V2_ERROR}}}},
         prefix + "/ready": {"get": {"tags": _TAG, "summary": "Is the model ready", "parameters": params,
                                     "responses": {**_EMPTY, "404": {"description": "unknown model", **_V2_ERROR}}}},
+        prefix + "/config": {"get": {"tags": _TAG, "summary": "Model configuration (Triton's ModelConfig, as in "
+                                     "config.pbtxt; max_batch_size is this server's)", "parameters": params,
+                                     "responses": {"200": {"description": "the model's configuration"},
+                                                   "404": {"description": "unknown model or version", **_V2_ERROR}}}},
         prefix + "/infer": {"post": {
             "tags": _TAG, "summary": f"Inference: the UINT8 image tensor or '{BYTES_INPUT}' (BYTES encoded images); "
             f"JSON, or JSON + binary tensor data with the {HEADER_LENGTH} header", "parameters": params,

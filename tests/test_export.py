@@ -12,9 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from google.protobuf import json_format, text_format
+from triton_pb2 import model_config_pb2
 
 from serving.preprocess import IMAGENET
 from serving.registry import DEFAULT_MODELS_DIR, load_model, read_card, sha256_file
+from serving.triton_config import model_config
 from training.export import (
     OPSET,
     ExportCheckFailed,
@@ -92,6 +95,8 @@ def test_card_round_trip_and_triton_config(exported):
     for needle in ('name: "lenet5"', 'platform: "onnxruntime_onnx"', "TYPE_UINT8", "dims: [ 32, 32, 1 ]",
                    "TYPE_FP32", "dims: [ 10 ]", 'label_filename: "labels.txt"', "dynamic_batching"):
         assert needle in pbtxt
+    pb2 = model_config_pb2()  # Triton's own message reads it, and it is the dict /v2/models/{m}/config serves
+    assert text_format.Parse(pbtxt, pb2.ModelConfig()) == json_format.ParseDict(model_config(card), pb2.ModelConfig())
 
 
 def test_registry_refuses_a_tampered_onnx(exported, tmp_path):

@@ -3,21 +3,21 @@ photos, the card and Triton config that describe it, and the registry serving it
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import tritonclient
 from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
+from triton_pb2 import model_config_pb2
 
 from serving.preprocess import IMAGENET
 from serving.registry import DEFAULT_MODELS_DIR, PrecisionUnavailable, load_model, read_card, sha256_file
 from serving.runtime import candidate_providers
-from training.export import FP16_COMPUTE_CAPABILITIES, dropout_nodes, triton_config
+from serving.triton_config import FP16_COMPUTE_CAPABILITIES, config_pbtxt
+from training.export import dropout_nodes
 from training.fp16 import (
     MAX_RELATIVE_ERROR,
     MIN_AGREEMENT,
@@ -40,12 +40,8 @@ def converted(tmp_path_factory) -> Path:
 
 
 def _model_config(path: Path):
-    """config.pbtxt parsed with Triton's own ModelConfig message (tritonclient ships model_config_pb2; loaded from
-    its file, as tritonclient.grpc's package needs grpc): a syntax or field-name mistake fails here."""
-    spec = importlib.util.spec_from_file_location(
-        "triton_model_config_pb2", Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py")
-    pb2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pb2)
+    """config.pbtxt parsed with Triton's own ModelConfig message."""
+    pb2 = model_config_pb2()
     return text_format.Parse(path.read_text(), pb2.ModelConfig()), pb2
 
 
@@ -89,7 +85,7 @@ def test_shipped_card_and_triton_config_describe_the_fp16_file(converted: Path):
     assert "onnxruntime CPU" in checks["measured_on"] and "GPU providers only" in fp16["served_on"]
 
     pbtxt = ALEXNET / "config.pbtxt"
-    assert pbtxt.read_text() == triton_config(card)  # what training.fp16 / make models writes
+    assert pbtxt.read_text() == config_pbtxt(card)  # what training.fp16 / make models writes
     config, pb2 = _model_config(pbtxt)
     assert config.default_model_filename == "model.onnx"
     assert dict(config.cc_model_filenames) == {cc: "model.fp16.onnx" for cc in FP16_COMPUTE_CAPABILITIES}

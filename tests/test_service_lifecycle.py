@@ -107,6 +107,8 @@ def test_readiness_limits_and_crash_recovery():
         files = [("image", (f"{i}.png", imagegen.drawn_digit_one(), "image/png")) for i in range(4)]
         r = httpx.post(f"{base}/classify_batch", files=files)
         assert r.status_code == 422 and "limit is 3" in r.json()["detail"]
+        # /v2's model configuration says so too: a Triton client sizes its batches by it.
+        assert httpx.get(f"{base}/v2/models/lenet5/config", timeout=10).json()["max_batch_size"] == 3
 
         # SIGKILL the only model worker: the arbiter restarts it (the crash is logged), no request ever gets a 500,
         # and answers come back (a request sent meanwhile gets 503: the test below).

@@ -19,8 +19,10 @@ import imagegen
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from google.protobuf import json_format, text_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from triton_pb2 import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from serving.preprocess import preprocess_bytes
@@ -109,7 +111,7 @@ def test_server_metadata_and_health(server):
     assert c.is_server_live() and c.is_server_ready()
     meta = c.get_server_metadata()
     assert meta["name"] == "convnet-serving" and meta["version"]
-    assert set(meta["extensions"]) == {"binary_tensor_data", "classification"}
+    assert set(meta["extensions"]) == {"binary_tensor_data", "classification", "model_configuration"}
     for path in ("/v2/health/live", "/v2/health/ready"):
         r = httpx.get(f"{server}{path}", timeout=10)
         assert r.status_code == 200 and r.content == b""
@@ -130,6 +132,28 @@ def test_model_metadata_and_readiness(server, model):
         assert c.is_model_ready(model, model_version=version)
 
 
+@pytest.mark.parametrize("model", ["alexnet", "lenet5"])
+def test_model_configuration_is_the_repositorys_config_pbtxt(server, model):
+    """The model configuration extension through tritonclient's get_model_config: the same ModelConfig message as
+    models/<model>/config.pbtxt (both parsed by Triton's own message class, which refuses an unknown field), so a
+    client that sizes its batches or reads the input's layout from it learns what a Triton serving the same
+    repository would tell it."""
+    pb2 = model_config_pb2()
+    shipped = text_format.Parse((DEFAULT_MODELS_DIR / model / "config.pbtxt").read_text(), pb2.ModelConfig())
+    c = client(server)
+    for version in ("", "1"):
+        served = c.get_model_config(model, model_version=version)
+        assert json_format.ParseDict(served, pb2.ModelConfig()) == shipped
+    assert served["max_batch_size"] == 64  # CONVNET_MAX_BATCH_IMAGES' default (test_service_lifecycle sets 3)
+    [tensor] = served["input"]
+    assert (tensor["name"], tensor["data_type"], tensor["format"]) == ("image", "TYPE_UINT8", "FORMAT_NHWC")
+    assert tensor["dims"] == SHAPE_FOR[model] and served["output"][0]["dims"] == [CLASSES_FOR[model]]
+    with pytest.raises(InferenceServerException) as e:
+        c.get_model_config(model, model_version="2")
+    assert e.value.status() == "404" and "no version '2'" in e.value.message()
+    assert_v2_error(httpx.get(f"{server}/v2/models/resnet50/config", timeout=10), 404, "unknown model 'resnet50'")
+
+
 def test_unknown_model_or_version_is_404(server):
     c = client(server)
     assert not c.is_model_ready("resnet50") and not c.is_model_ready("alexnet", model_version="2")
@@ -146,8 +170,8 @@ def test_unsupported_protocol_parts_are_named(server):
     r = httpx.post(f"{server}/v2/repository/index", timeout=10)
     assert_v2_error(r, 404, "not GRPC, shared memory, model repository control")
     with pytest.raises(InferenceServerException) as e:
-        client(server).get_model_config("alexnet")
-    assert e.value.status() == "404" and "model configuration" in e.value.message()
+        client(server).get_inference_statistics("alexnet")
+    assert e.value.status() == "404" and "statistics" in e.value.message()
 
 
 def test_a_served_path_with_the_wrong_method_is_405_with_allow(server):

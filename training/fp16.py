@@ -39,7 +39,8 @@ from serving.errors import ModelRepositoryError
 from serving.preprocess import Recipe, preprocess_bytes
 from serving.registry import REPO_ROOT, ModelCard, read_card, sha256_file, verified_onnx, write_card
 from serving.runtime import OnnxModel
-from training.export import dropout_nodes, sample_photos, triton_config
+from serving.triton_config import config_pbtxt
+from training.export import dropout_nodes, sample_photos
 
 FP16_FILE = "model.fp16.onnx"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: a weight beyond it would become inf
@@ -214,7 +215,7 @@ def add_fp16(model_dir: Path, photos: list[bytes] | None = None) -> ModelCard:
     card.onnx_fp16 = {"path": rel, "sha256": sha256_file(dst), "size_bytes": dst.stat().st_size,
                       "from_sha256": src_sha, "checks": checks, "served_on": SERVED_ON}
     write_card(card, model_dir)
-    (model_dir / "config.pbtxt").write_text(triton_config(card))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(card))
     return card
 
 
