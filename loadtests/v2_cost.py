@@ -3,12 +3,14 @@
     python -m loadtests.v2_cost [--url http://127.0.0.1:3000 --pid <server pid>] [--model alexnet] [--requests 40]
                                 [--images-per-request 1]
 
-Three ways to classify the same real JPEG, one request at a time (so the cost per image is not blurred by queueing):
+Four ways to classify the same real JPEG, one request at a time (so the cost per image is not blurred by queueing):
 
     classify       POST /classify, the JPEG as the body
     v2-bytes       POST /v2/models/<m>/infer, the JPEG as a BYTES element (binary tensor data): decoded server-side
     v2-uint8       the same endpoint with the model's UINT8 tensor (binary), decoded client-side with
                    serving.preprocess: the server decodes nothing
+    v2-uint8-json  the same tensor as a flat JSON list (tritonclient's binary_data=False; what KServe's SDK and
+                   curl send): the server parses ~4 bytes of JSON a value
 
 Reported per image: client-observed latency (median and p90 of request latency / images per request), and the
 server's CPU seconds (user + system of the arbiter and every worker, from /proc/<pid>/stat, before and after the
@@ -73,11 +75,13 @@ def requests_for(model: str, jpeg: bytes, n: int) -> dict[str, tuple[str, bytes,
     infer = f"/v2/models/{model}/infer"
     encoded = InferInput("image_bytes", [n], "BYTES").set_data_from_numpy(np.array([jpeg] * n, dtype=np.object_))
     tensor = InferInput("image", list(pixels.shape), "UINT8").set_data_from_numpy(pixels)
+    tensor_json = InferInput("image", list(pixels.shape), "UINT8").set_data_from_numpy(pixels, binary_data=False)
     out: dict[str, tuple[str, bytes, dict[str, str], float]] = {}
     if n == 1:  # /classify takes one image per request
         out["classify"] = (f"/classify?model={model}", jpeg, {"Content-Type": "application/octet-stream"}, 0.0)
     out["v2-bytes"] = (infer, *v2_body([encoded]), 0.0)
     out["v2-uint8"] = (infer, *v2_body([tensor]), decode_s)
+    out["v2-uint8-json"] = (infer, *v2_body([tensor_json]), decode_s)
     return out
 
 

@@ -25,6 +25,8 @@ import binascii
 import json
 import logging
 import math
+import re
+import secrets
 import struct
 import time
 import zlib
@@ -202,13 +204,75 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
                             "bytes, more than tensor data needs; send 'data' flat (row-major), or as binary tensor "
                             "data")
     try:
-        header = loads_json(json_part)  # NaN, Infinity: a 400 NonFiniteNumber, not echoed back as invalid JSON
+        header = _header_with_flat_data(json_part) or loads_json(json_part)  # NaN, Infinity: a 400 NonFiniteNumber
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[…
         hint = "" if header_length is not None else f" (binary tensor data needs the {HEADER_LENGTH} header)"
         raise InvalidTensor(f"the inference request is not valid JSON: {str(e)[:200]}{hint}") from None
     if not isinstance(header, dict):
         raise InvalidTensor("the inference request must be a JSON object")
     return header, binary
+
+
+# JSON tensor data read by numpy. A flat list of integers ("data": [0,12,255,...]) is how JSON clients send an image
+# (KServe's SDK, curl), and json.loads makes a Python int and a list slot of every value: ~15 ms of the event loop
+# for one AlexNet image, more than its inference. So each long such list is cut out of the text and read by
+# np.fromstring, and json.loads reads the rest: ~2.5x cheaper. Only lists of digits, commas and spaces are cut; the
+# values are kept only if numpy read one between each two commas, each written as plainly as JSON allows (no
+# leading zero) and below 1000, and only if every list cut lands in an input's 'data'. Anything else is parsed the
+# ordinary way, so both ways accept the same requests with the same values (tests/test_v2.py compares them).
+_FLAT_DATA = re.compile(rb'(?<!\\)"data"[\x20\t\n\r]*:[\x20\t\n\r]*\[([0-9, ]{1000,})\]')
+_CUT_TOKEN = f"cut-by-convnet-{secrets.token_hex(16)}-"  # unguessable: no client's own string can pass for one
+
+
+def _header_with_flat_data(json_part: bytes) -> dict[str, Any] | None:
+    """The inference header as loads_json reads it, its long flat integer 'data' lists as int64 arrays; None when
+    there is no such list or anything about it is not plain (the caller then parses the ordinary way)."""
+    cuts = list(_FLAT_DATA.finditer(json_part))
+    if not cuts or json.detect_encoding(json_part) != "utf-8":
+        return None
+    pieces, arrays, at = [], {}, 0
+    for i, cut in enumerate(cuts):
+        values = _plain_ints(cut.group(1))
+        if values is None:
+            return None
+        token = f"{_CUT_TOKEN}{i}"
+        pieces += [json_part[at:cut.start(1) - 1], b'"', token.encode(), b'"']  # the [...] becomes "token"
+        arrays[token] = values
+        at = cut.end(1) + 1
+    pieces.append(json_part[at:])
+    try:
+        header = loads_json(b"".join(pieces))
+    except (ValueError, RecursionError):
+        return None  # the ordinary parse names the mistake
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else ():
+        data = tensor.get("data") if isinstance(tensor, dict) else None
+        if isinstance(data, str) and data in arrays:
+            tensor["data"] = arrays.pop(data)
+    return None if arrays else header  # a list cut elsewhere (in 'parameters', or a repeated key): parse it whole
+
+
+def _plain_ints(text: bytes) -> np.ndarray | None:
+    """The values of a JSON list's inside `text` (digits, commas, spaces), if every value is written plainly and is
+    below 1000; else None."""
+    spaces = text.count(b" ")
+    compact = text.translate(None, b" ") if spaces else text
+    if spaces and (compact[:1] == b"," or compact[-1:] == b"," or b",," in compact):
+        return None  # an element of spaces only, which numpy reads as 0 (without spaces, numpy refuses ",,")
+    try:
+        values = np.fromstring(text, dtype=np.int64, sep=",")  # spaces around a comma are skipped, as in JSON
+    except ValueError:  # "1 2", ",,", a leading comma: not one number between each two commas
+        return None
+    commas = compact.count(b",")
+    if len(values) != commas + 1:  # a trailing comma
+        return None
+    # Each value's digits as written (one at least, as no element is empty), against the digits it has (1 to 3 below
+    # 1000): equal only when no value has a leading zero and none is 1000 or more, since a value is never written in
+    # fewer digits than it has.
+    written = len(compact) - commas
+    if written != len(values) + np.count_nonzero(values >= 10) + np.count_nonzero(values >= 100):
+        return None
+    return values
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

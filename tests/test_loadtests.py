@@ -415,5 +415,5 @@ def test_bench_harness_produces_every_row(tmp_path):
                    "corrected for coordinated omission",
                    "what an image costs", "of LitServe's images", "lenet5, where an image's CPU goes",
                    "A server with no cost of its own",
-                   "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8"):
+                   "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8", "v2-uint8-json"):
         assert phrase in text, phrase

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from google.protobuf import json_format, text_format
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from triton_pb2 import model_config_pb2
 from tritonclient.utils import InferenceServerException
@@ -558,7 +558,7 @@ def test_cost_measurement_runs_all_three_paths_and_reads_server_cpu(server):
     assert len(process_tree(arbiter)) >= 2
     costs = {c.variant: c for c in measure(server, arbiter, "alexnet", EXAMPLES / "grace_hopper.jpg", requests=3,
                                            warmup=1)}
-    assert set(costs) == {"classify", "v2-bytes", "v2-uint8"}
+    assert set(costs) == {"classify", "v2-bytes", "v2-uint8", "v2-uint8-json"}
     assert all(c.images == 3 and c.latency_ms_per_image_median > 0 for c in costs.values())
     assert sum(c.server_cpu_ms_per_image for c in costs.values()) > 0  # AlexNet inference is tens of ms per image
     assert costs["v2-uint8"].client_decode_ms_per_image > 0
@@ -672,3 +672,70 @@ def test_loads_json_reads_what_json_loads_reads_but_non_finite_numbers():
     for text in (b"\xff", b"[1,", b"[" * 100_000, b"[" + b"9" * 5000 + b"]"):  # the same errors as json.loads
         with pytest.raises((ValueError, RecursionError)):
             loads_json(text)
+
+
+# ---- JSON 'data' read by numpy (serving/v2.py, _header_with_flat_data) ------------------------------------------
+
+ODD_ELEMENTS = ["007", "00", "1000", "12345678901234567890", "-1", "1.5", "1e2", "2 3", "", " ", "  ", " 4", "5 ",
+                "0x1", "+6", "true", "[7]", '"8"', "NaN"]
+SEPARATORS = [",", ", ", ",  ", " ,", " , ", ",\n", ",\t", ", ,", ",,"]
+PLACES = {  # where the list goes: only the first is a tensor's data
+    "input": '{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [%s]}]}',
+    "parameters": '{"parameters": {"data": [%s]}, "inputs": [{"name": "image", "data": [1, 2]}]}',
+    "repeated key": '{"inputs": [{"name": "image", "data": [%s], "data": [3]}]}',
+    "in a string": '{"id": "\\"data\\": [%s]", "inputs": [{"name": "image", "data": [1]}]}',
+    "second input": '{"inputs": [{"name": "image", "data": [1]}, {"name": "x", "data": [%s]}]}',
+    "not json": '{"inputs": [{"name": "image", "data": [%s]}]',
+    "top level": '[{"data": [%s]}]',
+}
+
+
+@settings(max_examples=200, deadline=None)
+# numpy reads an element of spaces as 0, one digit short of what it writes: with a leading zero or a 1000 beside it,
+# the digit count came out right.
+@example(values=[1] * 600, odd=[(0, "1000"), (1, " ")], separators=[], plain_separator=",", place="input")
+@example(values=[1] * 600, odd=[(5, "00")], separators=[(9, ", ,")], plain_separator=", ", place="input")
+@example(values=[1] * 600, odd=[(599, " ")], separators=[], plain_separator=",", place="input")
+@given(values=st.lists(st.integers(0, 999), min_size=600, max_size=800),  # over the 1,000 characters cut
+       odd=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(ODD_ELEMENTS)), max_size=2),
+       separators=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(SEPARATORS)), max_size=2),
+       plain_separator=st.sampled_from([",", ", "]), place=st.sampled_from(list(PLACES)))
+def test_json_data_read_by_numpy_is_what_json_loads_reads(values, odd, separators, plain_separator, place):
+    """Whenever the numpy path answers, its header is json.loads's, value for value; it answers for every plain list
+    in a tensor's data (so a request's values never depend on which way it was read), and for nothing else: odd
+    elements and separators, lists elsewhere or in strings, and invalid JSON go the ordinary way."""
+    from serving.http import loads_json
+    from serving.v2 import _header_with_flat_data
+
+    elements = [str(v) for v in values]
+    for at, element in odd:
+        elements[at % len(elements)] = element
+    seps = [plain_separator] * (len(elements) - 1)
+    for at, sep in separators:
+        seps[at % len(seps)] = sep
+    text = "".join(e + s for e, s in zip(elements, [*seps, ""], strict=True))
+    body = (PLACES[place] % text).encode()
+    fast = _header_with_flat_data(body)
+    elements = [e.strip(" ") for e in text.split(",")]  # plain: each as str(int) writes it, below 1000, spaces around
+    plain = all(e.isdigit() and e == str(int(e)) and int(e) < 1000 for e in elements)
+    assert (fast is not None) == (plain and place in ("input", "second input")), body[:300]
+    if fast is not None:
+        for tensor in fast["inputs"]:
+            if isinstance(tensor["data"], np.ndarray):
+                assert tensor["data"].dtype == np.int64
+                tensor["data"] = tensor["data"].tolist()
+        assert fast == loads_json(body) == json.loads(body)
+
+
+@pytest.mark.parametrize("separator", [",", ", "])
+def test_alexnet_json_tensor_read_by_numpy_matches_binary(server, separator):
+    """A whole AlexNet image as a flat JSON list (what KServe's SDK and curl send), compact or with json.dumps's
+    spaces: read by numpy, the same logits as the same pixels sent as binary tensor data."""
+    x = pixels("alexnet", PHOTO)
+    header = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    r = httpx.post(f"{server}/v2/models/alexnet/infer", timeout=60,
+                   content=json.dumps(header, separators=(separator, ":")).encode())
+    assert r.status_code == 200, r.text
+    from_json = np.array(r.json()["outputs"][0]["data"], dtype=np.float32)
+    from_binary = client(server).infer("alexnet", [pixel_input(x, True)]).as_numpy("logits")[0]
+    np.testing.assert_allclose(from_json, from_binary, rtol=1e-5, atol=1e-6)
