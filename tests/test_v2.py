@@ -543,7 +543,7 @@ def test_server_still_serves_v2_after_the_abuse(server):
     assert int(np.argmax(client(server).infer("lenet5", [bytes_input([DIGIT], True)]).as_numpy("logits"))) == 7
 
 
-def test_cost_measurement_runs_all_three_paths_and_reads_server_cpu(server):
+def test_cost_measurement_runs_all_four_paths_and_reads_server_cpu(server):
     """loadtests/v2_cost.measure, what `make bench` calls: real requests, real CPU seconds from /proc."""
     import psutil
 
@@ -716,8 +716,8 @@ def test_json_data_read_by_numpy_is_what_json_loads_reads(values, odd, separator
     text = "".join(e + s for e, s in zip(elements, [*seps, ""], strict=True))
     body = (PLACES[place] % text).encode()
     fast = _header_with_flat_data(body)
-    elements = [e.strip(" ") for e in text.split(",")]  # plain: each as str(int) writes it, below 1000, spaces around
-    plain = all(e.isdigit() and e == str(int(e)) and int(e) < 1000 for e in elements)
+    between_commas = [e.strip(" ") for e in text.split(",")]  # plain: each as str(int) writes it, below 1000
+    plain = all(e.isdigit() and e == str(int(e)) and int(e) < 1000 for e in between_commas)
     assert (fast is not None) == (plain and place in ("input", "second input")), body[:300]
     if fast is not None:
         for tensor in fast["inputs"]:
