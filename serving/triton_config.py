@@ -13,9 +13,12 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
+from serving.config import ServiceConfig
 from serving.registry import ModelCard
 
-MAX_BATCH_SIZE = 64  # what the shipped config.pbtxt declares; the service declares its own CONVNET_MAX_BATCH_IMAGES
+# What the shipped config.pbtxt declares: the images the service takes in one request by default. A running service
+# declares its own CONVNET_MAX_BATCH_IMAGES.
+MAX_BATCH_SIZE = ServiceConfig.max_batch_images
 # CUDA compute capabilities (major.minor, as Triton formats them) of the GPUs that get the float16 file: Volta and
 # later, which have float16 tensor cores. Triton matches a GPU's capability exactly; any other GPU, and every CPU
 # instance, loads default_model_filename.
