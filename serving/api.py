@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.batcher import Decoding
+from serving.batcher import BatchTiming, Decoding
 from serving.config import ServiceConfig
 from serving.demo import MODEL_INPUT_OPENAPI, demo_routes
 from serving.errors import (
@@ -133,6 +133,27 @@ class Metrics:
             "convnet_inference_seconds", "Time of one onnxruntime call of the front workers' micro-batching (the rest "
             "of a request's time is its upload, decoding and wait), by model", ["model"],
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self.failed_request_seconds = prom.Summary(
+            "convnet_failed_request_seconds", "Time from a classification request's headers to its error answer, by "
+            "endpoint and model (requests for an unknown model are not here)", ["endpoint", "model"])
+        # What the statistics extension (/v2/models/stats, serving/statistics.py) reports beyond the series above,
+        # in Triton's terms: per request, summed over the requests each onnxruntime call answered ...
+        self.batched_requests = prom.Counter(
+            "convnet_batched_requests", "Requests answered by an onnxruntime call of the front workers' "
+            "micro-batching, by model", ["model"])
+        self.request_phase_seconds = prom.Counter(
+            "convnet_request_phase_seconds", "Summed over those requests: the time each waited for its batch (queue) "
+            "and its batch's time joining rows, in onnxruntime and splitting logits (compute_input, compute_infer, "
+            "compute_output), by model and phase", ["model", "phase"])
+        # ... and per call, by its rows (in the model service too, which sees calls but not requests)
+        self.executions = prom.Counter("convnet_executions", "onnxruntime calls that answered, by model and rows",
+                                       ["model", "batch_size"])
+        self.execution_seconds = prom.Counter(
+            "convnet_execution_seconds", "Time of those calls by phase (compute_input, compute_infer, "
+            "compute_output), by model and rows", ["model", "batch_size", "phase"])
+        self.last_inference = prom.Gauge(
+            "convnet_last_inference_timestamp_seconds", "When the last onnxruntime call for the model answered "
+            "(Unix time)", ["model"], multiprocess_mode="max")
         # A worker stalled by a long collection stalls every request it holds: make the pauses visible.
         self.gc_pause_seconds = prom.Histogram(
             "convnet_gc_pause_seconds", "Garbage-collector pauses in the front workers, by generation", ["generation"],
@@ -151,7 +172,7 @@ class Metrics:
         self._gc_pauses: deque[tuple[str, float, float]] = deque(maxlen=100_000)
         self._next_tracked_count = 0.0  # time.monotonic() from which flush_gc counts the tracked objects again
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
-        self._render = self._renderer(prom)
+        self._collect, self._render = self._registry(prom)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: prometheus_client checks the labels and takes a lock on every
@@ -162,6 +183,32 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def observe_batch(self, model: str, timing: BatchTiming) -> None:
+        """One onnxruntime call of the front workers' micro-batching that answered."""
+        self.child(self.batch_size, model).observe(timing.rows)
+        self.child(self.inference_seconds, model).observe(timing.infer_s)
+        self.child(self.batched_requests, model).inc(timing.requests)
+        for phase, seconds in (("queue", timing.queued_s), ("compute_input", timing.input_s * timing.requests),
+                               ("compute_infer", timing.infer_s * timing.requests),
+                               ("compute_output", timing.output_s * timing.requests)):
+            self.child(self.request_phase_seconds, model, phase).inc(seconds)
+        self.observe_execution(model, timing.rows, compute_infer=timing.infer_s, compute_input=timing.input_s,
+                               compute_output=timing.output_s)
+
+    def observe_execution(self, model: str, rows: int, **phase_seconds: float) -> None:
+        """One onnxruntime call that answered, and the phases of it that were timed."""
+        size = str(rows)
+        self.child(self.executions, model, size).inc()
+        for phase, seconds in phase_seconds.items():
+            self.child(self.execution_seconds, model, size, phase).inc(seconds)
+        self.child(self.last_inference, model).set(time.time())
+
+    def totals(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of every worker's series: (sample name, sorted labels) -> value (reads the registry's files:
+        call it off the event loop)."""
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in self._collect() for sample in family.samples}
 
     def count_http_error(self, code: str) -> None:
         self.child(self.http_errors, code).inc()
@@ -196,18 +243,19 @@ class Metrics:
         self.gc_tracked_objects.set(len(gc.get_objects()))  # all three generations; frozen objects are not listed
 
     @staticmethod
-    def _renderer(prom) -> Callable[[], bytes]:
+    def _registry(prom) -> tuple[Callable[[], Iterable[Any]], Callable[[], bytes]]:
+        """(collect, render) over every worker's series: the multiprocess registry's files, read anew each call."""
         from prometheus_client import multiprocess
 
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return lambda: prom.generate_latest(prom.REGISTRY)
+            return prom.REGISTRY.collect, lambda: prom.generate_latest(prom.REGISTRY)
 
-        def render() -> bytes:
+        def registry():
             registry = prom.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return prom.generate_latest(registry)
+            return registry
 
-        return render
+        return lambda: registry().collect(), lambda: prom.generate_latest(registry())
 
     def render(self) -> bytes:
         """The text exposition of every worker's series (reads the registry's files: call it off the event loop)."""
@@ -296,7 +344,7 @@ class ClassifierAPI:
             logits = await self.infer(model.name, x[None])
             predictions = top_k(logits, k, model.labels)[0]
         except Exception as exc:  # noqa: BLE001 (every failure becomes a JSON answer)
-            return self._error("classify", model_name, exc)
+            return self._error("classify", model_name, exc, started)
         self._count("classify", model.name, "ok", images=1, started=started)
         return JSONResponse({**self._header(model), "predictions": predictions})
 
@@ -317,7 +365,7 @@ class ClassifierAPI:
                 logits = await self.infer(model.name, np.stack([arrays[i] for i in good]))
                 predictions = dict(zip(good, top_k(logits, k, model.labels), strict=True))
         except Exception as exc:  # noqa: BLE001
-            return self._error("classify_batch", model_name, exc)
+            return self._error("classify_batch", model_name, exc, started)
         results = []
         for i, (part, a) in enumerate(zip(upload.images, arrays, strict=True)):
             item: dict[str, Any] = {"index": i, "filename": part.filename}
@@ -411,20 +459,25 @@ class ClassifierAPI:
         return {"model": model.name, "version": model.card.version, "weights": model.card.weights}
 
     def _count(self, endpoint: str, model: str, outcome: str, images: int = 0, started: float | None = None) -> None:
-        """Count a request by its outcome; `started` (time.perf_counter() when its handler began) times an answer."""
+        """Count a request by its outcome; `started` (time.perf_counter() when its handler began) times its answer,
+        or its error when the model is known."""
         if self.metrics is not None:
             self.metrics.flush_gc()
             self.metrics.child(self.metrics.requests, endpoint, model, outcome).inc()
             if images:
                 self.metrics.child(self.metrics.images, model).inc(images)
             if started is not None:
-                self.metrics.child(self.metrics.request_seconds, endpoint, model).observe(time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                if outcome == "ok":
+                    self.metrics.child(self.metrics.request_seconds, endpoint, model).observe(seconds)
+                elif model in self.models:
+                    self.metrics.child(self.metrics.failed_request_seconds, endpoint, model).observe(seconds)
 
-    def _error(self, endpoint: str, model: str, exc: BaseException) -> JSONResponse:
+    def _error(self, endpoint: str, model: str, exc: BaseException, started: float | None = None) -> JSONResponse:
         status, body = error_body(exc)
         if not isinstance(exc, ClientError):
             log.error("%s failed", endpoint, exc_info=exc)
-        self._count(endpoint, model, body["error"])
+        self._count(endpoint, model, body["error"], started=started)
         return JSONResponse(body, status_code=status, headers=self.error_headers(exc, status))
 
     def error_headers(self, exc: BaseException, status: int) -> dict[str, str]:

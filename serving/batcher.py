@@ -12,12 +12,15 @@ once per batch, not once per image. One inference thread per model keeps the eve
 free while onnxruntime runs (it releases the GIL). A small model (LeNet-5: ~0.1 ms a batch) runs on the event loop
 itself (`on_loop`): the hop to a thread and back would cost more than the inference. A request's rows are never
 split, and a request older than `max_wait_s` when its turn comes is shed with 503 `server_busy`, not served late.
+Each call that answered is reported to `on_batch` with its `BatchTiming`: what the statistics extension (serving/
+statistics.py) and /metrics show of queueing and compute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,6 +31,8 @@ import numpy as np
 
 from serving.errors import ServerBusy
 from serving.threads import INFER_THREADS, name_os_thread
+
+log = logging.getLogger("convnet_serving")
 
 # The least time a batch waits for a decode in flight (`_gather`), for when the last inference was very short: a
 # photo decodes in ~3 ms, a digit too small for the event loop in less.
@@ -65,6 +70,20 @@ class Decoding:
             await asyncio.wait_for(self.changed.wait(), timeout_s)
 
 
+@dataclass(frozen=True)
+class BatchTiming:
+    """One onnxruntime call that answered: how many requests and rows it took, how long its requests had waited for
+    it (summed over them), and its three phases: joining their rows into one input, the inference, and splitting
+    the output into their answers."""
+
+    requests: int
+    rows: int
+    queued_s: float
+    input_s: float
+    infer_s: float
+    output_s: float
+
+
 @dataclass
 class _Waiting:
     rows: np.ndarray
@@ -74,10 +93,10 @@ class _Waiting:
 
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float, name: str,
-                 on_loop: bool = False, on_batch: Callable[[int, float], None] | None = None,
+                 on_loop: bool = False, on_batch: Callable[[BatchTiming], None] | None = None,
                  decoding: Decoding | None = None, min_patience_s: float = MIN_PATIENCE_S) -> None:
         self.run, self.max_batch, self.max_wait_s, self.on_batch = run, max_batch, max_wait_s, on_batch
-        self.decoding, self.min_patience_s = decoding, min_patience_s
+        self.name, self.decoding, self.min_patience_s = name, decoding, min_patience_s
         self.thread = None if on_loop else ThreadPoolExecutor(max_workers=1, thread_name_prefix=INFER_THREADS + name,
                                                               initializer=name_os_thread)
         self.waiting: deque[_Waiting] = deque()
@@ -145,27 +164,35 @@ class MicroBatcher:
                 batch = self._next_batch()
                 if not batch:
                     break
+                formed = time.monotonic()
                 x = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
-                t0 = time.monotonic()
+                joined = time.monotonic()
                 try:
                     if self.thread is None:
                         await asyncio.sleep(0)  # let the requests that are ready join this batch first
+                        t0 = time.monotonic()
                         logits = self.run(x)
                     else:
+                        t0 = time.monotonic()
                         logits = await loop.run_in_executor(self.thread, self.run, x)
-                    self.last_run_s = time.monotonic() - t0
-                    if self.on_batch is not None:
-                        self.on_batch(len(x), self.last_run_s)  # rows and seconds of each call that answered
+                    t1 = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 (each waiting request gets the failure as its own answer)
                     for item in batch:
                         if not item.result.done():
                             item.result.set_exception(exc)
                     continue
+                self.last_run_s = t1 - t0
                 start = 0
                 for item in batch:
                     end = start + len(item.rows)
                     if not item.result.done():
                         item.result.set_result(logits[start:end])
                     start = end
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(BatchTiming(len(batch), len(x), sum(formed - item.since for item in batch),
+                                                  joined - formed, self.last_run_s, time.monotonic() - t1))
+                    except Exception:  # noqa: BLE001 (a metrics bug must not stop the batches still waiting)
+                        log.exception("reporting a batch of %s failed", self.name)
         finally:
             self.draining = False

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
@@ -115,11 +116,6 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def observe_batch(metrics: Metrics, model: str, rows: int, seconds: float) -> None:
-    metrics.child(metrics.batch_size, model).observe(rows)
-    metrics.child(metrics.inference_seconds, model).observe(seconds)
-
-
 def with_placement(card: dict, where: str) -> dict:
     card["runtime"]["placement"] = where
     return card
@@ -137,7 +133,11 @@ def endpoint_name(model: str) -> str:
 
 def _logits_endpoint(model: str) -> bentoml.api:
     def logits(self, batch: Annotated[np.ndarray, DType("uint8")]) -> np.ndarray:
-        return self.models[model].logits(batch)
+        t0 = time.monotonic()
+        out = self.models[model].logits(batch)
+        # BentoML's dispatcher merged the requests: this call's rows and time are known here, each request's wait not.
+        self.metrics.observe_execution(model, len(batch), compute_infer=time.monotonic() - t0)
+        return out
 
     logits.__name__ = endpoint_name(model)
     return bentoml.api(batchable=True, max_batch_size=CFG.max_batch_size, max_latency_ms=CFG.max_latency_ms)(logits)
@@ -150,6 +150,7 @@ class _ModelWorker:
         self.life = WorkerLifeRecord("convnet_models")
         log.info("model worker settings: %s (%s)", json.dumps(describe(CFG)), WORKERS)
         self.models = load_warm(IN_MODEL_SERVICE, CFG.device, WORKERS["model_ort_threads"])
+        self.metrics = Metrics()  # the front workers' registry: /metrics and /v2/models/stats show these calls too
         settle_heap()
 
     def __is_ready__(self) -> bool:
@@ -287,7 +288,7 @@ class Convnet:
         count_errors_with(metrics.count_http_error)
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
-                                            on_batch=functools.partial(observe_batch, metrics, name),
+                                            on_batch=functools.partial(metrics.observe_batch, name),
                                             decoding=API.decoding[name])
                          for name, model in self.front.items()}
         API.attach(self._infer, self._describe, metrics)

@@ -13,13 +13,15 @@ and one output, `logits` FP32 [-1, classes], or with the classification extensio
 extension (`Inference-Header-Content-Length`, per-tensor `binary_data_size`), answered in binary when asked.
 Inference is `ClassifierAPI.infer`, the same adaptive batching as /classify: an N-image request is one N-row batch.
 The model configuration extension serves each model's Triton config (serving.triton_config, the one config.pbtxt
-renders) as JSON, declaring this server's own max_batch_size.
+renders) as JSON, declaring this server's own max_batch_size; the statistics extension, Triton's per-model counts
+and durations from every worker's Prometheus series (serving.statistics).
 Errors are the serving.errors exceptions, rendered by `v2_error_body` as the protocol's `{"error": "<message>"}`.
-Not supported (said by a 404 naming it): GRPC, shared memory, model repository control, statistics, sequences.
+Not supported (said by a 404 naming it): GRPC, shared memory, model repository control, sequences.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -45,6 +47,7 @@ from serving.errors import (
     ClientError,
     InvalidTensor,
     ModelNotFound,
+    ServerBusy,
     UnsupportedEncoding,
     shown,
     shown_path,
@@ -52,6 +55,7 @@ from serving.errors import (
 )
 from serving.http import Part, loads_json, media_type, plain_int, read_body
 from serving.runtime import top_k
+from serving.statistics import statistics
 from serving.triton_config import model_config
 
 if TYPE_CHECKING:
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("convnet_serving")
 
 SERVER_NAME = "convnet-serving"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_INPUT = "image_bytes"
@@ -69,8 +73,8 @@ DATATYPES = {"uint8": "UINT8", "float32": "FP32"}  # card dtype → the protocol
 SCHEDULING_PARAMS = ("priority", "timeout")  # accepted; the adaptive batcher has its own policy
 SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
 UNSUPPORTED = ("this server speaks the Open Inference Protocol's REST health, metadata and infer endpoints with the "
-               "binary_tensor_data, classification and model_configuration extensions; not GRPC, shared memory, "
-               "model repository control, statistics, tracing or logging")
+               "binary_tensor_data, classification, model_configuration and statistics extensions; not GRPC, "
+               "shared memory, model repository control, tracing or logging")
 
 
 def server_version() -> str:
@@ -543,11 +547,13 @@ class V2Protocol:
     def routes(self) -> list[Route]:
         routes = [Route("/v2", self.server_metadata, methods=["GET"]),
                   Route("/v2/health/live", self.live, methods=["GET"]),
-                  Route("/v2/health/ready", self.ready, methods=["GET"])]
+                  Route("/v2/health/ready", self.ready, methods=["GET"]),
+                  Route("/v2/models/stats", self.model_statistics, methods=["GET"])]  # before /v2/models/{model}
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [Route(prefix, self.model_metadata, methods=["GET"]),
                        Route(prefix + "/ready", self.model_ready, methods=["GET"]),
                        Route(prefix + "/config", self.model_configuration, methods=["GET"]),
+                       Route(prefix + "/stats", self.model_statistics, methods=["GET"]),
                        Route(prefix + "/infer", self.infer, methods=["POST"])]
         self.served = routes
         # Any other /v2 path or method: a 405 for a served path, else a 404 that says what this server does not speak.
@@ -583,6 +589,17 @@ class V2Protocol:
         # The repository's config, but with the batch this server takes: a client sizes its requests by it.
         return JSONResponse(model_config(model.card, max_batch_size=self.api.cfg.max_batch_images))
 
+    async def model_statistics(self, request: Request) -> Response:
+        try:
+            models = [self._model(request)] if "model" in request.path_params else \
+                [self.api.models[name] for name in sorted(self.api.models)]
+            if self.api.metrics is None:
+                raise ServerBusy("the worker is still starting; retry shortly")
+        except ClientError as exc:
+            return self._error(request, "-", exc)
+        totals = await asyncio.get_running_loop().run_in_executor(self.api.pool, self.api.metrics.totals)
+        return JSONResponse(statistics(totals, [(m.name, m.card.version) for m in models]))
+
     async def infer(self, request: Request) -> Response:
         started = time.perf_counter()
         model_name = "-"
@@ -598,7 +615,7 @@ class V2Protocol:
             logits = await self.api.infer(model.name, batch)
             response = infer_response(model, parsed, logits)
         except Exception as exc:  # noqa: BLE001 (every failure becomes the protocol's error JSON)
-            return self._error(request, model_name, exc)
+            return self._error(request, model_name, exc, started)
         self.api._count("v2_infer", model.name, "ok", images=parsed.count, started=started)
         return response
 
@@ -643,13 +660,13 @@ class V2Protocol:
                 raise a
         return np.stack(arrays)
 
-    def _error(self, request: Request, model: str, exc: BaseException) -> Response:
+    def _error(self, request: Request, model: str, exc: BaseException, started: float | None = None) -> Response:
         status, body = v2_error_body(exc)
         if not isinstance(exc, ClientError):
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         code = exc.code if isinstance(exc, ClientError) else "internal_error"
         if request.url.path.endswith("/infer"):
-            self.api._count("v2_infer", model, code)
+            self.api._count("v2_infer", model, code, started=started)
         return JSONResponse(body, status_code=status, headers=self.api.error_headers(exc, status))
 
 
@@ -684,6 +701,11 @@ def _model_paths(prefix: str, params: list[dict]) -> dict[str, Any]:
                                      "config.pbtxt; max_batch_size is this server's)", "parameters": params,
                                      "responses": {"200": {"description": "the model's configuration"},
                                                    "404": {"description": "unknown model or version", **_V2_ERROR}}}},
+        prefix + "/stats": {"get": {"tags": _TAG, "summary": "Statistics (Triton's): requests, images, onnxruntime "
+                                    "calls, and their queue and compute time, since the server started",
+                                    "parameters": params,
+                                    "responses": {"200": {"description": "model_stats for this model"},
+                                                  "404": {"description": "unknown model or version", **_V2_ERROR}}}},
         prefix + "/infer": {"post": {
             "tags": _TAG, "summary": f"Inference: the UINT8 image tensor or '{BYTES_INPUT}' (BYTES encoded images); "
             f"JSON, or JSON + binary tensor data with the {HEADER_LENGTH} header", "parameters": params,
@@ -703,6 +725,8 @@ V2_OPENAPI_PATHS: dict[str, Any] = {
                     "responses": {"200": {"description": "server metadata"}}}},
     "/v2/health/live": {"get": {"tags": _TAG, "summary": "Liveness (status code only)", "responses": _EMPTY}},
     "/v2/health/ready": {"get": {"tags": _TAG, "summary": "Readiness (status code only)", "responses": _EMPTY}},
+    "/v2/models/stats": {"get": {"tags": _TAG, "summary": "Statistics of every model (see /v2/models/{model}/stats)",
+                                 "responses": {"200": {"description": "model_stats for every model"}}}},
     **_model_paths("/v2/models/{model}", [_MODEL]),
     **_model_paths("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION]),
 }

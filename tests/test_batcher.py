@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import Decoding, MicroBatcher
+from serving.batcher import BatchTiming, Decoding, MicroBatcher
 from serving.registry import DEFAULT_MODELS_DIR, load_model
 
 
@@ -26,14 +26,17 @@ def digits(n: int) -> np.ndarray:
     return rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)
 
 
-def make(lenet, on_loop: bool, max_batch: int = 32, patience_s: float = 2.0) -> tuple[MicroBatcher, Decoding,
-                                                                                     list[int]]:
+def make(lenet, on_loop: bool, max_batch: int = 32, patience_s: float = 2.0,
+         timings: list[BatchTiming] | None = None) -> tuple[MicroBatcher, Decoding, list[int]]:
     calls: list[int] = []  # the rows of each onnxruntime call
     decoding = Decoding()
 
-    def on_batch(rows: int, seconds: float) -> None:
-        assert 0 < seconds < 10, seconds  # the call's own time, reported after it
-        calls.append(rows)
+    def on_batch(timing: BatchTiming) -> None:
+        assert 0 < timing.infer_s < 10, timing  # the call's own time, reported after it
+        assert timing.input_s >= 0 and timing.output_s >= 0 and timing.queued_s >= 0, timing
+        calls.append(timing.rows)
+        if timings is not None:
+            timings.append(timing)
 
     batcher = MicroBatcher(lenet.logits, max_batch, 10.0, "lenet5", on_loop=on_loop, on_batch=on_batch,
                            decoding=decoding, min_patience_s=patience_s)
@@ -61,7 +64,8 @@ def test_a_lone_request_runs_at_once_as_a_batch_of_one(lenet, on_loop: bool) -> 
 
 @pytest.mark.parametrize("on_loop", [True, False], ids=["on-loop", "infer-thread"])
 def test_a_batch_waits_for_the_requests_still_decoding(lenet, on_loop: bool) -> None:
-    batcher, decoding, calls = make(lenet, on_loop)
+    timings: list[BatchTiming] = []
+    batcher, decoding, calls = make(lenet, on_loop, timings=timings)
     first, slow = digits(1), digits(3)
 
     async def scenario():
@@ -72,6 +76,8 @@ def test_a_batch_waits_for_the_requests_still_decoding(lenet, on_loop: bool) -> 
 
     a, b = asyncio.run(scenario())
     assert calls == [4], "the decoding request joined the first call"
+    # What the statistics extension reports as queueing: `first` waited the ~50 ms of `slow`'s decode for its batch.
+    assert timings[0].requests == 2 and 0.04 < timings[0].queued_s < 5, timings
     np.testing.assert_allclose(a, lenet.logits(first), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b, lenet.logits(slow), rtol=1e-5, atol=1e-5)
 

@@ -33,6 +33,10 @@ def classify_digit(base: str) -> httpx.Response:
                       files={"image": ("one.png", imagegen.drawn_digit_one(), "image/png")}, timeout=30)
 
 
+def lenet_stat(base: str) -> dict:
+    return httpx.get(f"{base}/v2/models/lenet5/stats", timeout=10).json()["model_stats"][0]
+
+
 def poll_until_answering(base: str, timeout: float = 90) -> list[httpx.Response | None]:
     """Answers seen while polling /classify until it answers 200 (None: connection refused/reset)."""
     seen: list[httpx.Response | None] = []
@@ -109,6 +113,13 @@ def test_readiness_limits_and_crash_recovery():
         assert r.status_code == 422 and "limit is 3" in r.json()["detail"]
         # /v2's model configuration says so too: a Triton client sizes its batches by it.
         assert httpx.get(f"{base}/v2/models/lenet5/config", timeout=10).json()["max_batch_size"] == 3
+        # /v2's statistics: the model service's calls are counted in its worker, by rows; which requests a call
+        # answered only BentoML's dispatcher knows, so per-request queue and compute stay zero (serving/statistics.py).
+        stat = lenet_stat(base)
+        assert stat["execution_count"] >= 1 and stat["inference_stats"]["success"]["count"] >= 1
+        assert sum(s["compute_infer"]["count"] for s in stat["batch_stats"]) == stat["execution_count"]
+        assert all(s["compute_input"]["count"] == 0 and s["compute_infer"]["ns"] > 0 for s in stat["batch_stats"])
+        assert stat["inference_stats"]["queue"]["count"] == stat["inference_stats"]["compute_infer"]["count"] == 0
 
         # SIGKILL the only model worker: the arbiter restarts it (the crash is logged), no request ever gets a 500,
         # and answers come back (a request sent meanwhile gets 503: the test below).
@@ -120,6 +131,8 @@ def test_readiness_limits_and_crash_recovery():
             assert r.status_code == 200 or r.json()["error"] == "server_busy", r.text
         wait_for_log(proc, f"convnet_models worker {worker.split(':')[1]} (pid {pid}) died without shutting down")
         assert pid not in worker_pids(proc).values()
+        # The dead worker's calls still count, with the new one's (its answer just now) on top.
+        assert lenet_stat(base)["execution_count"] > stat["execution_count"]
 
         # SIGKILL the front worker: connections fail until it is back, and then it answers; no 500 meanwhile.
         worker, pid = next((n, p) for n, p in worker_pids(proc).items() if n.split(":")[0] == "convnet")

@@ -12,6 +12,7 @@ import gzip
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ import tritonclient.http as triton
 from google.protobuf import json_format, text_format
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from triton_pb2 import model_config_pb2
+from triton_pb2 import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from serving.preprocess import preprocess_bytes
@@ -111,7 +112,7 @@ def test_server_metadata_and_health(server):
     assert c.is_server_live() and c.is_server_ready()
     meta = c.get_server_metadata()
     assert meta["name"] == "convnet-serving" and meta["version"]
-    assert set(meta["extensions"]) == {"binary_tensor_data", "classification", "model_configuration"}
+    assert set(meta["extensions"]) == {"binary_tensor_data", "classification", "model_configuration", "statistics"}
     for path in ("/v2/health/live", "/v2/health/ready"):
         r = httpx.get(f"{server}{path}", timeout=10)
         assert r.status_code == 200 and r.content == b""
@@ -166,12 +167,67 @@ def test_unknown_model_or_version_is_404(server):
     assert_v2_error(httpx.get(f"{server}/v2/models/nope/ready", timeout=10), 404, "unknown model 'nope'")
 
 
+def model_stat(server: str, model: str, **kw) -> dict:
+    """What tritonclient's get_inference_statistics says of one model; strictly Triton's ModelStatisticsResponse."""
+    stats = client(server).get_inference_statistics(model, **kw)
+    json_format.ParseDict(stats, service_pb2().ModelStatisticsResponse())  # refuses unknown fields and wrong types
+    (stat,) = stats["model_stats"]
+    return stat
+
+
+def test_statistics_count_the_requests_of_every_worker_in_tritons_terms(server):
+    """Statistics extension: what a request adds, read back by tritonclient. Each request goes on a new connection,
+    so they land on whichever front worker takes it, and the counts are every worker's (from /metrics' registry)."""
+    before, t0 = model_stat(server, "lenet5"), time.time()
+    client(server).infer("lenet5", [pixel_input(pixels("lenet5", DIGIT, DIGIT, DIGIT), binary=True)])
+    classify(server, DIGIT, "lenet5")
+    bad = httpx.post(f"{server}/classify", params={"model": "lenet5"}, timeout=30,
+                     files={"image": ("x.png", b"not an image", "image/png")})
+    assert bad.status_code == 400, bad.text
+    after, t1 = model_stat(server, "lenet5", model_version="1"), time.time()
+
+    def grew(*path: str) -> int:
+        a, b = after, before
+        for key in path:
+            a, b = a[key], b[key]
+        return a - b
+
+    assert (after["name"], after["version"]) == ("lenet5", "1")
+    assert grew("inference_count") == 4 and grew("execution_count") == 2  # images; onnxruntime calls: 3 rows, 1 row
+    assert grew("inference_stats", "success", "count") == 2 and grew("inference_stats", "fail", "count") == 1
+    assert grew("inference_stats", "fail", "ns") > 0
+    phases = ("queue", "compute_input", "compute_infer", "compute_output")
+    for phase in phases:  # per request, as Triton counts them: two requests answered by two calls
+        assert grew("inference_stats", phase, "count") == 2, phase
+    assert grew("inference_stats", "compute_infer", "ns") > 0
+    # A request's wait and its batch's compute happen within its time from headers to answer.
+    assert sum(grew("inference_stats", phase, "ns") for phase in phases) < grew("inference_stats", "success", "ns")
+    calls = {s["batch_size"]: s["compute_infer"]["count"] for s in after["batch_stats"]}
+    calls_before = {s["batch_size"]: s["compute_infer"]["count"] for s in before["batch_stats"]}
+    assert calls[3] - calls_before.get(3, 0) == 1 and calls[1] - calls_before.get(1, 0) == 1
+    assert all(s["compute_input"]["count"] == s["compute_infer"]["count"] for s in after["batch_stats"])
+    assert int(t0 * 1000) <= after["last_inference"] <= t1 * 1000
+    assert after["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}  # there is no response cache
+
+
+def test_statistics_of_every_model_and_unknown_ones(server):
+    stats = client(server).get_inference_statistics()
+    json_format.ParseDict(stats, service_pb2().ModelStatisticsResponse())
+    assert [(s["name"], s["version"]) for s in stats["model_stats"]] == [("alexnet", "1"), ("lenet5", "1")]
+    c = client(server)
+    for kw, message in (({"model_name": "resnet50"}, "unknown model 'resnet50'"),
+                        ({"model_name": "lenet5", "model_version": "2"}, "no version '2'")):
+        with pytest.raises(InferenceServerException) as e:
+            c.get_inference_statistics(**kw)
+        assert e.value.status() == "404" and message in e.value.message()
+
+
 def test_unsupported_protocol_parts_are_named(server):
     r = httpx.post(f"{server}/v2/repository/index", timeout=10)
     assert_v2_error(r, 404, "not GRPC, shared memory, model repository control")
     with pytest.raises(InferenceServerException) as e:
-        client(server).get_inference_statistics("alexnet")
-    assert e.value.status() == "404" and "statistics" in e.value.message()
+        client(server).get_trace_settings()
+    assert e.value.status() == "404" and "not GRPC" in e.value.message() and "tracing" in e.value.message()
 
 
 def test_a_served_path_with_the_wrong_method_is_405_with_allow(server):
@@ -211,7 +267,8 @@ def test_a_trailing_slash_redirects_like_classify(server):
 def test_docs_json_lists_the_v2_paths(server):
     paths = httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
     assert {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
-            "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"} <= set(paths)
+            "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer", "/v2/models/stats",
+            "/v2/models/{model}/stats", "/v2/models/{model}/versions/{version}/stats"} <= set(paths)
     assert "post" in paths["/v2/models/{model}/infer"]
 
 
