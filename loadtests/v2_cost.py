@@ -12,9 +12,11 @@ Four ways to classify the same real JPEG, one request at a time (so the cost per
     v2-uint8-json  the same tensor as a flat JSON list (tritonclient's binary_data=False; what KServe's SDK and
                    curl send): the server parses ~4 bytes of JSON a value
 
-Reported per image: client-observed latency (median and p90 of request latency / images per request), and the
+Reported per image: client-observed latency (median and p90 of request latency / images per request), the
 server's CPU seconds (user + system of the arbiter and every worker, from /proc/<pid>/stat, before and after the
-run) per image. For v2-uint8 the client's own decode time is reported too: that work moved, it did not vanish.
+run), and the server's own account from the statistics extension (/v2/models/<m>/stats, as Triton's perf_analyzer
+reads it): its time from a request's headers to its answer, and of that the onnxruntime calls. For v2-uint8 the
+client's own decode time is reported too: that work moved, it did not vanish.
 Request bodies are built by tritonclient itself (`generate_request_body`), so they are exactly what it sends.
 Without --url a server of the one model is started here and stopped afterwards. `measure` is what `make bench`
 calls with a server it already runs.
@@ -48,6 +50,8 @@ class Cost:
     latency_ms_per_image_median: float
     latency_ms_per_image_p90: float
     server_cpu_ms_per_image: float
+    server_ms_per_image: float  # headers to answer, as the server timed it (statistics extension: success)
+    onnxruntime_ms_per_image: float  # of which its onnxruntime calls (batch_stats' compute_infer)
     client_decode_ms_per_image: float = 0.0
 
 
@@ -85,6 +89,16 @@ def requests_for(model: str, jpeg: bytes, n: int) -> dict[str, tuple[str, bytes,
     return out
 
 
+def server_times(client: httpx.Client, model: str) -> tuple[float, float]:
+    """(seconds from headers to answer of the successful requests, seconds in onnxruntime calls) so far, from the
+    statistics extension. The calls are read by rows (batch_stats), which the model service counts too."""
+    r = client.get(f"/v2/models/{model}/stats")
+    r.raise_for_status()
+    (stat,) = r.json()["model_stats"]
+    return (stat["inference_stats"]["success"]["ns"] / 1e9,
+            sum(s["compute_infer"]["ns"] for s in stat["batch_stats"]) / 1e9)
+
+
 def measure(url: str, server_pid: int, model: str = "alexnet", image: Path = DEFAULT_IMAGE, requests: int = 40,
             images_per_request: int = 1, warmup: int = 5) -> list[Cost]:
     """Per-image latency and server CPU of each variant against the running server at `url` (process `server_pid`,
@@ -96,16 +110,17 @@ def measure(url: str, server_pid: int, model: str = "alexnet", image: Path = DEF
             for _ in range(warmup):
                 client.post(path, content=body, headers=headers).raise_for_status()
             latencies = []
-            cpu0 = cpu_seconds(server_pid)
+            cpu0, (served0, onnx0) = cpu_seconds(server_pid), server_times(client, model)
             for _ in range(requests):
                 t0 = time.perf_counter()
                 client.post(path, content=body, headers=headers).raise_for_status()
                 latencies.append((time.perf_counter() - t0) / images_per_request)
-            cpu = cpu_seconds(server_pid) - cpu0
+            cpu, (served, onnx) = cpu_seconds(server_pid) - cpu0, server_times(client, model)
             images = requests * images_per_request
             costs.append(Cost(variant, images, round(1000 * statistics.median(latencies), 2),
                               round(1000 * statistics.quantiles(latencies, n=10)[-1], 2),
-                              round(1000 * cpu / images, 2), round(1000 * decode_s, 2)))
+                              round(1000 * cpu / images, 2), round(1000 * (served - served0) / images, 2),
+                              round(1000 * (onnx - onnx0) / images, 2), round(1000 * decode_s, 2)))
     return costs
 
 
@@ -115,9 +130,10 @@ def render(costs: list[Cost]) -> str:
     base = next((c for c in costs if c.variant == "classify"), costs[0])
     rows = [[c.variant, c.images, c.latency_ms_per_image_median, c.latency_ms_per_image_p90,
              c.server_cpu_ms_per_image, f"{c.server_cpu_ms_per_image / base.server_cpu_ms_per_image:.2f}x"
-             if base.server_cpu_ms_per_image else "-", c.client_decode_ms_per_image or "-"] for c in costs]
+             if base.server_cpu_ms_per_image else "-", c.server_ms_per_image, c.onnxruntime_ms_per_image,
+             c.client_decode_ms_per_image or "-"] for c in costs]
     return table(["variant", "images", "latency ms/img p50", "p90", "server CPU ms/img", f"vs {base.variant}",
-                  "client decode ms/img"], rows)
+                  "server's own ms/img", "of it onnxruntime", "client decode ms/img"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

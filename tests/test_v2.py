@@ -619,6 +619,8 @@ def test_cost_measurement_runs_all_four_paths_and_reads_server_cpu(server):
     assert all(c.images == 3 and c.latency_ms_per_image_median > 0 for c in costs.values())
     assert sum(c.server_cpu_ms_per_image for c in costs.values()) > 0  # AlexNet inference is tens of ms per image
     assert costs["v2-uint8"].client_decode_ms_per_image > 0
+    # The server's own account (statistics extension): each request's onnxruntime call lies within its time.
+    assert all(0 < c.onnxruntime_ms_per_image < c.server_ms_per_image for c in costs.values()), costs
 
 
 # ---- a client's value in an error is shown cut short; JSON has no NaN or Infinity -----------------------------------
