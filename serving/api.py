@@ -58,6 +58,7 @@ from serving.preprocess import (
 )
 from serving.registry import ModelCard, discover, read_card, read_labels
 from serving.runtime import top_k
+from serving.statistics import ExecutionTable, read_executions, statistics
 from serving.threads import DECODE_THREADS, LARGE_DECODE_THREAD, name_os_thread
 from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
@@ -66,6 +67,7 @@ log = logging.getLogger("convnet_serving")
 Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 Describe = Callable[[], Awaitable[list[dict[str, Any]]]]
 PARAMS = ("model", "top_k")
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by BentoML in each worker: the registry's files and our tables
 DECODE_ERRORS = ("not_an_image", "unsupported_format", "corrupt_image", "unsupported_mode", "image_too_large",
                  "extreme_aspect_ratio")
 
@@ -102,7 +104,8 @@ class Metrics:
     same multiprocess registry. Created inside the worker, after BentoML has set PROMETHEUS_MULTIPROC_DIR, so every
     worker's counts are aggregated."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = 256) -> None:
+        """`max_rows`: the most rows one onnxruntime call can have (the statistics' calls by rows go up to it)."""
         import prometheus_client as prom
 
         self.requests = prom.Counter("convnet_requests", "Classification requests by endpoint, model and outcome "
@@ -136,21 +139,9 @@ class Metrics:
         self.failed_request_seconds = prom.Summary(
             "convnet_failed_request_seconds", "Time from a classification request's headers to its error answer, by "
             "endpoint and model (requests for an unknown model are not here)", ["endpoint", "model"])
-        # What the statistics extension (/v2/models/stats, serving/statistics.py) reports beyond the series above,
-        # in Triton's terms: per request, summed over the requests each onnxruntime call answered ...
-        self.batched_requests = prom.Counter(
-            "convnet_batched_requests", "Requests answered by an onnxruntime call of the front workers' "
-            "micro-batching, by model", ["model"])
-        self.request_phase_seconds = prom.Counter(
-            "convnet_request_phase_seconds", "Summed over those requests: the time each waited for its batch (queue) "
-            "and its batch's time joining rows, in onnxruntime and splitting logits (compute_input, compute_infer, "
-            "compute_output), by model and phase", ["model", "phase"])
-        # ... and per call, by its rows (in the model service too, which sees calls but not requests)
-        self.executions = prom.Counter("convnet_executions", "onnxruntime calls that answered, by model and rows",
-                                       ["model", "batch_size"])
-        self.execution_seconds = prom.Counter(
-            "convnet_execution_seconds", "Time of those calls by phase (compute_input, compute_infer, "
-            "compute_output), by model and rows", ["model", "batch_size", "phase"])
+        # The statistics extension's onnxruntime calls (/v2/models/stats): not series but a small array per model
+        # and process (serving.statistics.ExecutionTable says why), in the model service's workers too.
+        self.max_rows, self._tables = max_rows, {}
         self.last_inference = prom.Gauge(
             "convnet_last_inference_timestamp_seconds", "When the last onnxruntime call for the model answered "
             "(Unix time)", ["model"], multiprocess_mode="max")
@@ -188,27 +179,26 @@ class Metrics:
         """One onnxruntime call of the front workers' micro-batching that answered."""
         self.child(self.batch_size, model).observe(timing.rows)
         self.child(self.inference_seconds, model).observe(timing.infer_s)
-        self.child(self.batched_requests, model).inc(timing.requests)
-        for phase, seconds in (("queue", timing.queued_s), ("compute_input", timing.input_s * timing.requests),
-                               ("compute_infer", timing.infer_s * timing.requests),
-                               ("compute_output", timing.output_s * timing.requests)):
-            self.child(self.request_phase_seconds, model, phase).inc(seconds)
-        self.observe_execution(model, timing.rows, compute_infer=timing.infer_s, compute_input=timing.input_s,
-                               compute_output=timing.output_s)
+        self.observe_execution(model, timing.rows, timing.requests, timing.queued_s, compute_input=timing.input_s,
+                               compute_infer=timing.infer_s, compute_output=timing.output_s)
 
-    def observe_execution(self, model: str, rows: int, **phase_seconds: float) -> None:
-        """One onnxruntime call that answered, and the phases of it that were timed."""
-        size = str(rows)
-        self.child(self.executions, model, size).inc()
-        for phase, seconds in phase_seconds.items():
-            self.child(self.execution_seconds, model, size, phase).inc(seconds)
+    def observe_execution(self, model: str, rows: int, requests: int = 0, queued_s: float = 0.0,
+                          **phase_seconds: float) -> None:
+        """One onnxruntime call that answered (`ExecutionTable.add`), for the statistics extension."""
+        table = self._tables.get(model)
+        if table is None:
+            table = self._tables[model] = ExecutionTable(model, self.max_rows, os.environ.get(MULTIPROC_DIR))
+        table.add(rows, requests, queued_s, **phase_seconds)
         self.child(self.last_inference, model).set(time.time())
 
-    def totals(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of every worker's series: (sample name, sorted labels) -> value (reads the registry's files:
-        call it off the event loop)."""
-        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in self._collect() for sample in family.samples}
+    def statistics(self, models: list[tuple[str, str]]) -> dict[str, Any]:
+        """The statistics extension's answer for (name, version) of these models, from every worker's series and
+        execution tables (reads their files: call it off the event loop)."""
+        totals = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                  for family in self._collect() for sample in family.samples}
+        directory = os.environ.get(MULTIPROC_DIR)
+        executions = {name: read_executions(name, directory, self._tables.get(name)) for name, _ in models}
+        return statistics(totals, executions, models)
 
     def count_http_error(self, code: str) -> None:
         self.child(self.http_errors, code).inc()
@@ -247,7 +237,7 @@ class Metrics:
         """(collect, render) over every worker's series: the multiprocess registry's files, read anew each call."""
         from prometheus_client import multiprocess
 
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not os.environ.get(MULTIPROC_DIR):
             return prom.REGISTRY.collect, lambda: prom.generate_latest(prom.REGISTRY)
 
         def registry():

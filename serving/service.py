@@ -59,6 +59,8 @@ if CFG.socket_per_worker:
 install_connection_limits(CFG)  # header timeout, connection cap, keep-alive: uvicorn's protocol, in every worker
 MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoints below are made per model
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
+# The most rows of one onnxruntime call: a batch fills up to max_batch_size, but one request is never split.
+MAX_ROWS = max(CFG.max_batch_size, CFG.max_batch_images)
 IN_FRONT, IN_MODEL_SERVICE = placement(CFG, {n: i.card.parameters for n, i in MODEL_INFOS.items()}, USES_GPU)
 WORKERS = parallelism(CFG, USES_GPU, model_service=bool(IN_MODEL_SERVICE))
 # With a model service (a GPU), the small models that stay in front run on the front workers' CPUs.
@@ -150,7 +152,7 @@ class _ModelWorker:
         self.life = WorkerLifeRecord("convnet_models")
         log.info("model worker settings: %s (%s)", json.dumps(describe(CFG)), WORKERS)
         self.models = load_warm(IN_MODEL_SERVICE, CFG.device, WORKERS["model_ort_threads"])
-        self.metrics = Metrics()  # the front workers' registry: /metrics and /v2/models/stats show these calls too
+        self.metrics = Metrics(MAX_ROWS)  # the front workers' registry: /metrics and /v2/models/stats show its calls
         settle_heap()
 
     def __is_ready__(self) -> bool:
@@ -284,7 +286,7 @@ class Convnet:
         self.life = WorkerLifeRecord("convnet")
         self.front = load_warm(IN_FRONT, FRONT_DEVICE, WORKERS["front_ort_threads"])
         warm_decoding(info.recipe for info in MODEL_INFOS.values())  # this worker decodes for every model
-        metrics = Metrics()
+        metrics = Metrics(MAX_ROWS)
         count_errors_with(metrics.count_http_error)
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,

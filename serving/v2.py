@@ -55,7 +55,6 @@ from serving.errors import (
 )
 from serving.http import Part, loads_json, media_type, plain_int, read_body
 from serving.runtime import top_k
-from serving.statistics import statistics
 from serving.triton_config import model_config
 
 if TYPE_CHECKING:
@@ -597,8 +596,9 @@ class V2Protocol:
                 raise ServerBusy("the worker is still starting; retry shortly")
         except ClientError as exc:
             return self._error(request, "-", exc)
-        totals = await asyncio.get_running_loop().run_in_executor(self.api.pool, self.api.metrics.totals)
-        return JSONResponse(statistics(totals, [(m.name, m.card.version) for m in models]))
+        answer = await asyncio.get_running_loop().run_in_executor(
+            self.api.pool, self.api.metrics.statistics, [(m.name, m.card.version) for m in models])
+        return JSONResponse(answer)
 
     async def infer(self, request: Request) -> Response:
         started = time.perf_counter()
