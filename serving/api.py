@@ -141,7 +141,8 @@ class Metrics:
             "endpoint and model (requests for an unknown model are not here)", ["endpoint", "model"])
         # The statistics extension's onnxruntime calls (/v2/models/stats): not series but a small array per model
         # and process (serving.statistics.ExecutionTable says why), in the model service's workers too.
-        self.max_rows, self._tables = max_rows, {}
+        self.max_rows = max_rows
+        self._tables: dict[str, ExecutionTable] = {}
         self.last_inference = prom.Gauge(
             "convnet_last_inference_timestamp_seconds", "When the last onnxruntime call for the model answered "
             "(Unix time)", ["model"], multiprocess_mode="max")
