@@ -104,8 +104,9 @@ class Metrics:
     same multiprocess registry. Created inside the worker, after BentoML has set PROMETHEUS_MULTIPROC_DIR, so every
     worker's counts are aggregated."""
 
-    def __init__(self, max_rows: int = 256) -> None:
-        """`max_rows`: the most rows one onnxruntime call can have (the statistics' calls by rows go up to it)."""
+    def __init__(self, run_here: Iterable[str] = (), max_rows: int = 256) -> None:
+        """`run_here`: the models whose onnxruntime calls this process makes; `max_rows`: the most rows one call can
+        have (the statistics' calls by rows go up to it)."""
         import prometheus_client as prom
 
         self.requests = prom.Counter("convnet_requests", "Classification requests by endpoint, model and outcome "
@@ -141,8 +142,8 @@ class Metrics:
             "endpoint and model (requests for an unknown model are not here)", ["endpoint", "model"])
         # The statistics extension's onnxruntime calls (/v2/models/stats): not series but a small array per model
         # and process (serving.statistics.ExecutionTable says why), in the model service's workers too.
-        self.max_rows = max_rows
-        self._tables: dict[str, ExecutionTable] = {}
+        # Made here, at start-up, not on a model's first call: their files exist before the worker serves.
+        self._tables = {model: ExecutionTable(model, max_rows, os.environ.get(MULTIPROC_DIR)) for model in run_here}
         self.last_inference = prom.Gauge(
             "convnet_last_inference_timestamp_seconds", "When the last onnxruntime call for the model answered "
             "(Unix time)", ["model"], multiprocess_mode="max")
@@ -186,10 +187,7 @@ class Metrics:
     def observe_execution(self, model: str, rows: int, requests: int = 0, queued_s: float = 0.0,
                           **phase_seconds: float) -> None:
         """One onnxruntime call that answered (`ExecutionTable.add`), for the statistics extension."""
-        table = self._tables.get(model)
-        if table is None:
-            table = self._tables[model] = ExecutionTable(model, self.max_rows, os.environ.get(MULTIPROC_DIR))
-        table.add(rows, requests, queued_s, **phase_seconds)
+        self._tables[model].add(rows, requests, queued_s, **phase_seconds)
         self.child(self.last_inference, model).set(time.time())
 
     def statistics(self, models: list[tuple[str, str]]) -> dict[str, Any]:

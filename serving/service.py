@@ -152,7 +152,7 @@ class _ModelWorker:
         self.life = WorkerLifeRecord("convnet_models")
         log.info("model worker settings: %s (%s)", json.dumps(describe(CFG)), WORKERS)
         self.models = load_warm(IN_MODEL_SERVICE, CFG.device, WORKERS["model_ort_threads"])
-        self.metrics = Metrics(MAX_ROWS)  # the front workers' registry: /metrics and /v2/models/stats show its calls
+        self.metrics = Metrics(IN_MODEL_SERVICE, MAX_ROWS)  # the front's registry: /metrics and /v2/models/stats
         settle_heap()
 
     def __is_ready__(self) -> bool:
@@ -286,7 +286,7 @@ class Convnet:
         self.life = WorkerLifeRecord("convnet")
         self.front = load_warm(IN_FRONT, FRONT_DEVICE, WORKERS["front_ort_threads"])
         warm_decoding(info.recipe for info in MODEL_INFOS.values())  # this worker decodes for every model
-        metrics = Metrics(MAX_ROWS)
+        metrics = Metrics(IN_FRONT, MAX_ROWS)
         count_errors_with(metrics.count_http_error)
         self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,

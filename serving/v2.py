@@ -14,7 +14,7 @@ extension (`Inference-Header-Content-Length`, per-tensor `binary_data_size`), an
 Inference is `ClassifierAPI.infer`, the same adaptive batching as /classify: an N-image request is one N-row batch.
 The model configuration extension serves each model's Triton config (serving.triton_config, the one config.pbtxt
 renders) as JSON, declaring this server's own max_batch_size; the statistics extension, Triton's per-model counts
-and durations from every worker's Prometheus series (serving.statistics).
+and durations summed over every worker (serving.statistics).
 Errors are the serving.errors exceptions, rendered by `v2_error_body` as the protocol's `{"error": "<message>"}`.
 Not supported (said by a 404 naming it): GRPC, shared memory, model repository control, sequences.
 """
