@@ -34,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from serving.config import ServiceConfig
 from serving.deadlines import Deadlines, cancelled_by
 from serving.errors import ClientError, ClientTooSlow, HeadersTooLarge, ServerBusy, error_body, shown
+from serving.onewrite import OneWriteCycle
 
 Message = dict
 PARSER_REASON_CHARS = 200  # how much of the parser's reason a 400 quotes (llhttp's are short fixed texts)
@@ -110,7 +111,7 @@ def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus a header-read deadline, a header-size cap, a connection cap and no protocol
-    upgrades. Settings: `install`."""
+    upgrades, answering each request in one write (serving/onewrite.py). Settings: `install`."""
 
     header_timeout_s: float = 10.0
     max_header_bytes: int = 65_536
@@ -238,6 +239,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_deadline = self.loop.time() + self.body_timeout_s + BODY_DEADLINE_GRACE_S
         if not self.parser.should_upgrade():  # Upgrade and Connection: upgrade both there (a C call: cheap)
             super().on_headers_complete()
+            self.cycle.__class__ = OneWriteCycle  # uvicorn names its class inline; ours sends each answer in one write
             # uvicorn appends trailer fields to the list the request's scope holds as its headers; RFC 9110 §6.5.1
             # forbids that merge. From here they go to a list nobody reads (and _check_body_phase caps it).
             self.headers = []
@@ -254,6 +256,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                                      "cannot carry a body; send it without the Upgrade header"))
             return
         super().on_headers_complete()
+        self.cycle.__class__ = OneWriteCycle
         self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:

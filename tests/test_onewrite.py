@@ -1,0 +1,193 @@
+"""serving/onewrite.py: each response leaves in one write, head and body together, and nothing else changes.
+
+What reaches the client is read from the kernel: TCP_INFO's `tcpi_data_segs_in` counts the segments with data a
+socket received. On loopback one write of under 64 KiB is one segment; uvicorn's own cycle made two per answer.
+First the real service, then uvicorn serving our protocol (`GuardedHttpProtocol`) to a small ASGI app with the shapes
+the service does not answer with: a stream, a failure after the start, a body over JOIN_LIMIT, HTTP/1.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from serving.limits import GuardedHttpProtocol
+from serving.onewrite import JOIN_LIMIT
+
+DIGIT = (Path(__file__).resolve().parent.parent / "examples" / "digit-7.png").read_bytes()
+TCPI_DATA_SEGS_IN = 152  # offset in Linux's struct tcp_info (4.6+)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection over a plain socket, counting the data segments each answer came in."""
+
+    def __init__(self, base: str) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.buffer = b""
+
+    def segments(self) -> int:
+        info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+        assert len(info) >= TCPI_DATA_SEGS_IN + 4, "this kernel's tcp_info has no tcpi_data_segs_in"
+        return struct.unpack_from("I", info, TCPI_DATA_SEGS_IN)[0]
+
+    def _read_until(self, done) -> None:
+        while not done():
+            chunk = self.sock.recv(65536)
+            assert chunk, f"the server closed the connection; had {self.buffer[:200]!r}"
+            self.buffer += chunk
+
+    def exchange(self, method: str, target: str, body: bytes = b"",
+                 content_type: str = "") -> tuple[int, dict, bytes, int]:
+        """(status, headers, body, data segments it came in) of one request."""
+        head = f"{method} {target} HTTP/1.1\r\nHost: t\r\n"
+        if body or method == "POST":
+            head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        before = self.segments()
+        self.sock.sendall(head.encode() + b"\r\n" + body)
+        self._read_until(lambda: b"\r\n\r\n" in self.buffer)
+        raw_head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = raw_head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = 0 if method == "HEAD" else int(headers["content-length"])
+        self._read_until(lambda: len(self.buffer) >= length)
+        data, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), headers, data, self.segments() - before
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_every_kind_of_answer_of_the_service_arrives_in_one_segment(server):
+    conn = Connection(server)
+    try:
+        exchanges = [
+            ("POST", "/classify?model=lenet5", DIGIT, "image/png", 200),
+            ("POST", "/classify?model=lenet5", b"not an image", "image/png", 400),
+            ("POST", "/classify?model=nope", DIGIT, "image/png", 422),
+            ("GET", "/readyz", b"", "", 200),
+            ("HEAD", "/readyz", b"", "", 200),
+            ("GET", "/v2/models/lenet5", b"", "", 200),
+            ("GET", "/metrics", b"", "", 200),
+            ("GET", "/docs.json", b"", "", 200),
+        ]
+        for method, target, body, content_type, expected in exchanges:
+            for _ in range(3):
+                status, headers, data, segments = conn.exchange(method, target, body, content_type)
+                assert status == expected, (target, data[:200])
+                assert segments == 1, f"{method} {target}: its answer came in {segments} segments"
+                if method == "HEAD":
+                    assert data == b"" and int(headers["content-length"]) > 0
+                elif headers["content-type"].startswith("application/json"):
+                    json.loads(data)
+        status, _, data, _ = conn.exchange("POST", "/classify?model=lenet5", DIGIT, "image/png")
+        assert status == 200 and json.loads(data)["predictions"][0]["label"] == "7"  # still a working connection
+    finally:
+        conn.close()
+
+
+# ---- our protocol under uvicorn, for the shapes of answer the service does not make -----------------------------
+
+async def shapes(scope, receive, send) -> None:
+    assert scope["type"] == "http"
+    path = scope["path"]
+    while (await receive()).get("more_body"):
+        pass
+    if path == "/stream":  # chunked: the first part leaves with the head, the second when it is ready
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"first,", "more_body": True})
+        await asyncio.sleep(0.3)
+        await send({"type": "http.response.body", "body": b"second", "more_body": False})
+    elif path == "/fail":  # started, then failed before any body
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        raise RuntimeError("the application failed after starting its answer")
+    else:
+        body = b"x" * (JOIN_LIMIT + 1000) if path == "/big" else b"small answer"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def shapes_server() -> Iterator[str]:
+    config = uvicorn.Config(shapes, host="127.0.0.1", port=0, http=GuardedHttpProtocol, lifespan="off",
+                            log_level="critical")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_small_answer_and_a_head_request_on_one_connection(shapes_server):
+    conn = Connection(shapes_server)
+    try:
+        status, headers, data, segments = conn.exchange("GET", "/small")
+        assert (status, data, segments) == (200, b"small answer", 1)
+        status, headers, data, segments = conn.exchange("HEAD", "/small")  # the head alone, flushed at the end
+        assert (status, headers["content-length"], data, segments) == (200, "12", b"", 1)
+        assert conn.exchange("POST", "/small", b"a body", "text/plain")[2:] == (b"small answer", 1)
+    finally:
+        conn.close()
+
+
+def test_a_stream_sends_its_head_with_the_first_part_and_the_rest_later(shapes_server):
+    host, port = shapes_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in first
+        assert first.endswith(b"6\r\nfirst,\r\n")  # head and first chunk in one piece, before the second exists
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):
+            rest += sock.recv(65536)
+        assert rest == b"6\r\nsecond\r\n0\r\n\r\n"
+    assert httpx.get(f"{shapes_server}/stream", timeout=30).text == "first,second"
+
+
+def test_a_body_over_the_join_limit_is_whole(shapes_server):
+    r = httpx.get(f"{shapes_server}/big", timeout=30)
+    assert r.status_code == 200 and r.content == b"x" * (JOIN_LIMIT + 1000)
+
+
+def test_an_application_failing_after_its_start_gets_a_500_not_a_cut_200(shapes_server):
+    r = httpx.get(f"{shapes_server}/fail", timeout=30)
+    assert r.status_code == 500 and r.text == "Internal Server Error"
+
+
+def test_http_1_0_gets_its_answer_then_the_connection_closes(shapes_server):
+    host, port = shapes_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /small HTTP/1.0\r\n\r\n")
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\nsmall answer")
+
+
+def test_expect_100_continue_still_gets_its_interim_answer_first(shapes_server):
+    host, port = shapes_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /small HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        got = b""
+        while not got.endswith(b"small answer"):
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200 ")
