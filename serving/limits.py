@@ -300,7 +300,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         counted(exc)
         self._refused = True
         cycle = self.cycle
-        if cycle is not None and cycle.response_started and not cycle.response_complete:
+        if cycle is not None and cycle.answering and not cycle.response_complete:
             cycle.keep_alive = False  # uvicorn's send closes the connection after the last byte of that answer
             self.flow.pause_reading()
             return

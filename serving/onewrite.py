@@ -66,6 +66,12 @@ class OneWriteCycle(RequestResponseCycle):
 
     held_start: dict[str, Any] | None = None
 
+    @property
+    def answering(self) -> bool:
+        """Whether the application has started its answer, sent or held: a refusal of a request pipelined behind
+        this one waits for its end (`GuardedHttpProtocol._refuse`) rather than cut in ahead of its head."""
+        return self.response_started or self.held_start is not None
+
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
             # Nothing is sent yet. A second start replaces the first: uvicorn's own 500, after an application that

@@ -108,6 +108,10 @@ async def shapes(scope, receive, send) -> None:
         await send({"type": "http.response.body", "body": b"first,", "more_body": True})
         await asyncio.sleep(0.3)
         await send({"type": "http.response.body", "body": b"second", "more_body": False})
+    elif path == "/slow-body":  # started, then a while before the body
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.body", "body": b"done"})
     elif path == "/fail":  # started, then failed before any body
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         raise RuntimeError("the application failed after starting its answer")
@@ -191,3 +195,17 @@ def test_expect_100_continue_still_gets_its_interim_answer_first(shapes_server):
         while not got.endswith(b"small answer"):
             got += sock.recv(65536)
         assert got.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_refused_pipelined_request_waits_for_the_started_answer_ahead_of_it(shapes_server):
+    """A request refused at the protocol level (here: two Host headers) behind one whose answer has started must not
+    cut in: that answer is written whole, then the connection closes, as when its head had already left."""
+    host, port = shapes_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /slow-body HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.2)  # its start is sent (and held), its body not yet
+        sock.sendall(b"GET /small HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\ndone"), got
