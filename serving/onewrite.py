@@ -4,7 +4,7 @@ uvicorn writes a response's head the moment the application sends `http.response
 message: two `send()` calls and two TCP segments per answer, and a client woken twice. The ASGI spec asks for the
 other order ("The protocol server must not start sending the response to the client until it has received at least
 one Response Body event"), so here the head waits for the first body message and leaves in the same write. A LeNet-5
-request costs the server ~3% less CPU (docs/service.md, "One write per response"). `GuardedHttpProtocol`
+request costs the server ~4% less CPU (docs/service.md, "Tenth pass"). `GuardedHttpProtocol`
 (serving/limits.py) makes every request's cycle a `OneWriteCycle`.
 
 What changes besides the write count: an application that starts a response and then fails before any body gets
