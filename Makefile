@@ -10,7 +10,7 @@ export ORT_DISABLE_TELEMETRY := 1
 export PYTHONDONTWRITEBYTECODE := 1
 # glibc malloc for the service: keeps a serving worker's RSS flat under large uploads (docs/hardening.md; the same
 # values are in the bentofiles, deploy/ and tests/serverproc.py). Set where the server starts, not for training.
-ALLOCATOR_ENV := MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=1048576
+ALLOCATOR_ENV := MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=8388608
 
 .PHONY: setup lock models serve test lint train-lenet clean help
 

@@ -21,11 +21,13 @@ pytestmark = pytest.mark.serial  # workers' RSS under large uploads: `make test`
 
 MIB = 1 << 20
 PEAK_BOUND_MIB = 768  # per worker, any moment of any pass (docs/hardening.md: measured ~0.45 GB front, ~0.4 GB models)
-# A leak climbs pass after pass: from the first pass to the last, RSS may not grow by more than this beyond its largest
-# single rise (catches ≥ 2 MiB a pass). A one-time step is not a leak: since each front worker listens on its own
-# socket, both get the large uploads, and one worker steps once by 57-69 MiB and then holds flat, at any pass (seen at
-# passes 2, 4 and 6: 426 → 492 in CI; 442 → 500 and 436 → 505 here; no garbage cycle behind it, gc.DEBUG_SAVEALL).
+# A leak climbs pass after pass: from the first pass to the last, RSS may not grow by more than this beyond its two
+# largest single rises (catches ≥ 2.3 MiB a pass). A one-time step is not a leak: since each front worker listens on
+# its own socket, both get the large uploads, and a worker may step by 57-69 MiB and then hold flat, at any pass (seen
+# at passes 2, 4 and 6: 426 → 492 in CI; 442 → 500 and 436 → 505 here; no garbage cycle behind it, gc.DEBUG_SAVEALL;
+# with the glibc settings of before and after the 8 MiB trim threshold), and once twice in a run (437 → 497 → 560).
 GROWTH_SLACK_MIB = 16
+STEPS_ALLOWED = 2
 
 
 @pytest.mark.slow
@@ -42,8 +44,8 @@ def test_ten_passes_of_large_images_keep_every_worker_bounded_and_flat():
         report.append(f"{name}: warm {h['warm'][name] / MIB:.0f}, after passes {after[0]:.0f}..{max(after):.0f}, "
                       f"peak {max(peaks):.0f} MiB")
         assert max(peaks) <= PEAK_BOUND_MIB, report
-        biggest_rise = max(b - a for a, b in zip(after, after[1:], strict=False))
-        assert after[-1] - after[0] - max(biggest_rise, 0.0) <= GROWTH_SLACK_MIB, (name, after)
+        steps = sorted((max(b - a, 0.0) for a, b in zip(after, after[1:], strict=False)), reverse=True)
+        assert after[-1] - after[0] - sum(steps[:STEPS_ALLOWED]) <= GROWTH_SLACK_MIB, (name, after)
     print("\n" + "; ".join(report))
 
 
