@@ -569,7 +569,9 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
         f"- CPU split: servers and in-process runs {server_side}; load generator wrk, 1 thread, {client_side}, "
         f"closed loop over {args.connections} keep-alive connections (the `conns` in each setup)",
         f"- Servers: the service with `CONVNET_DEVICE=cpu` and every other setting at its default (serving/config.py: "
-        f"on {n_server} core(s), {service_parallelism(n_server)}); the naive app and LitServe with onnxruntime at "
+        f"on {n_server} core(s), {service_parallelism(n_server)}) and the glibc malloc settings every deployment "
+        f"sets ({' '.join(f'{k}={v}' for k, v in servers.ALLOCATOR_ENV.items())}); the naive app and LitServe, under "
+        f"glibc's defaults, with onnxruntime at "
         f"{n_server} intra-op thread(s); the naive and hello apps under one uvicorn worker",
         f"- Each number is the median of {args.repeats} runs of {args.duration} s after an uncounted warm-up (up to "
         f"{args.max_duration} s where the setup says so: a server that answers in batches of `conns` would otherwise "

@@ -23,6 +23,9 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from serverproc import ALLOCATOR_ENV  # noqa: E402 (the malloc settings every deployment starts the service with)
+
 SERVICE_TARGET = "serving.service:Convnet"
 READY_TIMEOUT_S = 180.0  # AlexNet's 233 MB ONNX plus BentoML's start on a busy 2-core machine
 
@@ -264,7 +267,7 @@ def service(models: list[str] | None = None, env: dict[str, str] | None = None, 
             log_dir: Path | None = None, port: int | None = None) -> AbstractContextManager[Server]:
     """The product: `bentoml serve serving.service:Convnet`, ready when /readyz says so."""
     port = port or free_port()
-    extra = dict(env or {})
+    extra = {**ALLOCATOR_ENV, **(env or {})}  # as `make serve`, the bentofiles and the manifests start it
     if models:
         extra["CONVNET_MODELS"] = ",".join(models)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", "127.0.0.1", "--port", str(port),
