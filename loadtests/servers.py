@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,16 +23,11 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from serverproc import ALLOCATOR_ENV  # noqa: E402 (the malloc settings every deployment starts the service with)
+# The malloc settings every deployment starts the service with, and the free-port helper, have one home there.
+from serverproc import ALLOCATOR_ENV, free_port  # noqa: E402
 
 SERVICE_TARGET = "serving.service:Convnet"
 READY_TIMEOUT_S = 180.0  # AlexNet's 233 MB ONNX plus BentoML's start on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
