@@ -43,7 +43,7 @@ from serving.errors import (
     shown,
 )
 from serving.http import Part, Upload, check_image_type, int_param, read_upload
-from serving.limits import RequestLimits, count_error
+from serving.limits import OncePerMinute, RequestLimits, count_error
 from serving.preprocess import (
     ALLOWED_FORMATS,
     DECODE_BUDGET,
@@ -63,6 +63,10 @@ from serving.threads import DECODE_THREADS, LARGE_DECODE_THREAD, name_os_thread
 from serving.v2 import V2_OPENAPI_PATHS, V2Protocol
 
 log = logging.getLogger("convnet_serving")
+# A decoder's bug on hostile bytes is logged with its traceback, but once a minute at most: a client sending the same
+# file again and again must not write a traceback a request.
+DECODER_SURPRISE = "unexpected error decoding an upload for %s"
+log.addFilter(OncePerMinute((DECODER_SURPRISE,), counted_by="convnet_decode_failures_total"))
 
 Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 Describe = Callable[[], Awaitable[list[dict[str, Any]]]]
@@ -435,7 +439,7 @@ class ClassifierAPI:
                 self.metrics.child(self.metrics.decode_failures, model.name, exc.code).inc()
             raise
         except Exception as exc:  # a decoder bug on hostile bytes is still the bytes' fault, but log it
-            log.warning("unexpected error decoding an upload for %s", model.name, exc_info=True)
+            log.warning(DECODER_SURPRISE, model.name, exc_info=True)
             if self.metrics is not None:
                 self.metrics.child(self.metrics.decode_failures, model.name, "corrupt_image").inc()
             raise decoder_surprise(exc) from exc

@@ -10,11 +10,15 @@ the ONNX graph, so clients send compact bytes and nothing can normalise twice.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
+import logging
 import math
+import os
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -60,6 +64,36 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel cap (open_image) is the hard stop, before decoding; Pillow's bomb check (it only warns up to ~180 MP)
 # is off, so it never warns either.
 Image.MAX_IMAGE_PIXELS = None
+
+
+def _silence_libtiff_errors() -> None:
+    """Set a null error handler in the libtiff this process's Pillow uses (found among the loaded libraries: Pillow's
+    wheel bundles its own copy), so libtiff prints nothing on stderr. Pillow already silences its warnings, and reads
+    a failure from return codes, never from these messages."""
+    try:
+        with open("/proc/self/maps") as maps:  # Linux; elsewhere libtiff's messages stay
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "libtiff" in line}
+    except OSError:
+        return
+    for path in paths:
+        if os.path.basename(path).startswith("libtiff"):
+            libtiff = ctypes.CDLL(path)  # the library already loaded: dlopen hands back the same one
+            libtiff.TIFFSetErrorHandler.argtypes = [ctypes.c_void_p]
+            libtiff.TIFFSetErrorHandler.restype = ctypes.c_void_p
+            libtiff.TIFFSetErrorHandler(None)
+
+
+# A client's bytes must not write the server's log (docs/hardening.md, "Quiet decoders"). Each upload's answer names
+# what was wrong with it and /metrics counts it (convnet_decode_failures_total): keeping the decoders quiet loses
+# nothing.
+# - Pillow's TIFF reader warns about a damaged file's tags with the tag's number in the text ("Tag data larger than
+#   file. Skipping tag 50001"): Python prints each new text once and remembers it, so each upload could add a line
+#   to the log, and an entry to memory, for as long as the worker lives.
+# - Pillow logs some refusals at ERROR ("More samples per pixel than can be decoded: 1000"): one a request.
+# - libtiff prints its errors on stderr ("LZWDecode: Not enough data at scanline 0"): one or more a request.
+warnings.filterwarnings("ignore", module=r"(PIL|pillow_heif)(\.|$)")
+logging.getLogger("PIL").setLevel(logging.CRITICAL + 1)
+_silence_libtiff_errors()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -308,7 +342,8 @@ def to_8bit(im: Image.Image) -> Image.Image:
     if mode.startswith("I;16"):
         return _sixteen_to_8bit(im)
     if mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN warns as it widens; nan_to_num below handles it
+            a = np.asarray(im, dtype=np.float64)
         if mode == "F":
             finite = a[np.isfinite(a)]  # NaN and ±inf say nothing of the range (an all-NaN TIFF has none)
             hi = max(float(finite.max()), 1.0) if finite.size else 1.0

@@ -143,3 +143,46 @@ def off_allowlist_image() -> bytes:
 
 TEXT = b"hello, this is not an image\n"
 HTML = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
+
+
+def _tiff_entries(data: bytes) -> tuple[int, int]:
+    """A little-endian TIFF's first directory: (offset of its first 12-byte entry, number of entries)."""
+    assert data[:4] == b"II*\x00", data[:4]
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    return ifd + 2, struct.unpack_from("<H", data, ifd)[0]
+
+
+def _set_tiff_entry(data: bytearray, tag: int, new_tag: int, typ: int, count: int, value: int) -> None:
+    first, n = _tiff_entries(bytes(data))
+    for at in range(first, first + 12 * n, 12):
+        if struct.unpack_from("<H", data, at)[0] == tag:
+            struct.pack_into("<HHII", data, at, new_tag, typ, count, value)
+            return
+    raise KeyError(tag)
+
+
+def lzw_tiff_with_broken_strips() -> bytes:
+    """An LZW TIFF whose every strip starts with a code the table does not hold yet: libtiff's decoder fails, and by
+    default prints why on stderr ("LZWDecode: ...", "Using code not yet in table")."""
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = bytearray(encode(im, "TIFF", compression="tiff_lzw"))
+    for offset in Image.open(io.BytesIO(bytes(data))).tag_v2[273]:  # StripOffsets
+        data[offset:offset + 2] = b"\xff\xff"
+    return bytes(data)
+
+
+def tiff_with_too_many_samples(samples: int = 1000) -> bytes:
+    """A TIFF whose SamplesPerPixel is `samples`: Pillow refuses it and logs "More samples per pixel than can be
+    decoded" at ERROR."""
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "TIFF"))
+    _set_tiff_entry(data, 277, 277, 3, 1, samples)  # SHORT, value in the entry
+    return bytes(data)
+
+
+def tiff_with_a_tag_past_the_end(tag: int) -> bytes:
+    """A TIFF with private tag `tag` whose data lies past the end of the file: Pillow warns "Tag data larger than
+    file. Skipping tag <tag>", a new message for each tag number."""
+    info = {65000: (1, 2, 3)}
+    data = bytearray(encode(Image.new("L", (8, 8)), "TIFF", tiffinfo=info))
+    _set_tiff_entry(data, 65000, tag, 4, 100, 0x7FFF0000)  # 100 LONGs at an offset far past the end
+    return bytes(data)

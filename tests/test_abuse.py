@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import imagegen
 import numpy as np
 import pytest
 from PIL import Image
@@ -320,6 +321,41 @@ def test_the_log_filter_lets_one_line_through_per_period_and_says_how_many_it_he
         "convnet_http_errors_total)")
     now[0] += 60
     assert passes("Invalid HTTP request received.") == "Invalid HTTP request received."
+
+
+def test_the_filter_names_the_counter_it_is_given():
+    once = OncePerMinute(("unexpected error decoding an upload for %s",), clock=lambda: 0.0,
+                         counted_by="convnet_decode_failures_total")
+    records = [logging.LogRecord("convnet_serving", logging.WARNING, __file__, 1,
+                                 "unexpected error decoding an upload for %s", ("lenet5",), None) for _ in range(3)]
+    assert [once.filter(r) for r in records] == [True, False, False]
+    once.clock = lambda: 60.0
+    assert once.filter(records[0]) and records[0].getMessage() == (
+        "unexpected error decoding an upload for lenet5 (2 more since the last such line, not logged; /metrics counts "
+        "each: convnet_decode_failures_total)")
+
+
+# What the unquieted decoders wrote to the log for each of the uploads below (docs/hardening.md, "Quiet decoders").
+DECODER_CHATTER = ("LZWDecode", "Using code not yet in table", "More samples per pixel", "Skipping tag 5",
+                   "UserWarning")
+
+
+def test_hostile_tiffs_write_nothing_to_the_log(limited_server):
+    """libtiff printed its errors on stderr, Pillow logged some refusals at ERROR and warned about each new tag
+    number: a client could write a log line a request. Each still gets its answer, and the log stays quiet."""
+    base, proc = limited_server
+    uploads = [(imagegen.lzw_tiff_with_broken_strips(), 400), (imagegen.tiff_with_too_many_samples(), 400)]
+    uploads += [(imagegen.tiff_with_a_tag_past_the_end(tag), 200) for tag in range(50_001, 50_021)]
+    log_before = len(server_log(proc, tail=10**9))
+    for data, status in uploads:
+        r = httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=data,
+                       headers={"Content-Type": "image/tiff"}, timeout=30)
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"] == "corrupt_image", r.text
+    time.sleep(0.5)  # the log is written by the worker through a pipe
+    new_lines = server_log(proc, tail=10**9)[log_before:]
+    assert not [word for word in DECODER_CHATTER if word in new_lines], new_lines[-3000:]
 
 
 def _chunked(path: str, chunks: list[bytes], trailers: bytes = b"") -> bytes:

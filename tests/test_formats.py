@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import imagegen
 import numpy as np
 import pillow_heif
 import pytest
@@ -371,3 +372,23 @@ def test_batch_cli_reads_avif_and_heic_locally_and_with_url(lenet_server, tmp_pa
         assert r.returncode in (0, 1), r.stderr  # 1: some inputs failed, as planned
         got = {Path(rec["path"]).name: rec.get("error") or rec["predictions"][0]["label"] for rec in read_jsonl(out)}
         assert got == expected, (mode, json.dumps(got, indent=1))
+
+
+def test_batch_cli_says_what_a_hostile_tiff_is_and_nothing_else(tmp_path):
+    """The CLI decodes with serving/preprocess.py too: its stderr holds its own summary, not libtiff's and Pillow's
+    chatter about each damaged file (tests/test_abuse.py checks the service's log)."""
+    from test_abuse import DECODER_CHATTER
+
+    files = {"broken-strips.tif": imagegen.lzw_tiff_with_broken_strips(),
+             "samples.tif": imagegen.tiff_with_too_many_samples(),
+             **{f"tag{tag}.tif": imagegen.tiff_with_a_tag_past_the_end(tag) for tag in range(50_001, 50_006)}}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out.jsonl"
+    r = cli(str(tmp_path), "--model", "lenet5", "--top-k", "1", "-o", str(out), "--progress", "off")
+    assert r.returncode == 1, r.stderr  # two files fail, the rest are classified
+    errors = {Path(rec["path"]).name: rec.get("error") for rec in read_jsonl(out)}
+    assert errors == {name: "corrupt_image" if name in ("broken-strips.tif", "samples.tif") else None
+                      for name in files}, errors
+    assert not [word for word in DECODER_CHATTER if word in r.stderr], r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # the one-line summary
