@@ -134,6 +134,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._began_in_read = False
         self._between_requests = True
         self._refused = False  # a request was refused mid-parse: the rest of what arrives is not served
+        # Its answer while it waits for those of the requests ahead of it (b"": only the close waits, see eof_received).
+        self._refusal: bytes | None = None
         # The body phase (from complete headers to the message's end, see data_received): whether a request is in
         # it, when it must be over, its bytes that were not body (chunk lines, extensions, trailers) and what those
         # may add up to, and the body bytes of the read being parsed.
@@ -297,18 +299,63 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                                      "(CONVNET_MAX_HEADER_BYTES)"), 431, "Request Header Fields Too Large")
 
     def _refuse(self, exc: ClientError, status: int = 400, reason: str = "Bad Request") -> None:
-        """Answer `exc` (our JSON error, `Connection: close`) and close the connection. If an earlier request's
-        answer is being written (pipelining), ours would land inside it: let that one finish, then close."""
+        """Answer `exc` (our JSON error, `Connection: close`) and close the connection. Answers leave in the order of
+        their requests (RFC 9112 §9.3.2): behind an earlier request still being answered (pipelining), the refusal
+        waits for the last such answer (`on_response_complete`), and a refused request that was queued never runs.
+        Written at once, it cut in ahead of the earlier answer, which was then lost: the client read our 400 as the
+        answer to the request it had sent first."""
         counted(exc)
         self._refused = True
-        cycle = self.cycle
-        if cycle is not None and cycle.answering and not cycle.response_complete:
-            cycle.keep_alive = False  # uvicorn's send closes the connection after the last byte of that answer
+        answer, cycle = _raw_response(status, reason, exc), self.cycle
+        # Queued requests (uvicorn's pipeline) wait behind one being served; else the newest request is being served,
+        # and it is an earlier one when all of its body has come (the refusal is then about bytes after it).
+        earlier = bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
+        if self.pipeline and self.pipeline[0][0] is cycle and cycle.more_body:
+            self.pipeline.popleft()  # the refused request itself, queued: not served
+        if earlier:
+            self._refusal = answer
             self.flow.pause_reading()
             return
         if not self.transport.is_closing():
-            self.transport.write(_raw_response(status, reason, exc))
+            self.transport.write(answer)
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, after each request's application returns: it starts the next queued request. Then a refusal
+        waiting behind the requests ahead of it is written, once none is left."""
+        next_queued = bool(self.pipeline)
+        super().on_response_complete()
+        if self._refusal is None:
+            return
+        if self.transport.is_closing():
+            self._refusal = None
+        elif next_queued:
+            self.flow.pause_reading()  # uvicorn resumed reading; the refused bytes and what follows stay unread
+        else:
+            answer, self._refusal = self._refusal, None
+            if answer:
+                self.transport.write(answer)
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side (`shutdown(SHUT_WR)`, `nc -N`): it has sent all it will, and may still
+        read (httpwg/http-core#22, uvicorn#1264: uvicorn took it for a disconnect, and only an answer ready within
+        the same loop turn left; an AlexNet request's never did). The requests that came whole are answered in
+        order, then the connection closes; one cut short by the EOF is not served. With nothing whole to answer, it
+        closes now, as before."""
+        if self._refusal is not None:
+            return True  # the answers ahead of a refusal, then the refusal, then the close (on_response_complete)
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return None
+        if not cycle.more_body:
+            cycle.keep_alive = False  # the last request the client sent: uvicorn closes after its answer
+            return True
+        if self.pipeline and self.pipeline[0][0] is cycle:  # cut short, queued behind whole ones: answer those
+            self.pipeline.popleft()
+            self._refused, self._refusal = True, b""  # then close, with nothing to add
+            return True
+        return None  # the request being served was cut short: its application sees the disconnect
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -326,10 +373,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        late = counted(ClientTooSlow(f"the request headers did not arrive within {self.header_timeout_s:g} s"))
-        if self.cycle is None or self.cycle.response_complete:  # no answer of an earlier request is being written
-            self.transport.write(_raw_response(408, "Request Timeout", late))
-        self.transport.close()
+        self._refuse(ClientTooSlow(f"the request headers did not arrive within {self.header_timeout_s:g} s"), 408,
+                     "Request Timeout")
 
 
 _app_wrapper: Callable[[Any], Any] | None = None

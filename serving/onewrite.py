@@ -66,13 +66,12 @@ class OneWriteCycle(RequestResponseCycle):
 
     held_start: dict[str, Any] | None = None
 
-    @property
-    def answering(self) -> bool:
-        """Whether the application has started its answer, sent or held: a refusal of a request pipelined behind
-        this one waits for its end (`GuardedHttpProtocol._refuse`) rather than cut in ahead of its head."""
-        return self.response_started or self.held_start is not None
-
     async def send(self, message: dict[str, Any]) -> None:
+        if not self.disconnected and self.transport.is_closing():
+            # The connection is closing under this answer: the client went, or a refusal closed it. uvicorn marks
+            # only the newest request of a connection disconnected, and uvloop raises on a write to a closed
+            # transport: a client pipelining two requests and closing got a 30-line traceback into the log.
+            self.disconnected = True
         if message["type"] == "http.response.start" and not self.response_started:
             # Nothing is sent yet. A second start replaces the first: uvicorn's own 500, after an application that
             # started a response failed before its body.

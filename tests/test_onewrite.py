@@ -112,6 +112,10 @@ async def shapes(scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
         await asyncio.sleep(0.5)
         await send({"type": "http.response.body", "body": b"done"})
+    elif path == "/slow":  # a while before anything is sent (as an AlexNet answer is computed)
+        await asyncio.sleep(0.3)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+        await send({"type": "http.response.body", "body": b"slow answer"})
     elif path == "/fail":  # started, then failed before any body
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         raise RuntimeError("the application failed after starting its answer")
@@ -208,4 +212,54 @@ def test_a_refused_pipelined_request_waits_for_the_started_answer_ahead_of_it(sh
         got = b""
         while chunk := sock.recv(65536):
             got += chunk
-    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\ndone"), got
+    first, refusal = got.split(b"\r\n\r\ndone")
+    assert first.startswith(b"HTTP/1.1 200 ") and refusal.startswith(b"HTTP/1.1 400 Bad Request\r\n"), got
+    assert json.loads(refusal.split(b"\r\n\r\n", 1)[1])["error"] == "bad_request", got
+
+
+def _exchange(shapes_server: str, data: bytes, half_close: bool = True) -> bytes:
+    """Send `data` on a new connection (then close our sending side, as `nc -N` does), read until the server
+    closes."""
+    host, port = shapes_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+SLOW = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
+REFUSED_BEHIND = {  # refused by the protocol while the request ahead of them is still being computed
+    "not HTTP": b"BAD\x00 / HTTP/1.1\r\n\r\n",  # the parser's error
+    "two Host headers": b"GET /small HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # refused at its headers
+    "gzip, chunked": (b"POST /small HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                      b"5\r\nhello\r\n0\r\n\r\n"),  # queued behind it, then refused in its body
+}
+
+
+@pytest.mark.parametrize("half_close", [False, True], ids=["open", "half-closed"])
+@pytest.mark.parametrize("refused", REFUSED_BEHIND, ids=list(REFUSED_BEHIND))
+def test_a_refusal_waits_for_the_answer_still_being_computed_ahead_of_it(shapes_server, refused, half_close):
+    """The refusal was written at once, ahead of the answer to the request before it, which was then lost: the
+    client read our 400 as the answer to its first request. Answers leave in the order of their requests."""
+    got = _exchange(shapes_server, SLOW + REFUSED_BEHIND[refused], half_close)
+    first, refusal = got.split(b"\r\n\r\nslow answer")
+    assert first.startswith(b"HTTP/1.1 200 ") and refusal.startswith(b"HTTP/1.1 400 Bad Request\r\n"), got
+    assert refusal.count(b"HTTP/1.1 ") == 1, got  # the refused request was not served
+
+
+def test_a_client_that_closes_its_sending_side_still_gets_its_answers(shapes_server):
+    """`shutdown(SHUT_WR)` says the client has sent all it will, not that it stopped listening (uvicorn closed the
+    connection at once: only an answer ready in the same loop turn left). Every request that came whole is
+    answered, in order, then the connection closes; a request cut short gets nothing, as before."""
+    got = _exchange(shapes_server, SLOW + SLOW + b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert got.count(b"HTTP/1.1 200 OK") == 3 and got.endswith(b"small answer"), got
+    assert got.index(b"slow answer") < got.rindex(b"slow answer") < got.index(b"small answer"), got
+    assert b"connection: close" in got.split(b"slow answer")[-1], got  # the last answer says the connection ends
+    cut_short = b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhalf"
+    assert _exchange(shapes_server, cut_short) == b""
+    got = _exchange(shapes_server, SLOW + cut_short)  # the whole one is answered, then the connection closes
+    assert got.count(b"HTTP/1.1 ") == 1 and got.endswith(b"\r\n\r\nslow answer"), got

@@ -7,7 +7,9 @@ import gzip
 import io
 import os
 import re
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -522,6 +524,34 @@ def test_malformed_multipart_bodies_leave_no_line_in_the_log(server_proc):
     assert httpx.get(f"{server}/models").status_code == 200  # a request after them: their lines would be written
     new_lines = server_log(server_proc, tail=10_000_000)[before:]
     assert "WARNING" not in new_lines and "boundary" not in new_lines, new_lines
+
+
+def _raw_classify(jpeg: bytes) -> bytes:
+    return (b"POST /classify?model=alexnet&top_k=1 HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(jpeg)) + jpeg
+
+
+def test_a_client_that_half_closes_gets_its_answer_and_one_that_leaves_writes_no_traceback(server_proc):
+    """A client that closes its sending side after its request (`nc -N`) got no AlexNet answer: uvicorn took the
+    half-close for a disconnect. A client that pipelined two requests and left made the first answer's write raise in
+    uvloop: a 30-line "Exception in ASGI application" in the log per connection, which any client could repeat."""
+    host, port = server_proc.base_url.removeprefix("http://").split(":")
+    photo = imagegen.photo(320, 240)
+    before = len(server_log(server_proc, tail=10_000_000))
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(_raw_classify(photo) + _raw_classify(photo))
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.count(b"HTTP/1.1 200 OK") == 2 and got.count(b'"predictions"') == 2, got[:2000]
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(_raw_classify(photo) + _raw_classify(photo))  # and leave at once
+    assert httpx.get(f"{server_proc.base_url}/models").status_code == 200
+    time.sleep(1.0)  # the answers in progress when they left are written (or dropped) by now
+    new_lines = server_log(server_proc, tail=10_000_000)[before:]
+    assert "Traceback" not in new_lines and "Exception in ASGI application" not in new_lines, new_lines[-3000:]
 
 
 def test_a_trailing_slash_redirects_to_a_relative_location_whatever_the_host_header(server):
