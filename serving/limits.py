@@ -310,8 +310,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # Queued requests (uvicorn's pipeline) wait behind one being served; else the newest request is being served,
         # and it is an earlier one when all of its body has come (the refusal is then about bytes after it).
         earlier = bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
-        if self.pipeline and self.pipeline[0][0] is cycle and cycle.more_body:
-            self.pipeline.popleft()  # the refused request itself, queued: not served
+        self._unqueue_unfinished()  # the refused request itself, if it was queued
         if earlier:
             self._refusal = answer
             self.flow.pause_reading()
@@ -351,11 +350,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not cycle.more_body:
             cycle.keep_alive = False  # the last request the client sent: uvicorn closes after its answer
             return True
-        if self.pipeline and self.pipeline[0][0] is cycle:  # cut short, queued behind whole ones: answer those
-            self.pipeline.popleft()
+        if self._unqueue_unfinished():  # cut short, queued behind whole ones: answer those
             self._refused, self._refusal = True, b""  # then close, with nothing to add
             return True
         return None  # the request being served was cut short: its application sees the disconnect
+
+    def _unqueue_unfinished(self) -> bool:
+        """Take the newest request out of uvicorn's queue if it never came whole (refused, or cut short by the
+        client): it is not served. Whether it was there."""
+        cycle = self.cycle
+        if self.pipeline and self.pipeline[0][0] is cycle and cycle.more_body:
+            self.pipeline.popleft()
+            return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -161,6 +161,12 @@ def _set_tiff_entry(data: bytearray, tag: int, new_tag: int, typ: int, count: in
     raise KeyError(tag)
 
 
+# What the decoders wrote to the log for the three kinds of TIFF below before they were quieted (docs/hardening.md,
+# "Quiet decoders"): libtiff's stderr, Pillow's ERROR line, Pillow's per-tag warning.
+DECODER_CHATTER = ("LZWDecode", "Using code not yet in table", "More samples per pixel", "Skipping tag 5",
+                   "UserWarning")
+
+
 def lzw_tiff_with_broken_strips() -> bytes:
     """An LZW TIFF whose every strip starts with a code the table does not hold yet: libtiff's decoder fails, and by
     default prints why on stderr ("LZWDecode: ...", "Using code not yet in table")."""

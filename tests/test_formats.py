@@ -377,8 +377,6 @@ def test_batch_cli_reads_avif_and_heic_locally_and_with_url(lenet_server, tmp_pa
 def test_batch_cli_says_what_a_hostile_tiff_is_and_nothing_else(tmp_path):
     """The CLI decodes with serving/preprocess.py too: its stderr holds its own summary, not libtiff's and Pillow's
     chatter about each damaged file (tests/test_abuse.py checks the service's log)."""
-    from test_abuse import DECODER_CHATTER
-
     files = {"broken-strips.tif": imagegen.lzw_tiff_with_broken_strips(),
              "samples.tif": imagegen.tiff_with_too_many_samples(),
              **{f"tag{tag}.tif": imagegen.tiff_with_a_tag_past_the_end(tag) for tag in range(50_001, 50_006)}}
@@ -390,5 +388,5 @@ def test_batch_cli_says_what_a_hostile_tiff_is_and_nothing_else(tmp_path):
     errors = {Path(rec["path"]).name: rec.get("error") for rec in read_jsonl(out)}
     assert errors == {name: "corrupt_image" if name in ("broken-strips.tif", "samples.tif") else None
                       for name in files}, errors
-    assert not [word for word in DECODER_CHATTER if word in r.stderr], r.stderr
+    assert not [word for word in imagegen.DECODER_CHATTER if word in r.stderr], r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # the one-line summary
