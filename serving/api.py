@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from serving.batcher import BatchTiming, Decoding
 from serving.config import ServiceConfig
+from serving.cores import Requests
 from serving.demo import MODEL_INPUT_OPENAPI, demo_routes
 from serving.errors import (
     BadParameter,
@@ -141,6 +142,9 @@ class Metrics:
             "convnet_inference_seconds", "Time of one onnxruntime call of the front workers' micro-batching (the rest "
             "of a request's time is its upload, decoding and wait), by model", ["model"],
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self.wide_batches = prom.Counter(
+            "convnet_wide_batches", "onnxruntime calls a front worker ran on every worker's threads because no other "
+            "worker had a request in progress (CONVNET_BORROW_IDLE_CPUS=1), by model", ["model"])
         self.failed_request_seconds = prom.Summary(
             "convnet_failed_request_seconds", "Time from a classification request's headers to its error answer, by "
             "endpoint and model (requests for an unknown model are not here)", ["endpoint", "model"])
@@ -287,6 +291,7 @@ class ClassifierAPI:
         self.large = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LARGE_DECODE_THREAD,
                                         initializer=name_os_thread)
         self.decoding = {name: Decoding() for name in models}  # uploads in the pools now, per model
+        self.in_progress = Requests()  # this worker's requests, for borrowing idle cores (serving/cores.py)
         DECODE_BUDGET.resize(cfg.decode_budget_pixels)
 
     def attach(self, infer: Infer, describe: Describe, metrics: Metrics | None = None) -> None:
@@ -320,7 +325,7 @@ class ClassifierAPI:
 
     def _limits(self) -> dict[str, Any]:
         return {"max_requests": self.cfg.max_concurrent_requests, "body_timeout_s": self.cfg.body_timeout_s,
-                "retry_after_s": self.cfg.retry_after_s}
+                "retry_after_s": self.cfg.retry_after_s, "worker_requests": self.in_progress}
 
     # ---- endpoints -------------------------------------------------------------------------------------------
 

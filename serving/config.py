@@ -45,6 +45,9 @@ class ServiceConfig:
     model_workers: int = 0  # model-service processes; 0 = auto: a quarter of the CPUs on a GPU, else 1 per CPU up to 4
     ort_threads: int = 0  # onnxruntime intra-op threads per worker; 0 = auto: CPUs / workers
     ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
+    # 1: on CPU, a front worker that is the only one with requests in progress runs its large models on every
+    # worker's threads, through a second session per model (serving/cores.py): faster answers under light load.
+    borrow_idle_cpus: int = 0
     # The request-facing service.
     api_workers: int = 0  # 0 = auto: one per CPU up to 4 when inference runs in front, else one per CPU up to 16
     decode_threads: int = 2  # Pillow decodes in this many threads per worker (it releases the GIL), +1 for > 4 MP
@@ -85,8 +88,8 @@ class ServiceConfig:
             raise ValueError(f"CONVNET_PLACEMENT must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
         if self.metrics_auth not in ("open", "key"):
             raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
-        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "api_workers", "access_log", "tracing",
-                   "socket_per_worker")
+        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "borrow_idle_cpus", "api_workers", "access_log",
+                   "tracing", "socket_per_worker")
         for f in fields(self):
             if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "

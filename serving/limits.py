@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServiceConfig
+from serving.cores import Requests
 from serving.deadlines import Deadlines, cancelled_by
 from serving.errors import ClientError, ClientTooSlow, HeadersTooLarge, ServerBusy, error_body, shown
 from serving.onewrite import OneWriteCycle
@@ -420,10 +421,13 @@ class RequestLimits:
     `Server-Timing: app;dur=<ms>` on every answer: the time from the request reaching the app to its response headers
     (body read, decode, preprocessing, inference), which the demo page shows and `curl -i` reads."""
 
-    def __init__(self, app, max_requests: int, body_timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, app, max_requests: int, body_timeout_s: float, retry_after_s: int,
+                 worker_requests: Requests | None = None) -> None:
         self.app, self.max_requests, self.body_timeout_s = app, max_requests, body_timeout_s
         self.retry_after = str(retry_after_s)
         self.active = 0
+        # The whole worker's count, shared with its other RequestLimits: what serving/cores.py's board publishes.
+        self.worker_requests = worker_requests or Requests()
         self.body_deadlines = Deadlines(body_timeout_s)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -478,10 +482,12 @@ class RequestLimits:
             return message
 
         self.active += 1
+        self.worker_requests.started()
         try:
             await self.app(scope, receive_by_deadline, send_timed)
         finally:
             self.active -= 1
+            self.worker_requests.ended()
             self.body_deadlines.stop(body_deadline)
 
     def _too_slow(self) -> ClientTooSlow:

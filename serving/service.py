@@ -16,6 +16,7 @@ measurements behind it: docs/service.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import json
@@ -37,7 +38,8 @@ from starlette.responses import HTMLResponse, JSONResponse
 from serving import upstream
 from serving.api import ClassifierAPI, Metrics, read_models
 from serving.batcher import MicroBatcher
-from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
+from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement, usable_cpus
+from serving.cores import WorkBoard, borrowing
 from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy, routing_error_body
 from serving.http import relative_redirects
@@ -47,7 +49,7 @@ from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
 from serving.preprocess import warm_decoding
 from serving.registry import ServedModel, load_repository
-from serving.runtime import candidate_providers
+from serving.runtime import OnnxModel, candidate_providers
 
 log = logging.getLogger("convnet_serving")
 log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the worker that logged it
@@ -67,6 +69,11 @@ WORKERS = parallelism(CFG, USES_GPU, model_service=bool(IN_MODEL_SERVICE))
 FRONT_DEVICE = "cpu" if IN_MODEL_SERVICE else CFG.device
 FRONT_ON_GPU = USES_GPU and not IN_MODEL_SERVICE  # placement "front" on a GPU: every front worker shares it
 NO_SPIN = {"session.intra_op.allow_spinning": str(CFG.ort_spinning)}
+# Borrowing idle cores (serving/cores.py): on CPU, a front worker alone in having requests runs its large models on
+# the threads of every worker (the CPUs the server is set to use, so a container's CONVNET_ORT_THREADS still holds).
+WIDE_THREADS = min(usable_cpus(), WORKERS["api_workers"] * WORKERS["front_ort_threads"])
+if not CFG.borrow_idle_cpus or USES_GPU or WIDE_THREADS <= WORKERS["front_ort_threads"]:
+    WIDE_THREADS = 0
 
 # The internal client otherwise recycles its session every 100 requests and drops calls in flight under load.
 RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
@@ -288,7 +295,12 @@ class Convnet:
         warm_decoding(info.recipe for info in MODEL_INFOS.values())  # this worker decodes for every model
         metrics = Metrics(IN_FRONT, MAX_ROWS)
         count_errors_with(metrics.count_http_error)
-        self.batchers = {name: MicroBatcher(model.logits, CFG.max_batch_size, CFG.max_latency_ms / 1000, name,
+        self.board, self.borrowing = None, set()
+        if WIDE_THREADS and any(m.card.parameters >= SMALL_MODEL_PARAMS for m in self.front.values()):
+            self.board = API.in_progress.board = WorkBoard.for_server("convnet", WORKERS["api_workers"],
+                                                                      bentoml.server_context.worker_index or 1)
+        self.batchers = {name: MicroBatcher(self._logits(model, metrics), CFG.max_batch_size,
+                                            CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
                                             on_batch=functools.partial(metrics.observe_batch, name),
                                             decoding=API.decoding[name])
@@ -300,6 +312,20 @@ class Convnet:
                  ", ".join(MODEL_INFOS), API.default_model, FRONT_DEVICE, IN_FRONT or "none",
                  "GPU" if USES_GPU else "CPU", IN_MODEL_SERVICE or "none", WORKERS)
         log.info("demo page: /demo on the address BentoML listens on (make serve prints the full URL)")
+
+    def _logits(self, model: ServedModel, metrics: Metrics):
+        """The function a model's batcher runs: its session's, or with borrowing on, its session's or a second one's
+        on every worker's threads while no other worker has a request in progress (serving/cores.py). Small models
+        never borrow: they run on the event loop, in a fraction of a millisecond."""
+        if self.board is None or model.card.parameters < SMALL_MODEL_PARAMS:
+            return model.logits
+        wide = dataclasses.replace(model, session=OnnxModel(model.session.path, device="cpu", threads=WIDE_THREADS,
+                                                            session_config=NO_SPIN))
+        wide.warm_up(CFG.max_batch_size)  # as load_warm: its memory at its working size before the worker is ready
+        log.info("model %s: a second session on %d threads, for when only this worker has requests",
+                 model.name, WIDE_THREADS)
+        self.borrowing.add(model.name)
+        return borrowing(model.logits, wide.logits, self.board, metrics.child(metrics.wide_batches, model.name).inc)
 
     async def _infer(self, model: str, batch: np.ndarray) -> np.ndarray:
         if model in self.batchers:
@@ -321,11 +347,16 @@ class Convnet:
     async def _describe(self) -> list[dict]:
         remote = await self.models.to_async.describe() if IN_MODEL_SERVICE else []
         here = [with_placement(m.describe(), "front worker, micro-batched") for m in self.front.values()]
+        for card in here:
+            if card["name"] in self.borrowing:
+                card["runtime"]["idle_cpu_threads"] = WIDE_THREADS  # its threads while no other worker has requests
         return sorted(remote + here, key=lambda card: card["name"])
 
     @bentoml.on_shutdown
     def _clean_exit(self) -> None:
         self.life.clean_exit()
+        if self.board is not None:
+            self.board.close()
 
 
 # API keys: off unless CONVNET_API_KEYS_FILE is set; PROTECT gives the front door's short way the same check.
