@@ -8,13 +8,13 @@ at a time reaches one worker, and the other cores sit idle while it runs a batch
 
 So each worker may hold a second, "wide" session of a large model, with the threads of every worker (the CPUs the
 server is set to use), and use it for a batch while no other worker of the server has a request in progress. Which
-workers have some is a byte per worker in a file they all map (`WorkBoard`, named after the arbiter's pid like
-serving/service.py's life records), set while the worker's count of requests in progress (`Requests`, kept by
-serving/limits.py's `RequestLimits`) is above zero. A request, not an inference, because a loaded worker between
-two batches is still decoding the next one: measured at 32 connections, borrowing whenever the other worker was not
-inside an onnxruntime call cost 7% of the throughput. Under load every worker has requests, so none borrows; a
-worker that gets a request while another runs wide keeps to its share, and shares the cores with it for the rest of
-that one batch.
+workers have some is a byte per worker in a file they all map (`WorkBoard`, one of the server's files named after
+the arbiter's pid: serving/service.py `server_file`), set while the worker's count of requests in progress
+(`Requests`, kept by serving/limits.py's `RequestLimits`) is above zero. A request, not an inference, because a
+loaded worker between two batches is still decoding the next one: measured at 32 connections, borrowing whenever
+the other worker was not inside an onnxruntime call cost 7% of the throughput. Under load every worker has
+requests, so none borrows; a worker that gets a request while another runs wide keeps to its share, and shares the
+cores with it for the rest of that one batch.
 
 It costs a second session's memory per worker and model (AlexNet: ~280 MB), so it is off unless
 CONVNET_BORROW_IDLE_CPUS=1 (docs/service.md, "Borrowing idle cores").
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,11 +48,6 @@ class WorkBoard:
         finally:
             os.close(fd)
         self.mark(False)  # a predecessor killed with requests in progress left its byte set
-
-    @classmethod
-    def for_server(cls, service: str, workers: int, index: int) -> WorkBoard:
-        """The board shared by one server's workers: they have the same parent, the arbiter."""
-        return cls(Path(tempfile.gettempdir()) / f"convnet-{os.getppid()}-{service}-work", workers, index)
 
     def mark(self, busy: bool) -> None:
         self.board[self.index] = busy

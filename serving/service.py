@@ -82,6 +82,12 @@ RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 HOT_ROUTES = [r"/classify", r"/models", r"/metrics"]
 
 
+def server_file(name: str) -> Path:
+    """`<tmp>/convnet-<arbiter pid>-<name>`: a file of this server's, shared by its workers (their parent is the
+    arbiter), apart from any other server's on the machine."""
+    return Path(tempfile.gettempdir()) / f"convnet-{os.getppid()}-{name}"
+
+
 class WorkerLifeRecord:
     """Leaves `<tmp>/convnet-<arbiter pid>-<service>-<worker>.pid` while a worker lives. BentoML's arbiter restarts
     a dead worker without a word; finding the file of a predecessor that never shut down cleanly means it crashed,
@@ -89,7 +95,7 @@ class WorkerLifeRecord:
 
     def __init__(self, service: str) -> None:
         index = bentoml.server_context.worker_index or 0
-        self.path = Path(tempfile.gettempdir()) / f"convnet-{os.getppid()}-{service}-{index}.pid"
+        self.path = server_file(f"{service}-{index}.pid")
         if self.path.exists():
             log.error("%s worker %s (pid %s) died without shutting down (crash or kill); restarted as pid %d",
                       service, index, self.path.read_text().strip() or "?", os.getpid())
@@ -297,8 +303,8 @@ class Convnet:
         count_errors_with(metrics.count_http_error)
         self.board, self.borrowing = None, set()
         if WIDE_THREADS and any(m.card.parameters >= SMALL_MODEL_PARAMS for m in self.front.values()):
-            self.board = API.in_progress.board = WorkBoard.for_server("convnet", WORKERS["api_workers"],
-                                                                      bentoml.server_context.worker_index or 1)
+            self.board = API.in_progress.board = WorkBoard(server_file("convnet-work"), WORKERS["api_workers"],
+                                                           bentoml.server_context.worker_index or 1)
         self.batchers = {name: MicroBatcher(self._logits(model, metrics), CFG.max_batch_size,
                                             CFG.max_latency_ms / 1000, name,
                                             on_loop=model.card.parameters < SMALL_MODEL_PARAMS,
