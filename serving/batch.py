@@ -41,6 +41,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from serving.cpus import usable_cpus
 from serving.decode_procs import ProcessDecoder, preprocess_file
 from serving.errors import ClientError, ModelRepositoryError, error_body
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input
@@ -108,13 +109,6 @@ class ServiceUnreachable(ClientError):
 # Settings
 
 
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 def _service_settings() -> tuple[int, int, Path]:
     """The service's body and pixel limits and model repository (serving.config: defaults, CONVNET_CONFIG file,
     CONVNET_* variables), so a file the service refuses is refused here with the same code."""
@@ -179,13 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default: from the output's extension, else jsonl)")
     p.add_argument("--batch-size", type=_int_at_least(1, MAX_BATCH_SIZE), default=32,
                    help=f"images per inference call (default 32, at most {MAX_BATCH_SIZE})")
-    p.add_argument("--workers", type=_int_at_least(1, MAX_WORKERS), default=min(_default_workers(), MAX_WORKERS),
-                   help=f"decoders (with --url: concurrent requests); default: the CPU count, at most {MAX_WORKERS}")
+    p.add_argument("--workers", type=_int_at_least(1, MAX_WORKERS), default=min(usable_cpus(), MAX_WORKERS),
+                   help=f"decoders (with --url: concurrent requests); default: the CPUs this process may use (a "
+                   f"container's CPU quota counts), at most {MAX_WORKERS}")
     p.add_argument("--decode-in", choices=DECODE_IN, default="auto",
                    help="where images decode: auto = processes when a GPU runs the model (decoding then has every "
                    "CPU), threads on a CPU (decoding and inference take turns) and with --url")
     p.add_argument("--threads", type=_non_negative_int, default=0,
-                   help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per core)")
+                   help="onnxruntime intra-op threads (default 0 = one per CPU this process may use, a container's CPU "
+                   "quota counted)")
     p.add_argument("--decode-nice", type=int, choices=range(0, 20), default=DEFAULT_DECODE_NICE, metavar="0-19",
                    help="scheduling niceness added to decode threads so they yield the CPU to onnxruntime "
                    f"(default {DEFAULT_DECODE_NICE})")
@@ -869,6 +865,7 @@ def _load_local(args: argparse.Namespace) -> tuple[LocalBackend, Path]:
         have = [d.name for d in discover(Path(args.models_dir))]
         raise UsageError(f"unknown model {args.model!r}; the repository {args.models_dir} has: "
                          f"{', '.join(have) or 'nothing (run `make models`)'}")
+    args.threads = args.threads or usable_cpus()
     try:
         model = load_model(model_dir, device=args.device, threads=args.threads, precision=args.precision)
     except (ModelRepositoryError, DeviceUnavailable) as e:

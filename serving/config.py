@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from serving.cpus import usable_cpus
 from serving.registry import DEFAULT_MODELS_DIR, PRECISIONS
 from serving.runtime import DEVICES
 
@@ -42,6 +43,10 @@ class ServiceConfig:
     placement: str = "auto"
     max_batch_size: int = 32
     max_latency_ms: int = 10_000  # a request queued longer than this for inference is shed with 503 server_busy
+    # The CPUs that workers and threads are sized for; 0 = those this process may run on, capped by its cgroup's CPU
+    # quota (a container's --cpus, a pod's CPU limit: serving/cpus.py). Set it where the share is a request, not a
+    # limit (the Kubernetes manifests pass the pod's CPU request).
+    cpus: int = 0
     model_workers: int = 0  # model-service processes; 0 = auto: a quarter of the CPUs on a GPU, else 1 per CPU up to 4
     ort_threads: int = 0  # onnxruntime intra-op threads per worker; 0 = auto: CPUs / workers
     ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
@@ -88,8 +93,8 @@ class ServiceConfig:
             raise ValueError(f"CONVNET_PLACEMENT must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
         if self.metrics_auth not in ("open", "key"):
             raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
-        zero_ok = ("model_workers", "ort_threads", "ort_spinning", "borrow_idle_cpus", "api_workers", "access_log",
-                   "tracing", "socket_per_worker")
+        zero_ok = ("cpus", "model_workers", "ort_threads", "ort_spinning", "borrow_idle_cpus", "api_workers",
+                   "access_log", "tracing", "socket_per_worker")
         for f in fields(self):
             if f.type == "int" and getattr(self, f.name) < (0 if f.name in zero_ok else 1):
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a positive integer, "
@@ -129,13 +134,6 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
     return ServiceConfig(**values)
 
 
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def placement(cfg: ServiceConfig, parameters: dict[str, int], uses_gpu: bool) -> tuple[list[str], list[str]]:
     """(models run in the front workers, models run in the model service), from the models' parameter counts."""
     if cfg.placement == "front" or (cfg.placement == "auto" and not uses_gpu):
@@ -159,14 +157,14 @@ def parallelism(cfg: ServiceConfig, uses_gpu: bool, model_service: bool, cpus: i
     With every model in front on a GPU (placement "front"), each front worker decodes and runs its own GPU session,
     so they are one per CPU, up to 16: on the H200, 12-16 of them served 2,742-3,368 img/s, twice the model service.
     """
-    cpus = cpus or usable_cpus()
+    cpus = cpus or cfg.cpus or usable_cpus()
     if uses_gpu and model_service:
         model = cfg.model_workers or max(1, cpus // 4)
         api = cfg.api_workers or max(1, min(16, cpus - model))
     else:
         model = cfg.model_workers or min(cpus, 4)
         api = cfg.api_workers or (min(cpus, 16) if model_service or uses_gpu else min(cpus, 4))
-    return {"api_workers": api, "model_workers": model,
+    return {"cpus": cpus, "api_workers": api, "model_workers": model,
             "front_ort_threads": cfg.ort_threads or max(1, cpus // api),
             "model_ort_threads": cfg.ort_threads or max(1, cpus // model)}
 

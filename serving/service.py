@@ -38,7 +38,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from serving import upstream
 from serving.api import ClassifierAPI, Metrics, read_models
 from serving.batcher import MicroBatcher
-from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement, usable_cpus
+from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
 from serving.cores import WorkBoard, borrowing
 from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy, routing_error_body
@@ -71,7 +71,7 @@ FRONT_ON_GPU = USES_GPU and not IN_MODEL_SERVICE  # placement "front" on a GPU: 
 NO_SPIN = {"session.intra_op.allow_spinning": str(CFG.ort_spinning)}
 # Borrowing idle cores (serving/cores.py): on CPU, a front worker alone in having requests runs its large models on
 # the threads of every worker (the CPUs the server is set to use, so a container's CONVNET_ORT_THREADS still holds).
-WIDE_THREADS = min(usable_cpus(), WORKERS["api_workers"] * WORKERS["front_ort_threads"])
+WIDE_THREADS = min(WORKERS["cpus"], WORKERS["api_workers"] * WORKERS["front_ort_threads"])
 if not CFG.borrow_idle_cpus or USES_GPU or WIDE_THREADS <= WORKERS["front_ort_threads"]:
     WIDE_THREADS = 0
 
@@ -131,8 +131,10 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def with_placement(card: dict, where: str) -> dict:
-    card["runtime"]["placement"] = where
+def with_placement(card: dict, where: str, workers: int, threads: int) -> dict:
+    """A card as /models shows it: where the model runs, in how many processes of how many onnxruntime threads,
+    sized for how many CPUs (serving/cpus.py: a container's CPU quota counts)."""
+    card["runtime"].update(placement=where, workers=workers, threads=threads, cpus=WORKERS["cpus"])
     return card
 
 
@@ -177,7 +179,8 @@ class _ModelWorker:
 
     @bentoml.api
     def describe(self) -> list[dict]:
-        return [with_placement(m.describe(), "model service, adaptive batching") for m in self.models.values()]
+        return [with_placement(m.describe(), "model service, adaptive batching", WORKERS["model_workers"],
+                               WORKERS["model_ort_threads"]) for m in self.models.values()]
 
 
 Models = bentoml.service(
@@ -352,7 +355,8 @@ class Convnet:
 
     async def _describe(self) -> list[dict]:
         remote = await self.models.to_async.describe() if IN_MODEL_SERVICE else []
-        here = [with_placement(m.describe(), "front worker, micro-batched") for m in self.front.values()]
+        here = [with_placement(m.describe(), "front worker, micro-batched", WORKERS["api_workers"],
+                               WORKERS["front_ort_threads"]) for m in self.front.values()]
         for card in here:
             if card["name"] in self.borrowing:
                 card["runtime"]["idle_cpu_threads"] = WIDE_THREADS  # its threads while no other worker has requests

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -47,12 +48,14 @@ def server_env(env: dict[str, str] | None = None, models: list[str] | None = Non
 
 
 def start_server(port: int, env: dict[str, str] | None = None, models: list[str] | None = None,
-                 log_path: Path | None = None, service: str = SERVICE) -> subprocess.Popen:
+                 log_path: Path | None = None, service: str = SERVICE,
+                 preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
     """Launch `bentoml serve` in its own process group (so stop_server can end all its workers).
 
     `env` adds/overrides variables (CONVNET_* tunables); `models` restricts the served models. Output goes to
     `log_path` (default: a temp file, path in `proc.log_path`) rather than a pipe nobody drains. `service` is the
-    import string served (another variant, e.g. for a benchmark).
+    import string served (another variant, e.g. for a benchmark). `preexec_fn` runs in the child before `bentoml`
+    starts (e.g. to put it in a cgroup).
     """
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix=f"convnet-serve-{port}-", suffix=".log")
@@ -68,7 +71,7 @@ def start_server(port: int, env: dict[str, str] | None = None, models: list[str]
     cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port),
            "--working-dir", str(REPO_ROOT)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(env, models), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
     proc.log_path = log_path  # type: ignore[attr-defined]
     proc.bentoml_home = home  # type: ignore[attr-defined]
     proc.log_file = log  # type: ignore[attr-defined]
@@ -147,14 +150,15 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         shutil.rmtree(proc.bentoml_home, ignore_errors=True)
 
 
-def started_server(env: dict[str, str] | None = None, models: list[str] | None = None):
+def started_server(env: dict[str, str] | None = None, models: list[str] | None = None,
+                   preexec_fn: Callable[[], None] | None = None):
     """Context manager: a ready server's base URL and process; always stopped afterwards."""
     from contextlib import contextmanager
 
     @contextmanager
     def _cm():
         port = free_port()
-        proc = start_server(port, env=env, models=models)
+        proc = start_server(port, env=env, models=models, preexec_fn=preexec_fn)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_ready(base, proc)

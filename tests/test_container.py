@@ -68,11 +68,13 @@ def image(tmp_path_factory) -> Iterator[str]:
 
 
 @contextmanager
-def running(image: str, port: int, args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
-    """(name, base URL) of the image running detached with `args` and `env`, ready; always stopped and removed."""
+def running(image: str, port: int, args: list[str], env: dict[str, str] | None = None,
+            podman_args: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+    """(name, base URL) of the image running detached with `args` and `env` (and `podman_args` for `podman run`),
+    ready; always stopped and removed."""
     name = f"convnet-serving-test-{port}"
     env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
-    podman("run", "-d", "--name", name, "--network", "host", *env_args, image, *args)
+    podman("run", "-d", "--name", name, "--network", "host", *podman_args, *env_args, image, *args)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(name, base)
@@ -147,6 +149,20 @@ def test_serves_both_models(container):
     r = httpx.get(f"{base}/models", timeout=60)
     assert r.status_code == 200, r.text
     assert sorted(m["name"] for m in r.json()["models"]) == ["alexnet", "lenet5"]
+
+
+def test_a_container_given_one_cpu_runs_one_worker_of_one_thread(image):
+    """`podman run --cpus 1` (docker's too) on a machine of more CPUs: the container sees them all, and its cgroup's
+    quota allows one. The service sizes itself by the quota (serving/cpus.py), as /models reports."""
+    assert len(os.sched_getaffinity(0)) >= 2, "the test needs 2 CPUs or more to tell a quota from the machine"
+    port = free_port()
+    with running(image, port, ["--host", "127.0.0.1", "--port", str(port)], env={"CONVNET_MODELS": "lenet5"},
+                 podman_args=("--cpus", "1")) as (_, base):
+        [card] = httpx.get(f"{base}/models", timeout=60).json()["models"]
+        assert (card["runtime"]["cpus"], card["runtime"]["workers"], card["runtime"]["threads"]) == (1, 1, 1), card
+        r = httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=imagegen.drawn_digit_one(),
+                       headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "1", r.text
 
 
 def test_image_has_no_torch_and_runs_as_non_root(container, image):

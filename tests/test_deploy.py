@@ -239,10 +239,22 @@ def test_deployments_probe_the_service_and_request_resources():
             assert pod["spec"].get("terminationGracePeriodSeconds", 30) >= int(wait[1]) + 20, name
     gpu = containers_of(deployments["convnet-serving-gpu"])[0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {e["name"]: e["value"] for e in gpu["env"]}["CONVNET_DEVICE"] == "auto"
+    assert {e["name"]: e.get("value") for e in gpu["env"]}["CONVNET_DEVICE"] == "auto"
     assert gpu["image"].endswith(":gpu") and containers_of(deployments["convnet-serving"])[0]["image"].endswith(":cpu")
     cpu = containers_of(deployments["convnet-serving"])[0]
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
+
+
+def test_every_deployment_sizes_its_workers_for_its_cpu_request():
+    """With a CPU request and no limit a pod's processes see every CPU of the node: each Deployment hands the
+    service its request (CONVNET_CPUS, rounded up to whole CPUs), and sets no worker or thread count that could
+    disagree with it (tests/test_cpus.py runs the server with CONVNET_CPUS and in a real quota)."""
+    for name, dep in resources("Deployment").items():
+        for c in containers_of(dep):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["CONVNET_CPUS"]["valueFrom"]["resourceFieldRef"] == {"resource": "requests.cpu",
+                                                                           "divisor": "1"}, name
+            assert not {"CONVNET_API_WORKERS", "CONVNET_MODEL_WORKERS", "CONVNET_ORT_THREADS"} & env.keys(), name
 
 
 def selected(selector: dict[str, str]) -> list[str]:
@@ -282,7 +294,7 @@ def split_args(deployment: str) -> list[str]:
 def split_env(deployment: str) -> dict[str, str]:
     """The service's own settings (CONVNET_*) a split Deployment's container is given."""
     env = containers_of(resources("Deployment")[deployment])[0].get("env", [])
-    return {e["name"]: e["value"] for e in env if e["name"].startswith("CONVNET_")}
+    return {e["name"]: e["value"] for e in env if e["name"].startswith("CONVNET_") and "value" in e}
 
 
 def test_split_deployment_wires_api_to_models(bento):

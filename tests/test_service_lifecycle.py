@@ -201,6 +201,10 @@ def test_config_layers(tmp_path):
     assert workers(ServiceConfig(placement="front"), True, False, 16)[0] == 16
     assert workers(ServiceConfig(placement="front"), True, False, 32)[0] == 16
     assert workers(ServiceConfig(placement="front"), True, False, 2)[0] == 2
+    # CONVNET_CPUS sizes for that many CPUs instead of those detected (serving/cpus.py), and says so.
+    assert workers(ServiceConfig(cpus=1), False, False, None) == (1, 1, 1, 1)
+    assert parallelism(ServiceConfig(cpus=8), False, False)["cpus"] == 8
+    assert load_config({"CONVNET_CPUS": "3"}).cpus == 3
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         load_config({"CONVNET_CONFIG": str(toml)})

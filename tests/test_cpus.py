@@ -1,0 +1,160 @@
+"""The CPUs a process may use (serving/cpus.py): its affinity, capped by its cgroup's CPU quota, so that a container
+given 1 CPU of a larger machine starts 1 worker of 1 onnxruntime thread, not one per CPU of the machine.
+
+The first tests read cgroup trees laid out as the kernel lays them out (v2 and v1, inside a cgroup namespace and
+outside one) under a temporary folder. The last ones make a real cgroup with a 1-CPU quota on this machine (root and
+a cgroup v1 cpu hierarchy, as this project's machines have) and run a process and the real server in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from serving.cpus import affinity_cpus, cgroup_cpu_quota, usable_cpus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serverproc import REPO_ROOT, started_server, worker_pids  # noqa: E402
+
+
+def fake_proc(tmp_path: Path, cgroup: str, mounts: list[str]) -> Path:
+    """A /proc/self with these cgroup lines and mountinfo lines (`{root}` stands for tmp_path)."""
+    proc = tmp_path / "proc-self"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text("".join(m.format(root=tmp_path) + "\n" for m in mounts))
+    return proc
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+SYSFS = "22 1 0:21 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw"
+
+
+def test_cgroup_v2_in_a_container_reads_its_own_cpu_max(tmp_path):
+    # docker run --cpus 2 on cgroup v2: a cgroup namespace, so the container's cgroup is "/" and the mount's root.
+    proc = fake_proc(tmp_path, "0::/\n", [SYSFS, "30 22 0:26 / {root}/cg rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"])
+    write(tmp_path / "cg" / "cpu.max", "200000 100000\n")
+    assert cgroup_cpu_quota(proc) == 2.0
+    assert usable_cpus(proc) == min(2, affinity_cpus())
+
+
+def test_cgroup_v2_takes_the_tightest_quota_of_the_cgroup_and_its_ancestors(tmp_path):
+    # A Kubernetes pod's limit sits on the pod's cgroup; the container's own may say "max".
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/ctr\n", ["30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw"])
+    write(tmp_path / "cg" / "cpu.max", "max 100000\n")
+    write(tmp_path / "cg" / "kubepods" / "cpu.max", "max 100000\n")
+    write(tmp_path / "cg" / "kubepods" / "pod1" / "cpu.max", "150000 100000\n")
+    write(tmp_path / "cg" / "kubepods" / "pod1" / "ctr" / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(proc) == 1.5
+    assert usable_cpus(proc) == 1  # rounded down: a second thread would overrun the quota and be throttled
+
+
+def test_cgroup_v1_without_a_namespace_finds_its_cgroup_below_the_mount(tmp_path):
+    # cgroup v1 with the hierarchy's sub-tree bind-mounted (older Docker): the mount's root is the cgroup's path.
+    mount = "{root}/cpu\\040and\\040acct"  # mountinfo escapes a space in a path as \040
+    proc = fake_proc(tmp_path, "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n",
+                     [f"35 31 0:32 /docker/abc {mount} rw,nosuid - cgroup cgroup rw,memory",
+                      f"36 31 0:33 /docker/abc {mount} rw,nosuid - cgroup cgroup rw,cpu,cpuacct"])
+    write(tmp_path / "cpu and acct" / "cpu.cfs_quota_us", "50000\n")
+    write(tmp_path / "cpu and acct" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_quota(proc) == 0.5
+    assert usable_cpus(proc) == 1  # at least one
+
+
+def test_no_quota_leaves_the_affinity(tmp_path):
+    proc = fake_proc(tmp_path, "1:cpu:/\n0::/\n", ["32 31 0:29 / {root}/cpu rw - cgroup cgroup rw,cpu",
+                                                  "41 31 0:38 / {root}/unified rw - cgroup2 cgroup2 rw"])
+    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000\n")
+    (tmp_path / "unified").mkdir()  # a hybrid system's v2 hierarchy, without the cpu controller: no cpu.max
+    assert cgroup_cpu_quota(proc) is None
+    assert usable_cpus(proc) == affinity_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_unreadable_or_garbled_cgroup_files_mean_no_quota(tmp_path):
+    proc = fake_proc(tmp_path, "0::/a\nnonsense\n", ["bad line", "30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw"])
+    write(tmp_path / "cg" / "a" / "cpu.max", "lots 0\n")
+    write(tmp_path / "cg" / "cpu.max", "100000 0\n")
+    assert cgroup_cpu_quota(proc) is None
+    assert cgroup_cpu_quota(tmp_path / "no-such-proc") is None
+    assert usable_cpus(tmp_path / "no-such-proc") == affinity_cpus()
+
+
+# ---- a real cgroup ----------------------------------------------------------------------------------------------
+
+
+def cpu_hierarchy() -> Path:
+    """Where this process's cgroup v1 cpu hierarchy is mounted, writable (root)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fstype, _, options = right.split()[:3]
+        if fstype == "cgroup" and "cpu" in options.split(","):
+            point = Path(left.split()[4])
+            assert os.access(point, os.W_OK), f"{point} is not writable: these tests make a cgroup (run as root)"
+            return point
+    raise AssertionError("no cgroup v1 cpu hierarchy mounted: these tests need one (this project's machines have it)")
+
+
+@contextlib.contextmanager
+def one_cpu_cgroup() -> Iterator[Path]:
+    """A real cgroup allowed 1 CPU (100 ms every 100 ms), with a child of no quota of its own: the processes the test
+    puts in the child are held by the parent's quota."""
+    parent = cpu_hierarchy() / f"convnet-test-{os.getpid()}"
+    child = parent / "worker"
+    child.mkdir(parents=True)
+    try:
+        (parent / "cpu.cfs_period_us").write_text("100000")
+        (parent / "cpu.cfs_quota_us").write_text("100000")
+        yield child
+    finally:
+        for cg in (child, parent):
+            for pid in (cg / "cgroup.procs").read_text().split():  # anything left: back to where the test runs
+                with contextlib.suppress(OSError):
+                    (cpu_hierarchy() / "cgroup.procs").write_text(pid)
+            cg.rmdir()
+
+
+def joiner(cgroup: Path):
+    """A preexec_fn that moves the child process into `cgroup` before it runs anything."""
+    return lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def test_a_process_in_a_one_cpu_cgroup_sizes_for_one_cpu():
+    assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more to tell a quota from the affinity"
+    code = "from serving.cpus import cgroup_cpu_quota, usable_cpus; print(cgroup_cpu_quota(), usable_cpus())"
+    with one_cpu_cgroup() as cgroup:
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                             preexec_fn=joiner(cgroup)).stdout.split()
+    assert out == ["1.0", "1"]
+    outside = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert outside == [str(cgroup_cpu_quota()), str(usable_cpus())]
+
+
+def test_the_server_in_a_one_cpu_container_starts_one_worker_of_one_thread():
+    assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more to tell a quota from the affinity"
+    with one_cpu_cgroup() as cgroup, started_server(models=["lenet5"], preexec_fn=joiner(cgroup)) as (base, proc):
+        [card] = httpx.get(f"{base}/models", timeout=30).json()["models"]
+        assert {k: card["runtime"][k] for k in ("cpus", "workers", "threads")} == {"cpus": 1, "workers": 1,
+                                                                                  "threads": 1}
+        assert len(worker_pids(proc)) == 1, worker_pids(proc)
+        digit = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
+        r = httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=digit,
+                       headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "7", r.text
+    # The Kubernetes manifests set CONVNET_CPUS from the pod's CPU request, where there is no quota to read.
+    with started_server(env={"CONVNET_CPUS": "1"}, models=["lenet5"]) as (base, proc):
+        [card] = httpx.get(f"{base}/models", timeout=30).json()["models"]
+        assert (card["runtime"]["cpus"], card["runtime"]["workers"], card["runtime"]["threads"]) == (1, 1, 1)
+        assert len(worker_pids(proc)) == 1, worker_pids(proc)
