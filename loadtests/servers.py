@@ -24,7 +24,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 # The malloc settings every deployment starts the service with, and the free-port helper, have one home there.
-from serverproc import ALLOCATOR_ENV, free_port  # noqa: E402
+from serverproc import ALLOCATOR_ENV, free_port, join_cgroup  # noqa: E402
 
 SERVICE_TARGET = "serving.service:Convnet"
 READY_TIMEOUT_S = 180.0  # AlexNet's 233 MB ONNX plus BentoML's start on a busy 2-core machine
@@ -75,14 +75,15 @@ class Server:
 
 
 def launch(name: str, cmd: list[str], port: int, env: dict[str, str] | None = None, cpus: str | None = None,
-           log_dir: Path | None = None) -> Server:
+           log_dir: Path | None = None, cgroup: Path | None = None) -> Server:
     if log_dir is None:
         log_dir = Path(tempfile.mkdtemp(prefix="convnet-loadtest-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 (owned by the Server; closed in stop)
     proc = subprocess.Popen(pinned(cmd, cpus), cwd=REPO_ROOT, env=base_env(env), stdout=log_file,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=join_cgroup(cgroup) if cgroup else None)
     return Server(name, f"http://127.0.0.1:{port}", proc, log_path, cpus, _log_file=log_file)
 
 
@@ -248,8 +249,8 @@ def stop(server: Server, timeout: float = 20.0) -> None:
 @contextmanager
 def running(name: str, cmd: list[str], port: int, ready_path: str, env: dict[str, str] | None = None,
             cpus: str | None = None, log_dir: Path | None = None,
-            timeout: float = READY_TIMEOUT_S) -> Iterator[Server]:
-    server = launch(name, cmd, port, env, cpus, log_dir)
+            timeout: float = READY_TIMEOUT_S, cgroup: Path | None = None) -> Iterator[Server]:
+    server = launch(name, cmd, port, env, cpus, log_dir, cgroup)
     try:
         wait_ready(server, ready_path, timeout)
         yield server
@@ -258,15 +259,17 @@ def running(name: str, cmd: list[str], port: int, ready_path: str, env: dict[str
 
 
 def service(models: list[str] | None = None, env: dict[str, str] | None = None, cpus: str | None = None,
-            log_dir: Path | None = None, port: int | None = None) -> AbstractContextManager[Server]:
-    """The product: `bentoml serve serving.service:Convnet`, ready when /readyz says so."""
+            log_dir: Path | None = None, port: int | None = None,
+            cgroup: Path | None = None) -> AbstractContextManager[Server]:
+    """The product: `bentoml serve serving.service:Convnet`, ready when /readyz says so (started in `cgroup`, e.g.
+    serverproc.cpu_quota_cgroup's, when given)."""
     port = port or free_port()
     extra = {**ALLOCATOR_ENV, **(env or {})}  # as `make serve`, the bentofiles and the manifests start it
     if models:
         extra["CONVNET_MODELS"] = ",".join(models)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", "127.0.0.1", "--port", str(port),
            "--working-dir", str(REPO_ROOT)]
-    return running("service", cmd, port, "/readyz", extra, cpus, log_dir)
+    return running("service", cmd, port, "/readyz", extra, cpus, log_dir, cgroup=cgroup)
 
 
 def python_module(name: str, module: str, env: dict[str, str] | None = None, cpus: str | None = None,

@@ -5,6 +5,7 @@ Torch-free and importable on its own: the service tests, the load tests and the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -167,3 +168,48 @@ def started_server(env: dict[str, str] | None = None, models: list[str] | None =
             stop_server(proc)
 
     return _cm()
+
+
+def cpu_hierarchy() -> Path:
+    """Where the cgroup v1 cpu hierarchy is mounted, writable (root): these machines have one; cgroup v2 hosts would
+    need the cpu controller delegated first."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fstype, _, options = (right.split() + ["", "", ""])[:3]
+        if fstype == "cgroup" and "cpu" in options.split(","):
+            point = Path(left.split()[4])
+            if not os.access(point, os.W_OK):
+                raise PermissionError(f"{point} is not writable: making a cgroup needs root")
+            return point
+    raise RuntimeError("no cgroup v1 cpu hierarchy is mounted here")
+
+
+@contextlib.contextmanager
+def cpu_quota_cgroup(cpus: float, name: str = "") -> Iterator[Path]:
+    """A real cgroup whose processes together get `cpus` CPUs' time (a container's `--cpus`: a CFS quota per 100 ms
+    period), with a child of no quota of its own to put them in, as a container's processes sit below the limit
+    set on their pod. Yields the child; removed afterwards, anything left in it moved back out first."""
+    parent = cpu_hierarchy() / f"convnet-quota-{os.getpid()}{'-' + name if name else ''}"
+    child = parent / "inside"
+    child.mkdir(parents=True)
+    try:
+        (parent / "cpu.cfs_period_us").write_text("100000")
+        (parent / "cpu.cfs_quota_us").write_text(str(round(cpus * 100000)))
+        yield child
+    finally:
+        for cg in (child, parent):
+            for pid in (cg / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (cpu_hierarchy() / "cgroup.procs").write_text(pid)
+            cg.rmdir()
+
+
+def cgroup_throttling(cgroup: Path) -> tuple[int, int, float]:
+    """(periods, periods throttled, seconds throttled) so far of the quota over `cgroup` (its parent's cpu.stat)."""
+    stat = dict(line.split() for line in (cgroup.parent / "cpu.stat").read_text().splitlines())
+    return int(stat["nr_periods"]), int(stat["nr_throttled"]), int(stat["throttled_time"]) / 1e9
+
+
+def join_cgroup(cgroup: Path) -> Callable[[], None]:
+    """A preexec_fn that moves the child process into `cgroup` before it runs anything."""
+    return lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))

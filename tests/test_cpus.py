@@ -8,11 +8,9 @@ a cgroup v1 cpu hierarchy, as this project's machines have) and run a process an
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,7 +19,7 @@ from serving.cpus import affinity_cpus, cgroup_cpu_quota, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serverproc import REPO_ROOT, started_server, worker_pids  # noqa: E402
+from serverproc import REPO_ROOT, cpu_quota_cgroup, join_cgroup, started_server, worker_pids  # noqa: E402
 
 
 def fake_proc(tmp_path: Path, cgroup: str, mounts: list[str]) -> Path:
@@ -94,48 +92,12 @@ def test_unreadable_or_garbled_cgroup_files_mean_no_quota(tmp_path):
 # ---- a real cgroup ----------------------------------------------------------------------------------------------
 
 
-def cpu_hierarchy() -> Path:
-    """Where this process's cgroup v1 cpu hierarchy is mounted, writable (root)."""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fstype, _, options = right.split()[:3]
-        if fstype == "cgroup" and "cpu" in options.split(","):
-            point = Path(left.split()[4])
-            assert os.access(point, os.W_OK), f"{point} is not writable: these tests make a cgroup (run as root)"
-            return point
-    raise AssertionError("no cgroup v1 cpu hierarchy mounted: these tests need one (this project's machines have it)")
-
-
-@contextlib.contextmanager
-def one_cpu_cgroup() -> Iterator[Path]:
-    """A real cgroup allowed 1 CPU (100 ms every 100 ms), with a child of no quota of its own: the processes the test
-    puts in the child are held by the parent's quota."""
-    parent = cpu_hierarchy() / f"convnet-test-{os.getpid()}"
-    child = parent / "worker"
-    child.mkdir(parents=True)
-    try:
-        (parent / "cpu.cfs_period_us").write_text("100000")
-        (parent / "cpu.cfs_quota_us").write_text("100000")
-        yield child
-    finally:
-        for cg in (child, parent):
-            for pid in (cg / "cgroup.procs").read_text().split():  # anything left: back to where the test runs
-                with contextlib.suppress(OSError):
-                    (cpu_hierarchy() / "cgroup.procs").write_text(pid)
-            cg.rmdir()
-
-
-def joiner(cgroup: Path):
-    """A preexec_fn that moves the child process into `cgroup` before it runs anything."""
-    return lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))
-
-
 def test_a_process_in_a_one_cpu_cgroup_sizes_for_one_cpu():
     assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more to tell a quota from the affinity"
     code = "from serving.cpus import cgroup_cpu_quota, usable_cpus; print(cgroup_cpu_quota(), usable_cpus())"
-    with one_cpu_cgroup() as cgroup:
+    with cpu_quota_cgroup(1.0) as cgroup:
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-                             preexec_fn=joiner(cgroup)).stdout.split()
+                             preexec_fn=join_cgroup(cgroup)).stdout.split()
     assert out == ["1.0", "1"]
     outside = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
@@ -144,7 +106,8 @@ def test_a_process_in_a_one_cpu_cgroup_sizes_for_one_cpu():
 
 def test_the_server_in_a_one_cpu_container_starts_one_worker_of_one_thread():
     assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more to tell a quota from the affinity"
-    with one_cpu_cgroup() as cgroup, started_server(models=["lenet5"], preexec_fn=joiner(cgroup)) as (base, proc):
+    with cpu_quota_cgroup(1.0) as cgroup, \
+            started_server(models=["lenet5"], preexec_fn=join_cgroup(cgroup)) as (base, proc):
         [card] = httpx.get(f"{base}/models", timeout=30).json()["models"]
         assert {k: card["runtime"][k] for k in ("cpus", "workers", "threads")} == {"cpus": 1, "workers": 1,
                                                                                   "threads": 1}
