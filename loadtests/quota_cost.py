@@ -15,7 +15,6 @@ it spent so, per run; the ratio of the quota-sized service's rate to each other'
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,14 +22,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from loadtests import servers
-from loadtests.bench import run_wrk
-from loadtests.borrow_cost import rss_mib
 from loadtests.images import build_pool, for_model, write_pool
+from loadtests.rounds import in_rounds, memory_and_runs, rss_mib, table
 
 sys.path.insert(0, str(servers.REPO_ROOT / "tests"))
 from serverproc import cgroup_throttling, cpu_quota_cgroup  # noqa: E402
 
-PATH = "/classify?model=alexnet"
 SIZED = "sized for the quota"
 
 
@@ -46,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     files = write_pool(for_model(build_pool(), "alexnet"), Path(tempfile.mkdtemp(prefix="convnet-quota-")))
     setups = {SIZED: {}} | {f"sized for {n} CPUs (before)": {"CONVNET_CPUS": n} for n in args.as_if.split(",")}
-    runs: dict[tuple[str, int], list[dict]] = {}
     with ExitStack() as stack:
         up, cgroups = {}, {}
         for i, (name, env) in enumerate(setups.items()):
@@ -55,46 +51,25 @@ def main(argv: list[str] | None = None) -> int:
                                                            cgroup=cgroups[name]))
             servers.freeze(up[name])
         memory = {name: rss_mib(server) for name, server in up.items()}
-        for conns in (int(c) for c in args.connections.split(",")):
-            seconds = args.seconds * (2 if conns >= 32 else 1)
-            for r in range(args.rounds):
-                for name in (list(up) if r % 2 == 0 else list(reversed(up))):
-                    with servers.awake(up[name]) as server:
-                        run_wrk(server.url, PATH, "image/jpeg", files, conns, 3, None)  # warm-up, not counted
-                        before = cgroup_throttling(cgroups[name])
-                        result = run_wrk(server.url, PATH, "image/jpeg", files, conns, seconds, None)
-                        after = cgroup_throttling(cgroups[name])
-                    result.pop("latencies_us")
-                    periods = max(after[0] - before[0], 1)
-                    result["throttled_share"] = (after[1] - before[1]) / periods
-                    result["throttled_s"] = after[2] - before[2]
-                    runs.setdefault((name, conns), []).append(result)
-                    print(f"{name}, {conns} conns, round {r + 1}: {result['rate']:.1f} img/s, p50 "
-                          f"{result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, throttled in "
-                          f"{result['throttled_share']:.0%} of the periods ({result['throttled_s']:.1f} s)", flush=True)
+
+        def throttling(name: str):
+            before = cgroup_throttling(cgroups[name])
+
+            def during() -> dict:
+                after = cgroup_throttling(cgroups[name])
+                return {"throttled_share": (after[1] - before[1]) / max(after[0] - before[0], 1),
+                        "throttled_s": after[2] - before[2]}
+            return during
+
+        runs = in_rounds(up, files, [int(c) for c in args.connections.split(",")], args.rounds, args.seconds,
+                         observe=throttling, describe=lambda run: f", throttled in {run['throttled_share']:.0%} of "
+                         f"the periods ({run['throttled_s']:.1f} s)")
     print(f"\nAlexNet, each server in a cgroup of {args.quota:g} CPU(s) on a {servers.cpu_count_of(None)}-CPU machine, "
           f"{args.rounds} rounds; medians (runs)\n")
-    print("| conns | setup | img/s | p50 ms | p99 ms | periods throttled | s throttled a run "
-          "| quota-sized / this, per round |")
-    print("|---:|---|---:|---:|---:|---:|---:|---|")
-    for conns in sorted({c for _, c in runs}):
-        for name in up:
-            rs = runs[(name, conns)]
-            ratio = ""
-            if name != SIZED:
-                per_round = sorted(a["rate"] / b["rate"] for a, b in zip(runs[(SIZED, conns)], rs, strict=True))
-                ratio = f"{statistics.median(per_round):.2f}× ({per_round[0]:.2f}–{per_round[-1]:.2f})"
-            each = " / ".join(f"{x['rate']:.1f}" for x in rs)
-            print(f"| {conns} | {name} | {statistics.median(x['rate'] for x in rs):.1f} ({each}) "
-                  f"| {statistics.median(x['p50_ms'] for x in rs):.1f} "
-                  f"| {statistics.median(x['p99_ms'] for x in rs):.1f} "
-                  f"| {statistics.median(x['throttled_share'] for x in rs):.0%} "
-                  f"| {statistics.median(x['throttled_s'] for x in rs):.1f} | {ratio} |")
-    print("\nresident memory of the workers, MiB, after warm-up: "
-          + "; ".join(f"{name}: {' + '.join(map(str, mib))}" for name, mib in memory.items()))
-    if args.json:
-        args.json.write_text(json.dumps({"runs": {f"{n} @ {c}": v for (n, c), v in runs.items()},
-                                         "memory_mib": memory}, indent=1))
+    print(table(runs, list(up), SIZED, "quota-sized / this, per round", reference_over_row=True,
+                columns={"periods throttled": lambda rs: f"{statistics.median(x['throttled_share'] for x in rs):.0%}",
+                 "s throttled a run": lambda rs: f"{statistics.median(x['throttled_s'] for x in rs):.1f}"}))
+    memory_and_runs(runs, memory, args.json)
     return 0
 
 

@@ -417,3 +417,21 @@ def test_bench_harness_produces_every_row(tmp_path):
                    "A server with no cost of its own",
                    "garbage collector", "Open Inference Protocol", "v2-bytes", "v2-uint8", "v2-uint8-json"):
         assert phrase in text, phrase
+
+
+def test_side_by_side_table_pairs_runs_of_the_same_round():
+    """loadtests/rounds.py (borrow_cost, quota_cost): each ratio is of the two runs of one round, summarised."""
+    from loadtests.rounds import table
+
+    def run(rate: float) -> dict:
+        return {"rate": rate, "p50_ms": 1000 / rate, "p99_ms": 2000 / rate, "throttled_s": rate / 100}
+
+    runs = {("new", 4): [run(r) for r in (30.0, 15.0, 30.0)], ("old", 4): [run(r) for r in (20.0, 10.0, 25.0)],
+            ("peer", 4): [run(r) for r in (5.0, 5.0, 5.0)]}
+    text = table(runs, ["new", "old", "peer"], "new", "new / this", reference_over_row=True,
+                 columns={"s throttled": lambda rs: f"{max(x['throttled_s'] for x in rs):.2f}"}, compared=["old"])
+    lines = text.splitlines()
+    assert lines[0] == "| conns | setup | img/s | p50 ms | p99 ms | s throttled | new / this |"
+    assert lines[3] == "| 4 | old | 20.0 (20.0 / 10.0 / 25.0) | 50.0 | 100.0 | 0.25 | 1.5× (1.2–1.5) |"
+    assert lines[4].endswith("| 0.05 |  |")  # not compared: no ratio
+    assert table(runs, ["new", "old"], "new", "old / new").splitlines()[3].endswith("| 0.667× (0.667–0.833) |")
