@@ -8,6 +8,7 @@ a cgroup v1 cpu hierarchy, as this project's machines have) and run a process an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,19 @@ def test_the_server_in_a_one_cpu_container_starts_one_worker_of_one_thread():
         [card] = httpx.get(f"{base}/models", timeout=30).json()["models"]
         assert (card["runtime"]["cpus"], card["runtime"]["workers"], card["runtime"]["threads"]) == (1, 1, 1)
         assert len(worker_pids(proc)) == 1, worker_pids(proc)
+
+
+def test_the_batch_cli_in_a_one_cpu_container_decodes_and_infers_on_one_cpu(tmp_path):
+    """convnet-classify's defaults (--workers decoders, --threads onnxruntime threads) follow the quota too."""
+    assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more to tell a quota from the affinity"
+    digit = REPO_ROOT / "examples" / "digit-7.png"
+    summary = tmp_path / "summary.json"
+    with cpu_quota_cgroup(1.0) as cgroup:
+        r = subprocess.run([sys.executable, "-m", "serving.batch", str(digit), str(digit), "--model", "lenet5",
+                            "--top-k", "1", "--summary-json", str(summary)], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=120, preexec_fn=join_cgroup(cgroup),
+                           env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["predictions"][0]["label"] for line in r.stdout.splitlines()] == ["7", "7"]
+    done = json.loads(summary.read_text())
+    assert (done["workers"], done["threads"], done["processed"]) == (1, 1, 2), done
