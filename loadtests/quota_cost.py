@@ -3,7 +3,7 @@
     python -m loadtests.quota_cost [--quota 1] [--as-if 2,8] [--connections 1,4,32] [--rounds 3] [--seconds 8]
 
 Each server runs in a real cgroup of its own whose CFS quota allows `--quota` CPUs (what `docker run --cpus 1` or a
-pod's CPU limit sets; serverproc.cpu_quota_cgroup, needs root). One sizes itself as it ships (serving/cpus.py reads
+pod's CPU limit sets; serverproc.cpu_quota_cgroup, needs root). One sizes itself as it ships (serving/cgroups.py reads
 the quota); the others as they did before, for all the machine's CPUs, which `--as-if N` imitates with CONVNET_CPUS=N
 (N = this machine's CPUs is exactly the old behaviour here; a larger N is a larger host's). AlexNet, JPEG photos as
 raw bodies, wrk unpinned outside the cgroups. The servers are up at once, each frozen (SIGSTOP) while another is

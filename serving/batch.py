@@ -41,7 +41,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from serving.cpus import usable_cpus
+from serving.cgroups import usable_cpus
 from serving.decode_procs import ProcessDecoder, preprocess_file
 from serving.errors import ClientError, ModelRepositoryError, error_body
 from serving.inputs import DEFAULT_MAX_BYTES, STDIN, InputSpecError, check_specs, iter_inputs, read_input

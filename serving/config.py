@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from serving.cpus import usable_cpus
+from serving.cgroups import usable_cpus
 from serving.registry import DEFAULT_MODELS_DIR, PRECISIONS
 from serving.runtime import DEVICES
 
@@ -44,7 +44,7 @@ class ServiceConfig:
     max_batch_size: int = 32
     max_latency_ms: int = 10_000  # a request queued longer than this for inference is shed with 503 server_busy
     # The CPUs that workers and threads are sized for; 0 = those this process may run on, capped by its cgroup's CPU
-    # quota (a container's --cpus, a pod's CPU limit: serving/cpus.py). Set it where the share is a request, not a
+    # quota (a container's --cpus, a pod's CPU limit: serving/cgroups.py). Set it where the share is a request, not a
     # limit (the Kubernetes manifests pass the pod's CPU request).
     cpus: int = 0
     model_workers: int = 0  # model-service processes; 0 = auto: a quarter of the CPUs on a GPU, else 1 per CPU up to 4
@@ -167,6 +167,66 @@ def parallelism(cfg: ServiceConfig, uses_gpu: bool, model_service: bool, cpus: i
     return {"cpus": cpus, "api_workers": api, "model_workers": model,
             "front_ort_threads": cfg.ort_threads or max(1, cpus // api),
             "model_ort_threads": cfg.ort_threads or max(1, cpus // model)}
+
+
+# What the service's processes hold (docs/deploy.md, "How much memory"): BentoML's arbiter ~131 MiB; a worker ~143 MiB
+# before its models; a model ~5 bytes a parameter (float32 weights plus onnxruntime's arena at the largest batch:
+# AlexNet's 61 M added 281 MiB); a front worker's decoding up to ~300 MiB more while large pictures decode (the peaks
+# of tests/memload.py: docs/hardening.md). Rounded up: a worker killed for memory takes its requests with it.
+ARBITER_BYTES = 140 * MIB
+WORKER_BYTES = 160 * MIB
+BYTES_PER_PARAMETER = 5
+DECODING_BYTES = 300 * MIB
+
+
+def fit_to_memory(cfg: ServiceConfig, workers: dict[str, int], limit: int | None, front_parameters: int,
+                  service_parameters: int) -> dict[str, int]:
+    """`workers` (parallelism's) with the automatic worker counts lowered, the larger first, until the server's
+    processes at their peak fit in `limit` bytes (a container's memory limit: serving/cgroups.py), and the automatic
+    onnxruntime threads spread over the workers left. `front_parameters`: the parameters of the models each front
+    worker holds (twice a model it also borrows cores for); `service_parameters`: each model worker's, 0 without a
+    model service. Counts set explicitly are kept, even where they won't fit; so is one worker of each kind.
+    `peak_bytes`: what the workers left may hold at their peak, by these estimates."""
+    fitted = dict(workers, memory_limit=limit or 0, peak_bytes=0)
+    if not limit:
+        return fitted
+    front = WORKER_BYTES + DECODING_BYTES + BYTES_PER_PARAMETER * front_parameters
+    model = WORKER_BYTES + BYTES_PER_PARAMETER * service_parameters
+
+    def peak() -> int:
+        return ARBITER_BYTES + fitted["api_workers"] * front + (fitted["model_workers"] * model
+                                                                if service_parameters else 0)
+
+    while peak() > limit:
+        lower = [k for k, auto in (("api_workers", not cfg.api_workers),
+                                   ("model_workers", service_parameters and not cfg.model_workers))
+                 if auto and fitted[k] > 1]
+        if not lower:
+            break
+        fitted[max(lower, key=lambda k: fitted[k])] -= 1
+    if not cfg.ort_threads:
+        fitted["front_ort_threads"] = max(1, fitted["cpus"] // fitted["api_workers"])
+        fitted["model_ort_threads"] = max(1, fitted["cpus"] // fitted["model_workers"])
+    fitted["peak_bytes"] = peak()
+    return fitted
+
+
+def size_workers(cfg: ServiceConfig, uses_gpu: bool, in_front: list[str], in_model_service: list[str],
+                 parameters: dict[str, int], memory_limit: int | None) -> tuple[dict[str, int], str]:
+    """The service's workers and threads (parallelism) fitted to `memory_limit` (fit_to_memory), and a line saying
+    so when the memory lowered them ("" otherwise). A front worker that may borrow idle cores (serving/cores.py)
+    holds its large models twice."""
+    borrowed = [n for n in in_front if cfg.borrow_idle_cpus and not uses_gpu and parameters[n] >= SMALL_MODEL_PARAMS]
+    for_cpus = parallelism(cfg, uses_gpu, model_service=bool(in_model_service))
+    fitted = fit_to_memory(cfg, for_cpus, memory_limit, sum(parameters[n] for n in in_front + borrowed),
+                           sum(parameters[n] for n in in_model_service))
+    kinds = ["api_workers", "model_workers"] if in_model_service else ["api_workers"]
+    if all(fitted[k] == for_cpus[k] for k in kinds):
+        return fitted, ""
+    holds, called_for = (" + ".join(str(w[k]) for k in kinds) for w in (fitted, for_cpus))
+    return fitted, (f"the memory limit of {fitted['memory_limit'] >> 20} MiB holds {holds} worker(s) "
+                    f"(~{fitted['peak_bytes'] >> 20} MiB at their peak), not the {called_for} that {fitted['cpus']} "
+                    "CPU(s) call for (docs/deploy.md)")
 
 
 def describe(cfg: ServiceConfig) -> dict[str, Any]:

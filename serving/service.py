@@ -38,7 +38,8 @@ from starlette.responses import HTMLResponse, JSONResponse
 from serving import upstream
 from serving.api import ClassifierAPI, Metrics, read_models
 from serving.batcher import MicroBatcher
-from serving.config import SMALL_MODEL_PARAMS, describe, load_config, parallelism, placement
+from serving.cgroups import cgroup_memory_limit
+from serving.config import SMALL_MODEL_PARAMS, describe, load_config, placement, size_workers
 from serving.cores import WorkBoard, borrowing
 from serving.demo import INDEX_DESCRIPTION
 from serving.errors import ServerBusy, routing_error_body
@@ -63,8 +64,12 @@ MODEL_INFOS = read_models(CFG.models_dir, CFG.models)  # cards only: the endpoin
 USES_GPU = candidate_providers(CFG.device)[0] != "CPUExecutionProvider"
 # The most rows of one onnxruntime call: a batch fills up to max_batch_size, but one request is never split.
 MAX_ROWS = max(CFG.max_batch_size, CFG.max_batch_images)
-IN_FRONT, IN_MODEL_SERVICE = placement(CFG, {n: i.card.parameters for n, i in MODEL_INFOS.items()}, USES_GPU)
-WORKERS = parallelism(CFG, USES_GPU, model_service=bool(IN_MODEL_SERVICE))
+PARAMETERS = {n: i.card.parameters for n, i in MODEL_INFOS.items()}
+IN_FRONT, IN_MODEL_SERVICE = placement(CFG, PARAMETERS, USES_GPU)
+# As many workers as the CPUs call for and the memory holds, a container's CPU quota and memory limit counted.
+WORKERS, MEMORY_NOTE = size_workers(CFG, USES_GPU, IN_FRONT, IN_MODEL_SERVICE, PARAMETERS, cgroup_memory_limit())
+if MEMORY_NOTE and bentoml.server_context.worker_index is None:  # said once, by the arbiter
+    log.warning(MEMORY_NOTE)
 # With a model service (a GPU), the small models that stay in front run on the front workers' CPUs.
 FRONT_DEVICE = "cpu" if IN_MODEL_SERVICE else CFG.device
 FRONT_ON_GPU = USES_GPU and not IN_MODEL_SERVICE  # placement "front" on a GPU: every front worker shares it
@@ -133,8 +138,9 @@ def settle_heap() -> None:
 
 def with_placement(card: dict, where: str, workers: int, threads: int) -> dict:
     """A card as /models shows it: where the model runs, in how many processes of how many onnxruntime threads,
-    sized for how many CPUs (serving/cpus.py: a container's CPU quota counts)."""
-    card["runtime"].update(placement=where, workers=workers, threads=threads, cpus=WORKERS["cpus"])
+    sized for how many CPUs and what memory limit (serving/cgroups.py: a container's quota and limit count)."""
+    card["runtime"].update(placement=where, workers=workers, threads=threads, cpus=WORKERS["cpus"],
+                           memory_limit_mib=WORKERS["memory_limit"] >> 20 or None)
     return card
 
 

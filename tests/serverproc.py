@@ -170,38 +170,51 @@ def started_server(env: dict[str, str] | None = None, models: list[str] | None =
     return _cm()
 
 
-def cpu_hierarchy() -> Path:
-    """Where the cgroup v1 cpu hierarchy is mounted, writable (root): these machines have one; cgroup v2 hosts would
-    need the cpu controller delegated first."""
+def cgroup_hierarchy(controller: str = "cpu") -> Path:
+    """Where the cgroup v1 hierarchy of `controller` is mounted, writable (root): these machines have them; cgroup v2
+    hosts would need the controller delegated first."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         left, _, right = line.partition(" - ")
         fstype, _, options = (right.split() + ["", "", ""])[:3]
-        if fstype == "cgroup" and "cpu" in options.split(","):
+        if fstype == "cgroup" and controller in options.split(","):
             point = Path(left.split()[4])
             if not os.access(point, os.W_OK):
                 raise PermissionError(f"{point} is not writable: making a cgroup needs root")
             return point
-    raise RuntimeError("no cgroup v1 cpu hierarchy is mounted here")
+    raise RuntimeError(f"no cgroup v1 {controller} hierarchy is mounted here")
 
 
 @contextlib.contextmanager
-def cpu_quota_cgroup(cpus: float, name: str = "") -> Iterator[Path]:
-    """A real cgroup whose processes together get `cpus` CPUs' time (a container's `--cpus`: a CFS quota per 100 ms
-    period), with a child of no quota of its own to put them in, as a container's processes sit below the limit
-    set on their pod. Yields the child; removed afterwards, anything left in it moved back out first."""
-    parent = cpu_hierarchy() / f"convnet-quota-{os.getpid()}{'-' + name if name else ''}"
+def limited_cgroup(controller: str, limits: dict[str, str], name: str = "") -> Iterator[Path]:
+    """A real cgroup of `controller` with `limits` (file name → value), and a child with none of its own to put
+    processes in, as a container's processes sit below the limit set on their pod. Yields the child; removed
+    afterwards, anything left in it moved back out first."""
+    top = cgroup_hierarchy(controller)
+    parent = top / f"convnet-{controller}-{os.getpid()}{'-' + name if name else ''}"
     child = parent / "inside"
     child.mkdir(parents=True)
     try:
-        (parent / "cpu.cfs_period_us").write_text("100000")
-        (parent / "cpu.cfs_quota_us").write_text(str(round(cpus * 100000)))
+        for file, value in limits.items():
+            (parent / file).write_text(value)
         yield child
     finally:
         for cg in (child, parent):
             for pid in (cg / "cgroup.procs").read_text().split():
                 with contextlib.suppress(OSError):
-                    (cpu_hierarchy() / "cgroup.procs").write_text(pid)
+                    (top / "cgroup.procs").write_text(pid)
             cg.rmdir()
+
+
+def cpu_quota_cgroup(cpus: float, name: str = "") -> contextlib.AbstractContextManager[Path]:
+    """A real cgroup whose processes together get `cpus` CPUs' time (a container's `--cpus`: a CFS quota per 100 ms
+    period)."""
+    return limited_cgroup("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": str(round(cpus * 100000))},
+                          name)
+
+
+def memory_limit_cgroup(limit_bytes: int, name: str = "") -> contextlib.AbstractContextManager[Path]:
+    """A real cgroup whose processes together may hold `limit_bytes` of memory (a container's `--memory`)."""
+    return limited_cgroup("memory", {"memory.limit_in_bytes": str(limit_bytes)}, name)
 
 
 def cgroup_throttling(cgroup: Path) -> tuple[int, int, float]:

@@ -152,14 +152,16 @@ def test_serves_both_models(container):
 
 
 def test_a_container_given_one_cpu_runs_one_worker_of_one_thread(image):
-    """`podman run --cpus 1` (docker's too) on a machine of more CPUs: the container sees them all, and its cgroup's
-    quota allows one. The service sizes itself by the quota (serving/cpus.py), as /models reports."""
+    """`podman run --cpus 1 --memory 1g` (docker's too) on a machine of more CPUs: the container sees them all, and
+    its cgroup's quota allows one. The service sizes itself by the quota and the memory limit (serving/cgroups.py),
+    as /models reports."""
     assert len(os.sched_getaffinity(0)) >= 2, "the test needs 2 CPUs or more to tell a quota from the machine"
     port = free_port()
     with running(image, port, ["--host", "127.0.0.1", "--port", str(port)], env={"CONVNET_MODELS": "lenet5"},
-                 podman_args=("--cpus", "1")) as (_, base):
+                 podman_args=("--cpus", "1", "--memory", "1g")) as (_, base):
         [card] = httpx.get(f"{base}/models", timeout=60).json()["models"]
-        assert (card["runtime"]["cpus"], card["runtime"]["workers"], card["runtime"]["threads"]) == (1, 1, 1), card
+        runtime = card["runtime"]
+        assert (runtime["cpus"], runtime["workers"], runtime["threads"], runtime["memory_limit_mib"]) == (1, 1, 1, 1024)
         r = httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=imagegen.drawn_digit_one(),
                        headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "1", r.text

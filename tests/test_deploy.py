@@ -248,7 +248,7 @@ def test_deployments_probe_the_service_and_request_resources():
 def test_every_deployment_sizes_its_workers_for_its_cpu_request():
     """With a CPU request and no limit a pod's processes see every CPU of the node: each Deployment hands the
     service its request (CONVNET_CPUS, rounded up to whole CPUs), and sets no worker or thread count that could
-    disagree with it (tests/test_cpus.py runs the server with CONVNET_CPUS and in a real quota)."""
+    disagree with it (tests/test_cgroups.py runs the server with CONVNET_CPUS and in a real quota)."""
     for name, dep in resources("Deployment").items():
         for c in containers_of(dep):
             env = {e["name"]: e for e in c.get("env", [])}

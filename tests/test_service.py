@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 from serverproc import server_log
 
-from serving.cpus import usable_cpus
+from serving.cgroups import usable_cpus
 from training.mnist import load_mnist
 
 MNIST_SAMPLE = Path(__file__).parent / "data" / "mnist-sample"
@@ -119,7 +119,7 @@ def test_models_lists_cards_with_runtime(server):
     # On a CPU both models run in the front worker itself (no hop), micro-batched.
     assert cards["alexnet"]["runtime"]["placement"] == "front worker, micro-batched"
     assert cards["lenet5"]["runtime"]["placement"] == "front worker, micro-batched"
-    # Sized for the CPUs this machine gives the server (tests/test_cpus.py: a container's quota), one worker each.
+    # Sized for the CPUs this machine gives the server (tests/test_cgroups.py: a container's quota), one worker each.
     cpus = usable_cpus()
     workers = min(cpus, 4)
     for card in cards.values():

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from serverproc import MODEL_SERVICE_ENV, free_port, server_log, start_server, stop_server, wait_ready, worker_pids
 
-from serving.config import ServiceConfig, load_config, parallelism
+from serving.config import ServiceConfig, fit_to_memory, load_config, parallelism, size_workers
 
 pytestmark = pytest.mark.serial  # shedding, restarts and shutdown under load, timed: `make test` runs it alone
 
@@ -201,10 +201,33 @@ def test_config_layers(tmp_path):
     assert workers(ServiceConfig(placement="front"), True, False, 16)[0] == 16
     assert workers(ServiceConfig(placement="front"), True, False, 32)[0] == 16
     assert workers(ServiceConfig(placement="front"), True, False, 2)[0] == 2
-    # CONVNET_CPUS sizes for that many CPUs instead of those detected (serving/cpus.py), and says so.
+    # CONVNET_CPUS sizes for that many CPUs instead of those detected (serving/cgroups.py), and says so.
     assert workers(ServiceConfig(cpus=1), False, False, None) == (1, 1, 1, 1)
     assert parallelism(ServiceConfig(cpus=8), False, False)["cpus"] == 8
     assert load_config({"CONVNET_CPUS": "3"}).cpus == 3
+    # A memory limit lowers the automatic worker counts, the larger first, until their peaks fit (serving/config.py's
+    # estimates: docs/deploy.md); the onnxruntime threads then spread over the workers left.
+    alexnet, lenet = 61_100_840, 61_706
+    cpu = parallelism(ServiceConfig(), False, False, 2)
+    assert fit_to_memory(ServiceConfig(), cpu, None, alexnet + lenet, 0) == {**cpu, "memory_limit": 0, "peak_bytes": 0}
+    fitted = fit_to_memory(ServiceConfig(), cpu, 1 << 30, alexnet + lenet, 0)
+    assert (fitted["api_workers"], fitted["front_ort_threads"], fitted["memory_limit"]) == (1, 2, 1 << 30)
+    assert fitted["peak_bytes"] <= 1 << 30
+    assert fit_to_memory(ServiceConfig(), cpu, 4 << 30, alexnet + lenet, 0)["api_workers"] == 2
+    assert fit_to_memory(ServiceConfig(api_workers=2), cpu, 1 << 30, alexnet, 0)["api_workers"] == 2  # explicit
+    gpu = parallelism(ServiceConfig(), True, True, 16)  # 12 decoding fronts, 4 model workers
+    fitted = fit_to_memory(ServiceConfig(), gpu, 4 << 30, lenet, alexnet)
+    assert (fitted["api_workers"], fitted["model_workers"]) == (4, 4) and fitted["peak_bytes"] <= 4 << 30
+    assert fit_to_memory(ServiceConfig(), gpu, 1 << 20, lenet, alexnet)["api_workers"] == 1  # one of each, at least
+    params = {"alexnet": alexnet, "lenet5": lenet}
+    workers, note = size_workers(ServiceConfig(cpus=2), False, ["alexnet", "lenet5"], [], params, 1 << 30)
+    assert workers["api_workers"] == 1 and note.startswith("the memory limit of 1024 MiB holds 1 worker(s) (~")
+    assert note.endswith("not the 2 that 2 CPU(s) call for (docs/deploy.md)")
+    assert size_workers(ServiceConfig(cpus=2), False, ["lenet5"], [], params, 4 << 30)[1] == ""
+    # Borrowing idle cores holds AlexNet twice in each front worker: 3 GiB holds 3 workers without it, 2 with it.
+    assert size_workers(ServiceConfig(cpus=4), False, ["alexnet"], [], params, 3 << 30)[0]["api_workers"] == 3
+    assert size_workers(ServiceConfig(cpus=4, borrow_idle_cpus=1), False, ["alexnet"], [], params,
+                        3 << 30)[0]["api_workers"] == 2
     toml.write_text("max_batch = 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         load_config({"CONVNET_CONFIG": str(toml)})

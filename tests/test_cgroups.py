@@ -1,9 +1,11 @@
-"""The CPUs a process may use (serving/cpus.py): its affinity, capped by its cgroup's CPU quota, so that a container
-given 1 CPU of a larger machine starts 1 worker of 1 onnxruntime thread, not one per CPU of the machine.
+"""What a process's cgroups allow it (serving/cgroups.py): the CPUs (its affinity, capped by the CPU quota), so that a
+container given 1 CPU of a larger machine starts 1 worker of 1 onnxruntime thread, not one per CPU of the machine;
+and the memory, so that it starts no more workers than its memory limit holds.
 
 The first tests read cgroup trees laid out as the kernel lays them out (v2 and v1, inside a cgroup namespace and
-outside one) under a temporary folder. The last ones make a real cgroup with a 1-CPU quota on this machine (root and
-a cgroup v1 cpu hierarchy, as this project's machines have) and run a process and the real server in it.
+outside one) under a temporary folder. The last ones make real cgroups on this machine (root and cgroup v1 cpu and
+memory hierarchies, as this project's machines have) with a 1-CPU quota or a 1 GiB limit, and run a process, the
+real server and the batch CLI in them.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ from pathlib import Path
 
 import httpx
 
-from serving.cpus import affinity_cpus, cgroup_cpu_quota, usable_cpus
+from serving.cgroups import affinity_cpus, cgroup_cpu_quota, cgroup_memory_limit, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serverproc import REPO_ROOT, cpu_quota_cgroup, join_cgroup, started_server, worker_pids  # noqa: E402
+from serverproc import (  # noqa: E402
+    REPO_ROOT,
+    cpu_quota_cgroup,
+    join_cgroup,
+    memory_limit_cgroup,
+    server_log,
+    started_server,
+    worker_pids,
+)
 
 
 def fake_proc(tmp_path: Path, cgroup: str, mounts: list[str]) -> Path:
@@ -90,12 +100,27 @@ def test_unreadable_or_garbled_cgroup_files_mean_no_quota(tmp_path):
     assert usable_cpus(tmp_path / "no-such-proc") == affinity_cpus()
 
 
+def test_memory_limits_v2_and_v1_tightest_wins(tmp_path):
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/ctr\n", ["30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw"])
+    write(tmp_path / "cg" / "kubepods" / "pod1" / "memory.max", "4294967296\n")  # the pod's 4 GiB
+    write(tmp_path / "cg" / "kubepods" / "pod1" / "ctr" / "memory.max", "max\n")
+    assert cgroup_memory_limit(proc) == 4 << 30
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    proc = fake_proc(v1, "9:memory:/\n4:cpu,cpuacct:/\n", ["35 31 0:32 / {root}/memory rw - cgroup cgroup rw,memory"])
+    write(v1 / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+    assert cgroup_memory_limit(proc) is None
+    write(v1 / "memory" / "memory.limit_in_bytes", "1073741824\n")
+    assert cgroup_memory_limit(proc) == 1 << 30
+    assert cgroup_cpu_quota(proc) is None  # no cpu hierarchy mounted: no quota
+
+
 # ---- a real cgroup ----------------------------------------------------------------------------------------------
 
 
 def test_a_process_in_a_one_cpu_cgroup_sizes_for_one_cpu():
     assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more to tell a quota from the affinity"
-    code = "from serving.cpus import cgroup_cpu_quota, usable_cpus; print(cgroup_cpu_quota(), usable_cpus())"
+    code = "from serving.cgroups import cgroup_cpu_quota, usable_cpus; print(cgroup_cpu_quota(), usable_cpus())"
     with cpu_quota_cgroup(1.0) as cgroup:
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
                              preexec_fn=join_cgroup(cgroup)).stdout.split()
@@ -138,3 +163,27 @@ def test_the_batch_cli_in_a_one_cpu_container_decodes_and_infers_on_one_cpu(tmp_
     assert [json.loads(line)["predictions"][0]["label"] for line in r.stdout.splitlines()] == ["7", "7"]
     done = json.loads(summary.read_text())
     assert (done["workers"], done["threads"], done["processed"]) == (1, 1, 2), done
+
+
+def test_the_server_under_a_memory_limit_starts_the_workers_it_holds():
+    """Two CPUs call for two front workers; AlexNet's take ~0.75 GiB each at their peak (decoding large pictures),
+    so a 1 GiB limit holds one, which then runs onnxruntime on both CPUs. Without the fitting a worker would be
+    killed for memory under load, with the requests it held."""
+    assert affinity_cpus() >= 2, "the test needs a machine of 2 CPUs or more"
+    with memory_limit_cgroup(1 << 30) as cgroup, \
+            started_server(env={"CONVNET_CPUS": "2"}, preexec_fn=join_cgroup(cgroup)) as (base, proc):
+        cards = {c["name"]: c for c in httpx.get(f"{base}/models", timeout=30).json()["models"]}
+        runtime = cards["alexnet"]["runtime"]
+        assert (runtime["workers"], runtime["threads"], runtime["memory_limit_mib"]) == (1, 2, 1024), runtime
+        assert len(worker_pids(proc)) == 1, worker_pids(proc)
+        assert "the memory limit of 1024 MiB holds 1 worker(s)" in server_log(proc, 100_000), server_log(proc)
+        digit = (REPO_ROOT / "examples" / "digit-7.png").read_bytes()
+        r = httpx.post(f"{base}/classify", params={"model": "lenet5"}, content=digit,
+                       headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "7", r.text
+    # An explicit worker count is kept (the operator's call), with no limit nothing is fitted.
+    with memory_limit_cgroup(1 << 30) as cgroup, \
+            started_server(env={"CONVNET_API_WORKERS": "2"}, models=["lenet5"], preexec_fn=join_cgroup(cgroup)) \
+            as (base, proc):
+        [card] = httpx.get(f"{base}/models", timeout=30).json()["models"]
+        assert (card["runtime"]["workers"], card["runtime"]["memory_limit_mib"]) == (2, 1024)
