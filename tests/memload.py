@@ -2,12 +2,16 @@
 
 Used by tests/test_memory.py and, for the numbers in docs/hardening.md, on its own:
 
-    .venv/bin/python tests/memload.py --passes 10 [--env MALLOC_ARENA_MAX=2 ...]
+    .venv/bin/python tests/memload.py --passes 10 [--env MALLOC_ARENA_MAX=2 ...] [--memory-limit-mib 1024]
+
+With --memory-limit-mib the server runs in a real cgroup with that memory limit (a container's `--memory`; root):
+it then also reports the workers that died (killed for memory) and what the clients got meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serverproc import started_server, worker_pids  # noqa: E402
+from serverproc import join_cgroup, memory_limit_cgroup, server_log, started_server, worker_pids  # noqa: E402
 
 MIB = 1 << 20
 
@@ -72,8 +76,11 @@ def one_pass(base: str, uploads: list[tuple[str, bytes, str]], concurrency: int)
 
     def send(job):
         (name, data, ctype), model = job
-        r = httpx.post(f"{base}/classify", params={"model": model}, files={"image": (name, data, ctype)},
-                       timeout=120)
+        try:
+            r = httpx.post(f"{base}/classify", params={"model": model}, files={"image": (name, data, ctype)},
+                           timeout=120)
+        except httpx.HTTPError as e:  # a worker killed mid-request (a memory limit) drops the connection
+            return f"no answer ({type(e).__name__})"
         return f"{r.status_code} {r.json().get('error', 'ok')}"
 
     jobs = [(u, m) for u in uploads for m in ("alexnet", "lenet5")]
@@ -84,10 +91,14 @@ def one_pass(base: str, uploads: list[tuple[str, bytes, str]], concurrency: int)
     return counts
 
 
-def measure(passes: int, env: dict[str, str] | None = None, concurrency: int = 4) -> dict:
-    """Start a server, warm it up, send the corpus `passes` times; RSS (bytes) per worker after warm-up, each pass."""
+def measure(passes: int, env: dict[str, str] | None = None, concurrency: int = 4,
+            memory_limit_mib: int | None = None) -> dict:
+    """Start a server (in a cgroup with `memory_limit_mib`, if given), warm it up, send the corpus `passes` times;
+    RSS (bytes) per worker after warm-up, each pass; and the workers that died meanwhile (their successors say so)."""
     uploads = corpus()
-    with started_server(env=env) as (base, proc):
+    with contextlib.ExitStack() as stack:
+        cgroup = stack.enter_context(memory_limit_cgroup(memory_limit_mib << 20)) if memory_limit_mib else None
+        base, proc = stack.enter_context(started_server(env=env, preexec_fn=join_cgroup(cgroup) if cgroup else None))
         one_pass(base, [u for u in uploads if u[0] == "photo"], 1)
         history = {"warm": rss_by_worker(proc), "passes": [], "peaks": [], "statuses": []}
         for _ in range(passes):
@@ -106,6 +117,7 @@ def measure(passes: int, env: dict[str, str] | None = None, concurrency: int = 4
             sampler.join(timeout=10)
             history["passes"].append(rss_by_worker(proc))
             history["peaks"].append(peak)
+        history["worker_deaths"] = server_log(proc, 10_000_000).count("died without shutting down")
     return history
 
 
@@ -114,14 +126,17 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=10)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (repeatable)")
+    p.add_argument("--memory-limit-mib", type=int, default=None, help="run the server under this memory limit")
     args = p.parse_args()
     env = dict(kv.split("=", 1) for kv in args.env)
-    h = measure(args.passes, env, args.concurrency)
+    h = measure(args.passes, env, args.concurrency, args.memory_limit_mib)
     for name in sorted(h["warm"]):
         series = [h["warm"][name]] + [p.get(name, 0) for p in h["passes"]]
         print(f"{name:18s} MiB after warm-up, then each pass: " + " ".join(f"{v / MIB:.0f}" for v in series))
         print(f"{'':18s} peak MiB during each pass: " + " ".join(f"{p.get(name, 0) / MIB:.0f}" for p in h["peaks"]))
-    print(json.dumps(h["statuses"][0]))
+    for i, statuses in enumerate(h["statuses"]):
+        print(f"pass {i + 1}: {json.dumps(statuses)}")
+    print(f"workers that died and were restarted: {h['worker_deaths']}")
 
 
 if __name__ == "__main__":
