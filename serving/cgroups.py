@@ -33,7 +33,7 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-def _mounts(mountinfo: str, controller: str) -> dict[str, list[tuple[Path, str]]]:
+def cgroup_mounts(mountinfo: str, controller: str) -> dict[str, list[tuple[Path, str]]]:
     """(mount point, root of the hierarchy mounted there) of the cgroup v2 hierarchy ("v2") and of the cgroup v1
     hierarchy that has `controller` ("v1")."""
     mounts: dict[str, list[tuple[Path, str]]] = {"v1": [], "v2": []}
@@ -93,7 +93,7 @@ def _cgroup_limit(proc: Path, controller: str, read: Reader) -> float | None:
     """The tightest limit `read` finds over this process's cgroups of `controller` and their ancestors, v2 or v1."""
     try:
         cgroups = (proc / "cgroup").read_text()
-        mounts = _mounts((proc / "mountinfo").read_text(), controller)
+        mounts = cgroup_mounts((proc / "mountinfo").read_text(), controller)
     except OSError:
         return None
     limits = []

@@ -165,8 +165,12 @@ def parallelism(cfg: ServiceConfig, uses_gpu: bool, model_service: bool, cpus: i
         model = cfg.model_workers or min(cpus, 4)
         api = cfg.api_workers or (min(cpus, 16) if model_service or uses_gpu else min(cpus, 4))
     return {"cpus": cpus, "api_workers": api, "model_workers": model,
-            "front_ort_threads": cfg.ort_threads or max(1, cpus // api),
-            "model_ort_threads": cfg.ort_threads or max(1, cpus // model)}
+            "front_ort_threads": ort_threads(cfg, cpus, api), "model_ort_threads": ort_threads(cfg, cpus, model)}
+
+
+def ort_threads(cfg: ServiceConfig, cpus: int, workers: int) -> int:
+    """onnxruntime's intra-op threads per worker: CONVNET_ORT_THREADS, else the CPUs shared out over the workers."""
+    return cfg.ort_threads or max(1, cpus // workers)
 
 
 # What the service's processes hold (docs/deploy.md, "How much memory"): BentoML's arbiter ~131 MiB; a worker ~143 MiB
@@ -204,9 +208,8 @@ def fit_to_memory(cfg: ServiceConfig, workers: dict[str, int], limit: int | None
         if not lower:
             break
         fitted[max(lower, key=lambda k: fitted[k])] -= 1
-    if not cfg.ort_threads:
-        fitted["front_ort_threads"] = max(1, fitted["cpus"] // fitted["api_workers"])
-        fitted["model_ort_threads"] = max(1, fitted["cpus"] // fitted["model_workers"])
+    fitted["front_ort_threads"] = ort_threads(cfg, fitted["cpus"], fitted["api_workers"])
+    fitted["model_ort_threads"] = ort_threads(cfg, fitted["cpus"], fitted["model_workers"])
     fitted["peak_bytes"] = peak()
     return fitted
 

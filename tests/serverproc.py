@@ -173,14 +173,12 @@ def started_server(env: dict[str, str] | None = None, models: list[str] | None =
 def cgroup_hierarchy(controller: str = "cpu") -> Path:
     """Where the cgroup v1 hierarchy of `controller` is mounted, writable (root): these machines have them; cgroup v2
     hosts would need the controller delegated first."""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fstype, _, options = (right.split() + ["", "", ""])[:3]
-        if fstype == "cgroup" and controller in options.split(","):
-            point = Path(left.split()[4])
-            if not os.access(point, os.W_OK):
-                raise PermissionError(f"{point} is not writable: making a cgroup needs root")
-            return point
+    from serving.cgroups import cgroup_mounts  # the service's own reading of /proc/self/mountinfo
+
+    for point, _ in cgroup_mounts(Path("/proc/self/mountinfo").read_text(), controller)["v1"]:
+        if not os.access(point, os.W_OK):
+            raise PermissionError(f"{point} is not writable: making a cgroup needs root")
+        return point
     raise RuntimeError(f"no cgroup v1 {controller} hierarchy is mounted here")
 
 
