@@ -9,6 +9,7 @@ Stages (each writes DIR/STAGE.json, so one that breaks costs only its own number
            own call (`ServedModel.logits`: host uint8 in, host logits out)
   decode   JPEG → 224² crop: serving.preprocess on one core and on every core, and nvJPEG (torchvision.io on CUDA)
            with the same resize/crop recipe, with its parity against serving.preprocess
+  nvdecode nvImageCodec's hardware (and CUDA) JPEG decoders: batch-256 img/s and parity with Pillow's full decode
   service  `bentoml serve` with CONVNET_DEVICE, wrk POSTing real JPEGs; img/s, p50/p99, where the CPU time goes
            (front workers vs the model worker), GPU utilisation and BentoML's adaptive batch size
   batch    the batch CLI on a folder of photos with --device
@@ -233,6 +234,79 @@ def stage_decode(args: argparse.Namespace) -> dict:
     return out
 
 
+NVIMG_SITE = Path(os.environ.get("NVIMG_SITE", "/tmp/nvimg"))  # where gpu_check.sh unpacks nvImageCodec's wheels
+
+
+def stage_nvdecode(args: argparse.Namespace) -> dict:
+    """nvImageCodec's JPEG decoders, the hardware engines (HW_GPU_ONLY) and CUDA (GPU_ONLY), against Pillow's full
+    decode (the pixels `serving.preprocess` resizes): decode-only img/s at batch 256 and pixel parity. Plus what the
+    Pillow resize-and-crop alone costs one core, the CPU's share if decoding moved to the GPU. Exploratory: nothing in
+    the service uses it. nvImageCodec is not a locked dependency; it travels as wheels (docs/gpu.md)."""
+    import ctypes
+    import io
+
+    from PIL import Image
+
+    from serving.preprocess import imagenet_center_crop
+
+    if not (NVIMG_SITE / "nvidia" / "nvimgcodec").is_dir():
+        return {"error": f"nvImageCodec is not installed in {NVIMG_SITE}"}
+    if args.device != "cpu":
+        import torch  # only to wait for the device; imported before nvImageCodec's `nvidia` folder joins the path
+
+        sync = torch.cuda.synchronize
+    else:
+        def sync() -> None:
+            pass
+    nvjpeg = NVIMG_SITE / "nvidia" / "cu13" / "lib" / "libnvjpeg.so.13"
+    if nvjpeg.exists():  # loaded first, so the decoder's own dlopen by name finds it
+        ctypes.CDLL(str(nvjpeg), mode=ctypes.RTLD_GLOBAL)
+    sys.path.insert(0, str(NVIMG_SITE))
+    from nvidia import nvimgcodec as nv
+
+    jpegs = photos(64, seed=2)
+    reference = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+    out: dict = {"inputs": "64 JPEGs, 375-500 px (one of them a 512x600 photograph)",
+                 "nvimgcodec": getattr(nv, "__version__", "?")}
+    t0 = time.perf_counter()
+    for im in reference:
+        imagenet_center_crop(Image.fromarray(im), IMAGENET.resize, IMAGENET.size)
+    out["pillow_crop_only_one_core"] = round(len(reference) / (time.perf_counter() - t0), 1)
+    kinds = ("CPU_ONLY",) if args.device == "cpu" else ("HW_GPU_ONLY", "GPU_ONLY")
+    for kind in kinds:
+        for options in ("", ":fancy_upsampling=1"):
+            label = kind.lower() + ("_fancy_upsampling" if options else "")
+            try:
+                device_id = nv.NVIMGCODEC_DEVICE_CPU_ONLY if kind == "CPU_ONLY" else nv.NVIMGCODEC_DEVICE_CURRENT
+                decoder = nv.Decoder(device_id=device_id, backends=[nv.Backend(getattr(nv.BackendKind, kind))],
+                                     options=options)
+                images = decoder.decode([nv.CodeStream(j) for j in jpegs])
+                missing = sum(im is None for im in images)
+                if missing:
+                    raise RuntimeError(f"{missing} of {len(jpegs)} JPEGs not decoded")
+                sync()
+                got = [np.asarray(im.cpu()) for im in images]
+                shapes_differ = sum(g.shape != r.shape for g, r in zip(got, reference, strict=True))
+                diffs = [np.abs(g.astype(np.int16) - r.astype(np.int16))
+                         for g, r in zip(got, reference, strict=True) if g.shape == r.shape]
+                result = {"shapes_differ": shapes_differ,
+                          "max_abs_diff": max((int(d.max()) for d in diffs), default=None),
+                          "mean_abs_diff": float(np.mean([d.mean() for d in diffs])) if diffs else None,
+                          "share_equal": float(np.mean([(d == 0).mean() for d in diffs])) if diffs else None}
+                batch = [nv.CodeStream(jpegs[i % len(jpegs)]) for i in range(256)]
+
+                def step(decoder=decoder, batch=batch) -> None:
+                    decoder.decode(batch)
+                    sync()
+
+                result["batch256_img_s"] = round(rate(step, len(batch), args.seconds), 1)
+            except Exception as e:  # noqa: BLE001 - a backend this machine lacks is reported, not fatal
+                result = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            out[label] = result
+            print(f"nvdecode {label}: {result}", flush=True)
+    return out
+
+
 class Sampler:
     """Background samples while a load runs: CPU seconds per server process, GPU utilisation."""
 
@@ -370,7 +444,7 @@ def stage_summary(args: argparse.Namespace) -> dict:
         path = args.out / f"{stage}.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    env, inproc, decode, batch = (load(s) for s in ("env", "inproc", "decode", "batch"))
+    env, inproc, decode, nvdecode, batch = (load(s) for s in ("env", "inproc", "decode", "nvdecode", "batch"))
     services = [load(path.stem) for path in sorted(args.out.glob("service*.json"))]
     lines = [f"GPU: {env.get('gpu')}; CPU: {env.get('cpu')} x{env.get('cpus')}; {env.get('versions')}",
              f"providers: {env.get('available_providers')}; TensorRT libraries: {env.get('tensorrt_libraries')}"]
@@ -379,6 +453,7 @@ def stage_summary(args: argparse.Namespace) -> dict:
     for key, rates in inproc.get("model_only", {}).items():
         lines.append(f"model-only {key}: {rates}; service call: {inproc['service_call'].get(key)}")
     lines.append(f"decode: {decode}")
+    lines.append(f"nvdecode: {nvdecode}")
     for run in [run for service in services for run in service.get("runs", [])]:
         lines.append(f"service [{run.get('server_env', '')}] {run['model']} c{run['connections']}: "
                      f"{run['rate']:.0f} img/s, p50 {run['p50_ms']:.1f} p99 {run['p99_ms']:.1f} ms "
@@ -393,8 +468,8 @@ def stage_summary(args: argparse.Namespace) -> dict:
     return {"lines": lines}
 
 
-STAGES = {"env": stage_env, "inproc": stage_inproc, "decode": stage_decode, "service": stage_service,
-          "batch": stage_batch, "summary": stage_summary}
+STAGES = {"env": stage_env, "inproc": stage_inproc, "decode": stage_decode, "nvdecode": stage_nvdecode,
+          "service": stage_service, "batch": stage_batch, "summary": stage_summary}
 
 
 def main() -> int:

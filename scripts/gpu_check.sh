@@ -8,6 +8,7 @@
 #   /tmp/ortgpu/part-*  onnxruntime-gpu, carried in parts (../shared/gpu/README.md), joined by .ortgpu/install.sh
 #   .whl/*.whl          the locked cp312 wheels of everything else (deploy/requirements.gpu.txt) into /tmp/site
 #   .gpu/bin/wrk        the load generator (with its libraries in .gpu/lib)
+#   /tmp/nvimgwhl/*.whl nvImageCodec and nvJPEG, for the exploratory nvdecode stage only (into /tmp/nvimg)
 # `--device cpu` rehearses the whole thing here, on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   say "installing $(ls .whl/*.whl | wc -l) locked wheels into /tmp/site"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | grep -v "^WARNING: Target directory" | tail -3 | tee -a "$LOG"
+fi
+if ls /tmp/nvimgwhl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/nvimg/nvidia/nvimgcodec ]; then
+  say "installing nvImageCodec for the nvdecode stage into /tmp/nvimg (kept off PYTHONPATH)"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/nvimg /tmp/nvimgwhl/*.whl \
+    2>&1 | tail -3 | tee -a "$LOG"
+  rm -f /tmp/nvimg/nvidia/__init__.py  # a namespace portion, so it cannot hide the CUDA packages' `nvidia`
 fi
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 [ -x .gpu/bin/wrk ] && export PATH=$PWD/.gpu/bin:$PATH
@@ -60,7 +67,7 @@ fi
 # Each runs after the default one, as its own stage, writing OUT/service<LABEL>.json.
 SERVICE_RUNS=${SERVICE_RUNS:-}
 failed=()
-STAGES=${STAGES:-env inproc decode service batch}
+STAGES=${STAGES:-env inproc decode nvdecode service batch}
 run_stage() {  # STAGE LIMIT_S [options]
   local stage=$1 limit=$2
   shift 2
@@ -69,7 +76,7 @@ run_stage() {  # STAGE LIMIT_S [options]
     --device "$DEVICE" "${args[@]}" "$@" 2>&1 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$stage $*")
 }
-for stage_limit in env:30 inproc:150 decode:60 service:180 batch:120; do
+for stage_limit in env:30 inproc:150 decode:60 nvdecode:60 service:180 batch:120; do
   stage=${stage_limit%%:*}
   [[ " $STAGES " == *" $stage "* ]] || continue
   run_stage "$stage" "${stage_limit##*:}"

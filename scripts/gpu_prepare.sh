@@ -5,13 +5,14 @@
 #   .whl/     every other locked package of deploy/requirements.gpu.txt as cp312 manylinux wheels (CUDA libraries
 #             excepted: the GPU machine's torch brings them)
 #   .gpu/     wrk and its LuaJIT (the GPU image has OpenSSL), for the HTTP load; py-spy too when it is on the PATH
+#   .nvimg/   nvImageCodec and nvJPEG wheels (~29 MiB, a call of their own), for gpu_check's exploratory nvdecode stage
 # Each GPU call can carry at most 64 MiB with the working tree: 4 parts of ~61 MiB fit beside a ~2 MiB tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${PARTS:-4}
 SHARED=${SHARED:-../shared/gpu}
 mkdir -p .git/info
-for d in .ortgpu .whl .gpu; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
+for d in .ortgpu .whl .gpu .nvimg; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
 
 ort_version=$(sed -n 's/^onnxruntime-gpu==\([^ ]*\).*/\1/p' deploy/requirements.gpu.txt)
 bash "$SHARED/split-ort-gpu.sh" "$ort_version" >/dev/null
@@ -29,6 +30,11 @@ done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
   -d .whl -r .whl/requirements.txt
 
+# Not dependencies of the project: measured by the nvdecode stage only (docs/gpu.md, third session).
+rm -rf .nvimg && mkdir .nvimg
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
+  -d .nvimg nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
+
 mkdir -p .gpu/bin .gpu/lib
 cp "$(command -v wrk)" .gpu/bin/wrk.bin
 for lib in $(ldd "$(command -v wrk)" | awk '/luajit/ {print $3}'); do cp -L "$lib" .gpu/lib/; done
@@ -40,5 +46,5 @@ here=$(dirname "$(readlink -f "$0")")
 LD_LIBRARY_PATH="$here/../lib" exec "$here/wrk.bin" "$@"
 EOF
 chmod +x .gpu/bin/wrk
-du -sh .ortgpu/part-* .whl .gpu
+du -sh .ortgpu/part-* .whl .gpu .nvimg
 echo "gpu_prepare: $PARTS parts of onnxruntime-gpu $ort_version, $(ls .whl/*.whl | wc -l) wheels, wrk: ready to carry"
