@@ -110,9 +110,26 @@ def auto_session(args: argparse.Namespace) -> dict:
     try:
         model = load_model(args.models_dir / "lenet5", device="auto")
         return {"providers": model.session.providers, "device": model.session.device,
-                "seconds": round(time.perf_counter() - t0, 2)}
+                "seconds": round(time.perf_counter() - t0, 2), "cuda_wait": primary_context_schedule()}
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def primary_context_schedule() -> str:
+    """How this process's CUDA calls wait for device 0 (its primary context's scheduling flags), read back from the
+    driver after onnxruntime made its context: what CONVNET_CUDA_WAIT set."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no CUDA driver"
+    device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0 or cuda.cuDevicePrimaryCtxGetState(
+            device, ctypes.byref(flags), ctypes.byref(active)) != 0:
+        return "unreadable"
+    schedule = {0: "auto", 1: "spin", 2: "yield", 4: "blocking sync"}.get(flags.value & 0x7, hex(flags.value))
+    return f"{schedule} (context {'active' if active.value else 'inactive'})"
 
 
 def bound_rate(sess: ort.InferenceSession, batch: np.ndarray, seconds: float, device: str) -> float:
@@ -272,7 +289,7 @@ def stage_nvdecode(args: argparse.Namespace) -> dict:
     for im in reference:
         imagenet_center_crop(Image.fromarray(im), IMAGENET.resize, IMAGENET.size)
     out["pillow_crop_only_one_core"] = round(len(reference) / (time.perf_counter() - t0), 1)
-    kinds = ("CPU_ONLY",) if args.device == "cpu" else ("HW_GPU_ONLY", "GPU_ONLY")
+    kinds = ("CPU_ONLY",) if args.device == "cpu" else ("HW_GPU_ONLY", "HYBRID_CPU_GPU")
     for kind in kinds:
         for options in ("", ":fancy_upsampling=1"):
             label = kind.lower() + ("_fancy_upsampling" if options else "")
@@ -281,19 +298,21 @@ def stage_nvdecode(args: argparse.Namespace) -> dict:
                 decoder = nv.Decoder(device_id=device_id, backends=[nv.Backend(getattr(nv.BackendKind, kind))],
                                      options=options)
                 images = decoder.decode([nv.CodeStream(j) for j in jpegs])
-                missing = sum(im is None for im in images)
-                if missing:
-                    raise RuntimeError(f"{missing} of {len(jpegs)} JPEGs not decoded")
                 sync()
-                got = [np.asarray(im.cpu()) for im in images]
-                shapes_differ = sum(g.shape != r.shape for g, r in zip(got, reference, strict=True))
+                # The hardware engines take baseline JPEGs only (not progressive ones, say): those are left out.
+                decoded = [i for i, im in enumerate(images) if im is not None]
+                if not decoded:
+                    raise RuntimeError(f"none of the {len(jpegs)} JPEGs decoded")
+                got = [np.asarray(images[i].cpu()) for i in decoded]
+                refs = [reference[i] for i in decoded]
+                shapes_differ = sum(g.shape != r.shape for g, r in zip(got, refs, strict=True))
                 diffs = [np.abs(g.astype(np.int16) - r.astype(np.int16))
-                         for g, r in zip(got, reference, strict=True) if g.shape == r.shape]
-                result = {"shapes_differ": shapes_differ,
+                         for g, r in zip(got, refs, strict=True) if g.shape == r.shape]
+                result = {"decoded": len(decoded), "of": len(jpegs), "shapes_differ": shapes_differ,
                           "max_abs_diff": max((int(d.max()) for d in diffs), default=None),
                           "mean_abs_diff": float(np.mean([d.mean() for d in diffs])) if diffs else None,
                           "share_equal": float(np.mean([(d == 0).mean() for d in diffs])) if diffs else None}
-                batch = [nv.CodeStream(jpegs[i % len(jpegs)]) for i in range(256)]
+                batch = [nv.CodeStream(jpegs[decoded[i % len(decoded)]]) for i in range(256)]
 
                 def step(decoder=decoder, batch=batch) -> None:
                     decoder.decode(batch)
@@ -311,9 +330,10 @@ class Sampler:
     """Background samples while a load runs: CPU seconds per server process, GPU utilisation."""
 
     def __init__(self, pids: dict[str, int], gpu: bool) -> None:
-        from loadtests.servers import cpu_seconds
+        from loadtests.servers import cpu_seconds, thread_cpu_seconds
 
-        self.cpu_seconds, self.pids = cpu_seconds, pids
+        self.cpu_seconds, self.pids, self.thread_cpu_seconds = cpu_seconds, pids, thread_cpu_seconds
+        self.threads_start = self._threads()
         self.gpu = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
                                      "-lms", "250"], stdout=subprocess.PIPE, text=True) if gpu else None
         self.t0, self.start = time.perf_counter(), {k: self._cpu(p) for k, p in pids.items()}
@@ -324,13 +344,27 @@ class Sampler:
         except OSError:
             return 0.0
 
+    def _threads(self) -> dict[str, float]:
+        """CPU seconds of every worker's threads, summed by thread name (serving/threads.py names ours)."""
+        total: dict[str, float] = {}
+        for pid in self.pids.values():
+            try:
+                for name, seconds in self.thread_cpu_seconds(pid).items():
+                    total[name] = total.get(name, 0.0) + seconds
+            except OSError:
+                continue
+        return total
+
     def stop(self) -> dict:
         wall = time.perf_counter() - self.t0
         busy = {k: round((self._cpu(p) - self.start[k]) / wall, 2) for k, p in self.pids.items()}
+        threads = {name: round((s - self.threads_start.get(name, 0.0)) / wall, 2)
+                   for name, s in self._threads().items()}
         front = [v for k, v in busy.items() if not k.startswith("convnet_models")]
         out = {"model_worker_cores": sum(v for k, v in busy.items() if k.startswith("convnet_models")),
                "front_workers_cores": round(sum(front), 2), "front_workers": len(front),
-               "busiest_front_worker": max(front, default=0.0)}
+               "busiest_front_worker": max(front, default=0.0),
+               "thread_cores": {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 0.05}}
         if self.gpu is not None:
             used = [int(line.split(",")[1]) for line in sh(
                 "nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits").splitlines()
@@ -344,23 +378,36 @@ class Sampler:
 
 
 def profile(pids: dict[str, int], args: argparse.Namespace) -> subprocess.Popen | None:
-    """py-spy (sampling, GIL or not) on the first model worker for most of the load run: where its time goes."""
-    model_workers = sorted(k for k in pids if k.startswith("convnet_models"))
-    if not args.profile or not model_workers or shutil.which("py-spy") is None:
+    """py-spy (sampling, GIL or not) on the first model worker (else the first front worker) for most of the load
+    run: where its time goes, by thread."""
+    workers = sorted(k for k in pids if k.startswith("convnet_models")) or sorted(pids)  # else a front worker
+    if not args.profile or not workers or shutil.which("py-spy") is None:
         return None
-    return subprocess.Popen(["py-spy", "record", "-p", str(pids[model_workers[0]]), "-d", str(args.load_seconds - 3),
-                             "-r", "200", "-f", "raw", "-o", str(args.out / f"profile{args.label}.txt")],
+    return subprocess.Popen(["py-spy", "record", "-p", str(pids[workers[0]]), "-d", str(args.load_seconds - 3),
+                             "-r", "200", "--threads", "-f", "raw", "-o", str(args.out / f"profile{args.label}.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def batch_size_mean(metrics_text: str) -> float | None:
+def histogram_totals(metrics_text: str, metric: str) -> tuple[float, float]:
+    """(sum, count) of a histogram in /metrics, over every worker's series."""
     total = count = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+        if line.startswith(metric + "_sum"):
             total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+        elif line.startswith(metric + "_count"):
             count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def batch_size_mean(metrics_text: str) -> float | None:
+    total, count = histogram_totals(metrics_text, "bentoml_service_adaptive_batch_size")
     return round(total / count, 1) if count else None
+
+
+def mean_between(before: str, after: str, metric: str) -> float | None:
+    """A histogram's mean over what was observed between two scrapes of /metrics (e.g. one load run)."""
+    (s0, c0), (s1, c1) = histogram_totals(before, metric), histogram_totals(after, metric)
+    return round((s1 - s0) / (c1 - c0), 5) if c1 > c0 else None
 
 
 def stage_service(args: argparse.Namespace) -> dict:
@@ -403,10 +450,15 @@ def stage_service(args: argparse.Namespace) -> dict:
             if profiler is not None:
                 profiler.wait(timeout=30)
             run.update(sampler.stop())
-            before, after = batch_size_mean(metrics_before), batch_size_mean(httpx.get(f"{base}/metrics").text)
+            metrics_after = httpx.get(f"{base}/metrics").text
+            before, after = batch_size_mean(metrics_before), batch_size_mean(metrics_after)
             run.update({"model": model, "connections": connections, "server_env": " ".join(args.server_env),
                         "adaptive_batch_mean_overall": after,
-                        "adaptive_batch_mean_before": before})
+                        "adaptive_batch_mean_before": before,
+                        # the front workers' own micro-batches during this run
+                        "front_batch_rows_mean": mean_between(metrics_before, metrics_after, "convnet_batch_size"),
+                        "front_inference_s_mean": mean_between(metrics_before, metrics_after,
+                                                               "convnet_inference_seconds")})
             out["runs"].append(run)
             print(f"service {model} c{connections}: {json.dumps(run)}", flush=True)
     finally:

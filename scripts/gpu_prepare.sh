@@ -4,7 +4,7 @@
 #   .ortgpu/  onnxruntime-gpu (the version deploy/requirements.gpu.txt locks) in PARTS parts + its installer
 #   .whl/     every other locked package of deploy/requirements.gpu.txt as cp312 manylinux wheels (CUDA libraries
 #             excepted: the GPU machine's torch brings them)
-#   .gpu/     wrk and its LuaJIT (the GPU image has OpenSSL), for the HTTP load; py-spy too when it is on the PATH
+#   .gpu/     wrk and its LuaJIT (the GPU image has OpenSSL), for the HTTP load, and py-spy
 #   .nvimg/   nvImageCodec and nvJPEG wheels (~29 MiB, a call of their own), for gpu_check's exploratory nvdecode stage
 # Each GPU call can carry at most 64 MiB with the working tree: 4 parts of ~61 MiB fit beside a ~2 MiB tree.
 set -euo pipefail
@@ -38,7 +38,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 mkdir -p .gpu/bin .gpu/lib
 cp "$(command -v wrk)" .gpu/bin/wrk.bin
 for lib in $(ldd "$(command -v wrk)" | awk '/luajit/ {print $3}'); do cp -L "$lib" .gpu/lib/; done
-if command -v py-spy >/dev/null; then cp "$(command -v py-spy)" .gpu/bin/; fi  # gpu_check.py service --profile
+# py-spy for gpu_check.py service --profile: the binary inside its wheel
+python3 -m pip download -q --no-deps --only-binary=:all: -d /tmp/gpu-prepare-pyspy py-spy==0.4.3
+unzip -o -q -j /tmp/gpu-prepare-pyspy/py_spy-0.4.3-*.whl '*/scripts/py-spy' -d .gpu/bin
 cat > .gpu/bin/wrk <<'EOF'
 #!/bin/sh
 # wrk with its own libraries beside it (the GPU machine has no package registry)

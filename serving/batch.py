@@ -57,7 +57,7 @@ from serving.registry import (
     read_card,
     read_labels,
 )
-from serving.runtime import DEVICES, DeviceUnavailable
+from serving.runtime import DEVICES, DeviceUnavailable, configure_gpu
 from serving.threads import DECODE_THREADS, name_os_thread
 
 PROG = "convnet-classify"
@@ -111,7 +111,8 @@ class ServiceUnreachable(ClientError):
 
 def _service_settings() -> tuple[int, int, Path]:
     """The service's body and pixel limits and model repository (serving.config: defaults, CONVNET_CONFIG file,
-    CONVNET_* variables), so a file the service refuses is refused here with the same code."""
+    CONVNET_* variables), so a file the service refuses is refused here with the same code. Its GPU settings
+    (CONVNET_CUDA_WAIT, CONVNET_CUDNN_ALGO_SEARCH) are set for this process's sessions as the service sets them."""
     try:
         from serving.config import load_config
 
@@ -119,6 +120,7 @@ def _service_settings() -> tuple[int, int, Path]:
     except (ImportError, ValueError, OSError) as e:
         print(f"{PROG}: warning: service settings unusable ({e}); using built-in defaults", file=sys.stderr)
         return DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS_DIR
+    configure_gpu(cfg.cuda_wait, cfg.cudnn_algo_search)
     return cfg.max_body_bytes, cfg.max_pixels, Path(cfg.models_dir)
 
 

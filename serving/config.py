@@ -15,7 +15,7 @@ from typing import Any
 
 from serving.cgroups import usable_cpus
 from serving.registry import DEFAULT_MODELS_DIR, PRECISIONS
-from serving.runtime import DEVICES
+from serving.runtime import CUDA_WAITS, CUDNN_ALGO_SEARCHES, DEVICES
 
 ENV_PREFIX = "CONVNET_"
 CONFIG_FILE_ENV = "CONVNET_CONFIG"
@@ -50,6 +50,11 @@ class ServiceConfig:
     model_workers: int = 0  # model-service processes; 0 = auto: a quarter of the CPUs on a GPU, else 1 per CPU up to 4
     ort_threads: int = 0  # onnxruntime intra-op threads per worker; 0 = auto: CPUs / workers
     ort_spinning: int = 0  # 1: idle onnxruntime threads spin-wait (steals the CPU that decoding needs; measured)
+    # On a GPU (serving/runtime.py, configure_gpu; docs/gpu.md, third session): "block" lets a thread waiting for the
+    # GPU sleep, "spin" keeps CUDA's busy-wait; and how cuDNN picks each convolution's algorithm per batch size.
+    # EXHAUSTIVE times every algorithm at each new size: 16 front workers then served 705-792 img/s, DEFAULT 3.7-4.2k.
+    cuda_wait: str = "block"
+    cudnn_algo_search: str = "DEFAULT"
     # 1: on CPU, a front worker that is the only one with requests in progress runs its large models on every
     # worker's threads, through a second session per model (serving/cores.py): faster answers under light load.
     borrow_idle_cpus: int = 0
@@ -91,6 +96,11 @@ class ServiceConfig:
             raise ValueError(f"CONVNET_PRECISION must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"CONVNET_PLACEMENT must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
+        if self.cuda_wait not in CUDA_WAITS:
+            raise ValueError(f"CONVNET_CUDA_WAIT must be one of {', '.join(CUDA_WAITS)}, not {self.cuda_wait!r}")
+        if self.cudnn_algo_search not in CUDNN_ALGO_SEARCHES:
+            raise ValueError(f"CONVNET_CUDNN_ALGO_SEARCH must be one of {', '.join(CUDNN_ALGO_SEARCHES)}, "
+                             f"not {self.cudnn_algo_search!r}")
         if self.metrics_auth not in ("open", "key"):
             raise ValueError(f"CONVNET_METRICS_AUTH must be open or key, not {self.metrics_auth!r}")
         zero_ok = ("cpus", "model_workers", "ort_threads", "ort_spinning", "borrow_idle_cpus", "api_workers",

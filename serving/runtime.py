@@ -83,6 +83,63 @@ def candidate_providers(device: str = "auto") -> list[str]:
     return [provider] + (["CUDAExecutionProvider"] if device == "tensorrt" else []) + ["CPUExecutionProvider"]
 
 
+# How a thread waits for the GPU to finish a call. CUDA's default (cudaDeviceScheduleAuto) spins a CPU core for the
+# whole wait in a process with fewer CUDA contexts than CPUs: every one of ours. A serving process waits in every
+# call while its decoding threads, the other workers and the batch CLI's decoders want those cores, and on a GPU that
+# several processes time-slice each wait also lasts their calls. "block" makes the waiting thread sleep until the GPU
+# signals it; "spin" keeps CUDA's default. (docs/gpu.md, third session: no worse in three pairs of
+# runs on an H200, +12% in one, the rest within noise.) configure_gpu sets it.
+CUDA_WAITS = ("block", "spin")
+CU_CTX_SCHED_BLOCKING_SYNC = 0x04  # cuda.h: CUctx_flags
+_cuda_wait_set = False
+
+# How the CUDA provider picks each convolution's cuDNN algorithm, per input shape (onnxruntime's
+# cudnn_conv_algo_search). Its own default, EXHAUSTIVE, times every algorithm on the GPU the first time a shape comes,
+# and the service's batches come in every size from 1 to 32: on an H200, 16 front workers spent 12.5 of 16 CPUs in
+# those searches and served 705-792 img/s. HEURISTIC served 3,282 and DEFAULT 3,694-4,214 (the model service: 1,870,
+# 2,552, 2,885), one run each, same machine (docs/gpu.md, third session). onnxruntime logs DEFAULT, its cuDNN
+# frontend's "fallback" plans, as a warning per convolution and shape ("running in Fallback mode. May be extremely
+# slow"), which is why its default logger is kept to errors when DEFAULT is used. configure_gpu sets it.
+CUDNN_ALGO_SEARCHES = ("DEFAULT", "HEURISTIC", "EXHAUSTIVE")
+
+
+_gpu = {"cuda_wait": "block", "cudnn_algo_search": "DEFAULT"}  # configure_gpu
+
+
+def configure_gpu(cuda_wait: str = "block", cudnn_algo_search: str = "DEFAULT") -> None:
+    """How the CUDA sessions this process makes from now on wait for the GPU (CUDA_WAITS) and pick their convolution
+    algorithms (CUDNN_ALGO_SEARCHES): the service's CONVNET_CUDA_WAIT and CONVNET_CUDNN_ALGO_SEARCH, which the
+    service and the batch CLI both pass here."""
+    if cuda_wait not in CUDA_WAITS:
+        raise ValueError(f"cuda_wait must be one of {', '.join(CUDA_WAITS)}, not {cuda_wait!r}")
+    if cudnn_algo_search not in CUDNN_ALGO_SEARCHES:
+        raise ValueError(f"cudnn_algo_search must be one of {', '.join(CUDNN_ALGO_SEARCHES)}, "
+                         f"not {cudnn_algo_search!r}")
+    _gpu.update(cuda_wait=cuda_wait, cudnn_algo_search=cudnn_algo_search)
+
+
+def block_on_gpu_waits() -> bool:
+    """Make this process's CUDA calls sleep while they wait for the GPU, on every device, before onnxruntime creates
+    its context (the primary context's flags; the scheduling bits may change even once it is active). Through the
+    driver (libcuda.so.1), so it holds whichever CUDA runtime onnxruntime loads. Whether it was set."""
+    global _cuda_wait_set
+    if _cuda_wait_set:
+        return True
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count, device = ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return False
+    set_flags = getattr(cuda, "cuDevicePrimaryCtxSetFlags_v2", None) or cuda.cuDevicePrimaryCtxSetFlags
+    for ordinal in range(count.value):
+        if cuda.cuDeviceGet(ctypes.byref(device), ordinal) != 0 or set_flags(device, CU_CTX_SCHED_BLOCKING_SYNC) != 0:
+            return False
+    _cuda_wait_set = True
+    return True
+
+
 # NHWC convolutions suit the tensor cores: AlexNet on an H200, batch 256, model only, went from 54.5k to 79.2k img/s
 # (fp32) and from 63.4k to 97.2k (fp16) with it (docs/gpu.md).
 CUDA_OPTIONS = {"prefer_nhwc": "1"}
@@ -94,7 +151,7 @@ def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:
         return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
                 "trt_fp16_enable": "True"}
     if provider == "CUDAExecutionProvider":
-        return dict(CUDA_OPTIONS)
+        return {**CUDA_OPTIONS, "cudnn_conv_algo_search": _gpu["cudnn_algo_search"]}
     return {}
 
 
@@ -112,6 +169,11 @@ class OnnxModel:
         for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
             opts.add_session_config_entry(key, value)
         candidates = candidate_providers(device)
+        if candidates[0] != "CPUExecutionProvider":
+            if _gpu["cuda_wait"] == "block" and not block_on_gpu_waits():
+                log.warning("could not make CUDA block while it waits for the GPU; its waits spin a CPU core")
+            if _gpu["cudnn_algo_search"] == "DEFAULT":
+                ort.set_default_logger_severity(3)  # a "Fallback mode" warning per convolution and batch size
         providers = [(p, _provider_options(p, trt_cache_dir)) for p in candidates]
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         self.providers = self.session.get_providers()

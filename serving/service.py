@@ -50,13 +50,14 @@ from serving.limits import install as install_connection_limits
 from serving.limits import wrap_app as wrap_uvicorn_app
 from serving.preprocess import warm_decoding
 from serving.registry import ServedModel, load_repository
-from serving.runtime import OnnxModel, candidate_providers
+from serving.runtime import OnnxModel, candidate_providers, configure_gpu
 
 log = logging.getLogger("convnet_serving")
 log.setLevel(logging.INFO)  # BentoML's root handler prints it, tagged with the worker that logged it
 upstream.install()
 
 CFG = load_config()
+configure_gpu(CFG.cuda_wait, CFG.cudnn_algo_search)  # for every CUDA session this process makes
 if CFG.socket_per_worker:
     upstream.balance_connections()  # takes effect in the arbiter, which builds the sockets after importing this
 install_connection_limits(CFG)  # header timeout, connection cap, keep-alive: uvicorn's protocol, in every worker
