@@ -122,6 +122,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_connections: int = 1000
     retry_after_s: int = 1
     body_timeout_s: float = 30.0
+    # How long a connection between requests stays open once the server begins to shut down (`shutdown`).
+    shutdown_grace_s: float = 0.5
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -144,6 +146,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._bodies = 0  # body phases begun on this connection: a read that holds one's end and the next's start
         self._body_deadline = 0.0
         self._framing = self._framing_allowance = self._read_body = 0
+        self._shutting_down = False  # the server is shutting down: the next answer is this connection's last
+        self._quiet_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -245,6 +249,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self.parser.should_upgrade():  # Upgrade and Connection: upgrade both there (a C call: cheap)
             super().on_headers_complete()
             self.cycle.__class__ = OneWriteCycle  # uvicorn names its class inline; ours sends each answer in one write
+            if self._shutting_down:
+                self.cycle.keep_alive = False  # answered, then closed (`shutdown`)
             # uvicorn appends trailer fields to the list the request's scope holds as its headers; RFC 9110 §6.5.1
             # forbids that merge. From here they go to a list nobody reads (and _check_body_phase caps it).
             self.headers = []
@@ -365,8 +371,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return True
         return False
 
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown (SIGTERM) closed at once every connection that was not in the middle of an
+        answer. A request whose bytes had arrived but were not read yet (the event loop was busy when the shutdown
+        came) was cut: closing a socket with unread data resets it, and the client read a reset, not an answer (a
+        fresh-clone CI run under load: 2 of 6 AlexNet requests sent before the SIGTERM). Now a request being answered
+        or still arriving is answered, then the connection closes; a connection between requests closes once it has
+        stayed quiet for `shutdown_grace_s`, and a request that comes meanwhile is answered with `Connection: close`.
+        The worker's exit waits for its connections, so it waits at most that much longer."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False  # uvicorn's own: closed after this answer
+        elif self._between_requests and not self.transport.is_closing():
+            self._quiet_timer = self.loop.call_later(self.shutdown_grace_s, self._close_if_quiet)
+        # else a request is arriving: on_headers_complete makes its answer the last
+
+    def _close_if_quiet(self) -> None:
+        self._quiet_timer = None
+        cycle = self.cycle
+        if self._between_requests and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:

@@ -372,3 +372,77 @@ def test_sigterm_answers_the_requests_in_flight_then_exits():
     assert all(status == 200 for status in in_flight), (in_flight, server_log(proc))
     assert sum(status == 200 for _, _, status in outcomes) > len(in_flight)
     assert exited_s < 30
+
+
+async def _small_app(scope, receive, send) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _read_answer(sock) -> tuple[bytes, bytes]:
+    """(head, body) of one answer with a Content-Length, read from a blocking socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before an answer: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+def test_a_request_already_sent_when_the_shutdown_comes_is_answered_not_reset():
+    """The race behind a fresh-clone CI failure of the SIGTERM test above: a request's bytes arrive on a kept-alive
+    connection while the worker's event loop is busy, and the shutdown runs before the loop reads them. uvicorn
+    closed such a connection at once, and closing a socket with unread bytes resets it: the client read
+    ConnectionResetError. Our protocol (serving/limits.py, GuardedHttpProtocol.shutdown) answers it, then closes."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from serving.limits import GuardedHttpProtocol
+
+    server = uvicorn.Server(uvicorn.Config(_small_app, host="127.0.0.1", port=0, http=GuardedHttpProtocol,
+                                           lifespan="off", log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+        for each in (sock, idle):
+            each.sendall(request)
+            assert _read_answer(each)[1] == b"ok"  # kept alive, idle
+        connection = next(iter(server.server_state.connections))
+        sent, busy = threading.Event(), threading.Event()
+
+        def busy_then_shut_down() -> None:  # on the server's event loop: busy while the next request arrives
+            busy.set()
+            assert sent.wait(10)
+            time.sleep(0.1)  # the bytes are in the socket's buffer, unread
+            for each in list(server.server_state.connections):
+                each.shutdown()  # what uvicorn's Server.shutdown does on SIGTERM
+
+        connection.loop.call_soon_threadsafe(busy_then_shut_down)
+        assert busy.wait(10)
+        sock.sendall(request)
+        sent.set()
+        head, body = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
+        assert b"connection: close" in head.lower()  # its last answer: then the server closes the connection
+        assert sock.recv(1) == b""
+        t0 = time.monotonic()
+        assert idle.recv(1) == b""  # a connection that stays quiet is closed after the grace
+        assert time.monotonic() - t0 < GuardedHttpProtocol.shutdown_grace_s + 2
+    server.should_exit = True
+    thread.join(10)
+    assert not thread.is_alive()
