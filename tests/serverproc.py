@@ -170,6 +170,33 @@ def started_server(env: dict[str, str] | None = None, models: list[str] | None =
     return _cm()
 
 
+@contextlib.contextmanager
+def uvicorn_thread(app, **config) -> Iterator:
+    """uvicorn serving the ASGI `app` on 127.0.0.1 (a free port) in a thread of this process, `config` given to
+    uvicorn.Config (e.g. `http=GuardedHttpProtocol`): the uvicorn.Server once it has started; asked to exit after."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="critical",
+                                           **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def uvicorn_port(server) -> int:
+    return server.servers[0].sockets[0].getsockname()[1]
+
+
 def cgroup_hierarchy(controller: str = "cpu") -> Path:
     """Where the cgroup v1 hierarchy of `controller` is mounted, writable (root): these machines have them; cgroup v2
     hosts would need the controller delegated first."""

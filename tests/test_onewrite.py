@@ -12,14 +12,13 @@ import asyncio
 import json
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from serverproc import uvicorn_port, uvicorn_thread
 
 from serving.limits import GuardedHttpProtocol
 from serving.onewrite import JOIN_LIMIT
@@ -128,19 +127,8 @@ async def shapes(scope, receive, send) -> None:
 
 @pytest.fixture(scope="module")
 def shapes_server() -> Iterator[str]:
-    config = uvicorn.Config(shapes, host="127.0.0.1", port=0, http=GuardedHttpProtocol, lifespan="off",
-                            log_level="critical")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_thread(shapes, http=GuardedHttpProtocol) as server:
+        yield f"http://127.0.0.1:{uvicorn_port(server)}"
 
 
 def test_a_small_answer_and_a_head_request_on_one_connection(shapes_server):

@@ -403,22 +403,14 @@ def test_a_request_already_sent_when_the_shutdown_comes_is_answered_not_reset():
     import socket
     import threading
 
-    import uvicorn
+    from serverproc import uvicorn_port, uvicorn_thread
 
     from serving.limits import GuardedHttpProtocol
 
-    server = uvicorn.Server(uvicorn.Config(_small_app, host="127.0.0.1", port=0, http=GuardedHttpProtocol,
-                                           lifespan="off", log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
     request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
-            socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+    with uvicorn_thread(_small_app, http=GuardedHttpProtocol) as server, \
+            socket.create_connection(("127.0.0.1", uvicorn_port(server)), timeout=10) as sock, \
+            socket.create_connection(("127.0.0.1", uvicorn_port(server)), timeout=10) as idle:
         for each in (sock, idle):
             each.sendall(request)
             assert _read_answer(each)[1] == b"ok"  # kept alive, idle
@@ -443,6 +435,3 @@ def test_a_request_already_sent_when_the_shutdown_comes_is_answered_not_reset():
         t0 = time.monotonic()
         assert idle.recv(1) == b""  # a connection that stays quiet is closed after the grace
         assert time.monotonic() - t0 < GuardedHttpProtocol.shutdown_grace_s + 2
-    server.should_exit = True
-    thread.join(10)
-    assert not thread.is_alive()
