@@ -9,7 +9,7 @@ Stages (each writes DIR/STAGE.json, so one that breaks costs only its own number
            own call (`ServedModel.logits`: host uint8 in, host logits out)
   decode   JPEG → 224² crop: serving.preprocess on one core and on every core, and nvJPEG (torchvision.io on CUDA)
            with the same resize/crop recipe, with its parity against serving.preprocess
-  nvdecode nvImageCodec's hardware (and CUDA) JPEG decoders: batch-256 img/s and parity with Pillow's full decode
+  nvdecode nvImageCodec's hardware (and hybrid CUDA) JPEG decoders: batch-256 img/s and parity with Pillow's decode
   service  `bentoml serve` with CONVNET_DEVICE, wrk POSTing real JPEGs; img/s, p50/p99, where the CPU time goes
            (front workers vs the model worker), GPU utilisation and BentoML's adaptive batch size
   batch    the batch CLI on a folder of photos with --device
@@ -255,7 +255,8 @@ NVIMG_SITE = Path(os.environ.get("NVIMG_SITE", "/tmp/nvimg"))  # where gpu_check
 
 
 def stage_nvdecode(args: argparse.Namespace) -> dict:
-    """nvImageCodec's JPEG decoders, the hardware engines (HW_GPU_ONLY) and CUDA (GPU_ONLY), against Pillow's full
+    """nvImageCodec's JPEG decoders, the hardware engines (HW_GPU_ONLY) and CUDA with CPU Huffman decoding
+    (HYBRID_CPU_GPU; GPU_ONLY would not start on the H200, "Could not create decoder"), against Pillow's full
     decode (the pixels `serving.preprocess` resizes): decode-only img/s at batch 256 and pixel parity. Plus what the
     Pillow resize-and-crop alone costs one core, the CPU's share if decoding moved to the GPU. Exploratory: nothing in
     the service uses it. nvImageCodec is not a locked dependency; it travels as wheels (docs/gpu.md)."""
