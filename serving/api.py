@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import gc
+import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -88,6 +91,38 @@ class ModelInfo:
     @property
     def name(self) -> str:
         return self.card.name
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """What every answer about this model starts with."""
+        return {"model": self.name, "version": self.card.version, "weights": self.card.weights}
+
+    @functools.cached_property
+    def answer_pieces(self) -> tuple[str, list[str]]:
+        """/classify's answer cut where the predictions go: the header's JSON up to the predictions, and each
+        class's `{"index":…,"label":…,"score":` (made once; `classify_answer` joins them)."""
+        head = _dumps({**self.header, "predictions": []})[:-2]
+        return head, [f'{{"index":{i},"label":{_dumps(label)},"score":' for i, label in enumerate(self.labels)]
+
+
+def _dumps(value: Any) -> str:
+    """JSON as Starlette's JSONResponse writes it (UTF-8 kept, no spaces, NaN refused)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _score(x: float) -> str:
+    if not math.isfinite(x):
+        raise ValueError(f"Out of range float values are not JSON compliant: {x!r}")
+    return float.__repr__(x)  # what json.dumps writes for a float
+
+
+def classify_answer(model: ModelInfo, predictions: list[dict[str, Any]]) -> Response:
+    """`JSONResponse({**model.header, "predictions": predictions})`, the same bytes (tests/test_api_json.py), from
+    pieces made once per model. json.dumps built an encoder per call and walked every dict: half of a LeNet-5
+    answer's rendering, ~3% of its request in the worker (#10; docs/service.md, "Twelfth pass")."""
+    head, items = model.answer_pieces
+    body = head + ",".join([items[p["index"]] + _score(p["score"]) + "}" for p in predictions]) + "]}"
+    return Response(body.encode(), media_type="application/json")
 
 
 def read_models(models_dir: Path, names: tuple[str, ...] | list[str] = ()) -> dict[str, ModelInfo]:
@@ -344,7 +379,7 @@ class ClassifierAPI:
         except Exception as exc:  # noqa: BLE001 (every failure becomes a JSON answer)
             return self._error("classify", model_name, exc, started)
         self._count("classify", model.name, "ok", images=1, started=started)
-        return JSONResponse({**self._header(model), "predictions": predictions})
+        return classify_answer(model, predictions)
 
     async def classify_batch(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
@@ -374,7 +409,7 @@ class ClassifierAPI:
                 item.update(body, status=status)
             results.append(item)
         self._count("classify_batch", model.name, "ok", images=len(good), started=started)
-        return JSONResponse({**self._header(model), "results": results})
+        return JSONResponse({**model.header, "results": results})
 
     async def list_models(self, request: Request) -> JSONResponse:
         try:
@@ -451,10 +486,6 @@ class ClassifierAPI:
         finally:
             if self.metrics is not None:
                 self.metrics.child(self.metrics.preprocess_seconds, model.name).observe(time.perf_counter() - t0)
-
-    @staticmethod
-    def _header(model: ModelInfo) -> dict[str, Any]:
-        return {"model": model.name, "version": model.card.version, "weights": model.card.weights}
 
     def _count(self, endpoint: str, model: str, outcome: str, images: int = 0, started: float | None = None) -> None:
         """Count a request by its outcome; `started` (time.perf_counter() when its handler began) times its answer,

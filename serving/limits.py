@@ -130,6 +130,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if _app_wrapper is not None:
             self.app = _app_wrapper(self.app)
         self.timeout_keep_alive = self.keepalive_timeout_s
+        # uvicorn logs each answer on "uvicorn.access" when any handler is up the logger tree (BentoML's root one is):
+        # it formatted the client's address and the quoted path for every answer, ~1% of a LeNet-5 request, for a
+        # logger at BentoML's WARNING that dropped the line. Only when the line would be written.
+        self.access_log = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
         self._header_timer: asyncio.TimerHandle | None = None
         # Header bytes (see data_received): those of the request being read, the size of the read being parsed,
         # whether a request began in it, and whether the connection was between requests when it came.

@@ -251,3 +251,32 @@ def test_a_client_that_closes_its_sending_side_still_gets_its_answers(shapes_ser
     assert _exchange(shapes_server, cut_short) == b""
     got = _exchange(shapes_server, SLOW + cut_short)  # the whole one is answered, then the connection closes
     assert got.count(b"HTTP/1.1 ") == 1 and got.endswith(b"\r\n\r\nslow answer"), got
+
+
+def test_the_access_line_is_formatted_only_when_it_is_written(shapes_server, monkeypatch):
+    """uvicorn formats an access line for every answer when any handler is up the logger tree, even for a logger
+    whose level drops it (BentoML's root handler, at WARNING); our protocol skips that work, and still logs the line
+    when "uvicorn.access" is at INFO. Each request below opens its own connection (the setting is per connection)."""
+    import logging
+
+    from uvicorn.protocols.http import httptools_impl
+
+    formatted = []
+    real = httptools_impl.get_client_addr
+    monkeypatch.setattr(httptools_impl, "get_client_addr", lambda scope: formatted.append(1) or real(scope))
+    access, lines = logging.getLogger("uvicorn.access"), []
+    handler = logging.Handler()
+    handler.emit = lines.append
+    level = access.level
+    access.addHandler(handler)
+    try:
+        access.setLevel(logging.WARNING)
+        assert httpx.get(shapes_server + "/small").status_code == 200
+        assert (formatted, lines) == ([], [])
+        access.setLevel(logging.INFO)
+        assert httpx.get(shapes_server + "/small?x=1").status_code == 200
+        assert len(formatted) == 1
+        assert [r.getMessage().split(" - ")[1] for r in lines] == ['"GET /small?x=1 HTTP/1.1" 200']
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)

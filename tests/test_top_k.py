@@ -55,3 +55,31 @@ def test_short_rows_are_the_float64_softmax() -> None:
         np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-300)
         np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-14)
         assert got.tolist() == [softmax_row(row) for row in logits.tolist()]
+
+
+def test_classify_answer_is_the_json_response_it_replaces() -> None:
+    """/classify writes its answer from pieces made once per model (serving/api.py, `classify_answer`): the bytes
+    and headers must be JSONResponse's exactly, for the real models' labels and for labels JSON must escape."""
+    import dataclasses
+
+    from starlette.responses import JSONResponse
+
+    from serving.api import classify_answer, read_models
+    from serving.registry import DEFAULT_MODELS_DIR
+
+    models = list(read_models(DEFAULT_MODELS_DIR).values())
+    odd = ['say "hi"', "back\\slash", "tab\there", "new\nline", "é ü 猫", "\x00\x1f", "</script>", "\u2028"]
+    models.append(dataclasses.replace(models[0], labels=odd + [str(i) for i in range(len(models[0].labels) - 8)]))
+    rng = np.random.default_rng(0)
+    for model in models:
+        n = len(model.labels)
+        rows = [rng.normal(0, 5, n), np.zeros(n), rng.normal(0, 50, n), np.full(n, -1e30)]
+        for logits in rows:
+            for k in (1, 5, n):
+                predictions = top_k(logits, k, model.labels)[0]
+                ours = classify_answer(model, predictions)
+                theirs = JSONResponse({**model.header, "predictions": predictions})
+                assert ours.body == theirs.body
+                assert ours.raw_headers == theirs.raw_headers
+    with pytest.raises(ValueError):  # as json.dumps(allow_nan=False) refuses it
+        classify_answer(models[0], [{"index": 0, "label": models[0].labels[0], "score": float("nan")}])
