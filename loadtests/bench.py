@@ -20,6 +20,8 @@ What it measures, all on the same machine, each run bounded and repeated (median
    taken within a round, so a machine whose speed drifts during the benchmark does not decide it.
    2c. multipart against raw bodies on the service alone, in many short turns that alternate (multipart_vs_raw):
    the two differ by a per cent or two, less than (2)'s rounds of 8 s vary by, so they get a finer A/B of their own.
+   2d. the service against the naive app the same way (service_vs_naive), raw bodies: LeNet-5's rounds of (2)-(3)
+   spread 0.93-1.55x on this machine, wider than the 1.2x goal they judge.
 4. a bare Starlette "hello" endpoint (loadtests/baselines/hello_app.py): the HTTP ceiling for LeNet-5's requests/s.
 5. the batch CLI over a folder of JPEGs (loadtests/batch_bench.py, owned by the batch CLI).
 6. the Open Inference Protocol (loadtests/v2_cost.py): server CPU per image of /classify vs v2 with encoded images
@@ -36,6 +38,7 @@ histogram wrk_post.lua writes) and wrk's corrected ones, which show what a stall
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -604,7 +607,8 @@ def render(rows: list[Row], headlines: list[str], notes: list[str], info: dict[s
               "raw (2) also by (3), multipart (2) by (3b) and by raw (2). (5) is divided by the limit sampled just",
               "before and after it. (2c), in the headlines, compares multipart with raw once more, on the service",
               f"alone in {args.ab_pairs} pairs of {args.ab_seconds}-s turns: a difference of a per cent or two is",
-              "smaller than the rounds of (2) vary by. p50/p99: of the answered requests, as they were measured;",
+              "smaller than the rounds of (2) vary by; (2d) compares the service with the naive app in such turns.",
+              "p50/p99: of the answered requests, as they were measured;",
               "`corrected`: wrk's",
               "own, corrected for coordinated omission (each response slower than twice a connection's mean",
               "interval also counts the requests a client keeping that pace would have sent meanwhile), which",
@@ -656,8 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true", help="add this run as a new section at the end of --out")
     p.add_argument("--quick", action="store_true", help="1 repeat, 4 s runs: checks the harness, not the numbers")
     p.add_argument("--skip-batch-cli", action="store_true")
-    p.add_argument("--ab-pairs", type=int, default=16, help="(2c) pairs of multipart and raw turns (default 16)")
-    p.add_argument("--ab-seconds", type=int, default=2, help="(2c) seconds per turn (default 2)")
+    p.add_argument("--ab-pairs", type=int, default=16, help="(2c), (2d) pairs of turns (default 16)")
+    p.add_argument("--ab-seconds", type=int, default=2, help="(2c), (2d) seconds per turn (default 2)")
     return p
 
 
@@ -691,6 +695,20 @@ def mp_vs_raw_text(m: str, ab: dict) -> str:
             + (f"; **{ab['errors']} errors**" if ab.get("errors") else ""))
 
 
+def vs_naive_text(m: str, ab: dict) -> str:
+    """The headline of (2d)."""
+    if "skipped" in ab:
+        return (f"{m} against the naive app in short turns (2d): not run, {ab['skipped']}; its ratio is the rounds' "
+                "above")
+    q1, _, q3 = statistics.quantiles(ab["ratios"], n=4) if len(ab["ratios"]) > 1 else [ab["ratios"][0]] * 3
+    return (f"**{m} against the naive app in short turns** (2d: raw uploads, {ab['connections']} conns, "
+            f"{ab['pairs']} pairs of {ab['seconds']} s turns in alternating order, each server frozen during the "
+            f"other's): the service **{ratio_text(ab['ratios'])}** of the naive app's answers a second (middle half "
+            f"{q1:.3g}–{q3:.3g}); server CPU an answer {statistics.median(ab['service_cpu_us']):.0f} µs against "
+            f"{statistics.median(ab['naive_cpu_us']):.0f} (medians of the turns)"
+            + (f"; **{ab['errors']} errors**" if ab.get("errors") else ""))
+
+
 @dataclass
 class Bench:
     """One benchmark run: its settings, its image files, and the rows measured so far."""
@@ -717,6 +735,7 @@ class Bench:
     hello_row: Row | None = None
     cli: tuple[Row, dict, float] | None = None  # the row, batch_bench's JSON, the limit around it
     mp_vs_raw: dict[str, dict] = field(default_factory=dict)  # (2c), per model
+    vs_naive: dict[str, dict] = field(default_factory=dict)  # (2d), per model
 
     @property
     def n_server(self) -> int:
@@ -832,6 +851,8 @@ class Bench:
                     self.v2_tables.append(f"**{m}** (`{V2_IMAGES[m].relative_to(REPO_ROOT)}`, one image per request, "
                                           f"sequential):\n\n{v2_cost.render(costs)}")
                     print(self.v2_tables[-1], flush=True)
+            for m in self.models:
+                self.service_vs_naive(srv, naive, m)
 
     def step(self, m: str, c: int, srv: servers.Server, naive: servers.Server, lit: servers.Server) -> None:
         """One model at one concurrency: LitServe and the service multipart, the service raw and the naive app,
@@ -856,45 +877,80 @@ class Bench:
         self.naive_rows[m, c], self.lit_rows[m, c] = naive_row, lit_row
         self.rows += [raw, mp, naive_row, lit_row]
 
-    def multipart_vs_raw(self, srv: servers.Server, m: str) -> None:
-        """(2c): the service alone (awake; the others frozen), multipart and raw bodies of the same images in
-        `--ab-pairs` pairs of `--ab-seconds` turns, the order swapped every other pair, at the connections where (2)
-        saturated. Rounds of (2) put 8 s and other servers between the two and spread ±4% on LeNet-5 pinned; the
-        difference is 2-3%, so it needs turns seconds apart and more of them. Skipped where a turn is too short to
-        count the rate to `--resolution` (AlexNet answers in batches of 32: it would need 24-s turns)."""
-        a = self.args
+    def saturating(self, m: str) -> tuple[int, str | None]:
+        """The connections where (2) saturated for `m`, and why a short turn there cannot count its rate to
+        `--resolution`, if it cannot (AlexNet answers in batches of 32: it would need 24-s turns)."""
         c = max(self.levels, key=lambda c: self.service_rows[m, c].median)
-        needed = resolving_seconds(self.service_rows[m, c].median, c, a.resolution)
-        if needed > a.ab_seconds:
-            self.mp_vs_raw[m] = {"connections": c, "skipped": f"a turn would need {needed} s to count the rate to "
-                                 f"{a.resolution:.0%} (answers come {c} at a time)"}
-            print(f"2c. {m}: multipart vs raw in turns skipped ({self.mp_vs_raw[m]['skipped']})", flush=True)
-            return
-        print(f"2c. {m}: multipart vs raw, {a.ab_pairs} pairs of {a.ab_seconds} s turns, {c} conns", flush=True)
+        needed = resolving_seconds(self.service_rows[m, c].median, c, self.args.resolution)
+        if needed > self.args.ab_seconds:
+            return c, (f"a turn would need {needed} s to count the rate to {self.args.resolution:.0%} (answers come "
+                       f"{c} at a time)")
+        return c, None
+
+    def in_short_turns(self, m: str, c: int, first: tuple[servers.Server, bool], second: tuple[servers.Server, bool],
+                       wake: bool) -> dict:
+        """`--ab-pairs` pairs of `--ab-seconds` turns of two (server, multipart) setups at `c` connections, the order
+        swapped every other pair, after a warm-up turn of each: per pair second/first answers a second, and each
+        turn's server CPU per answer. `wake`: each turn wakes its server and freezes it after (else they are awake)."""
+        a = self.args
         path = f"/classify?model={m}&top_k={TOP_K[m]}"
         content_type, files = UPLOADS[m][0], self.files[m]
         errors: list[int] = []  # per turn, the two warm-up turns first
 
-        def turn(multipart: bool) -> tuple[float, float]:
+        def turn(srv: servers.Server, multipart: bool) -> tuple[float, float]:
             """(answers/s, server CPU µs per answer) of one turn."""
-            servers.wait_idle(srv)  # the previous turn's requests in flight are not this one's CPU
-            cpu_before = servers.cpu_seconds(srv.proc.pid)
-            r = run_wrk(srv.url, path, content_type, files, c, a.ab_seconds, a.client_cpus, multipart)
-            cpu = servers.cpu_seconds(srv.proc.pid) - cpu_before
+            with servers.awake(srv) if wake else contextlib.nullcontext():
+                servers.wait_idle(srv)  # the previous turn's requests in flight are not this one's CPU
+                cpu_before = servers.cpu_seconds(srv.proc.pid)
+                r = run_wrk(srv.url, path, content_type, files, c, a.ab_seconds, a.client_cpus, multipart)
+                cpu = servers.cpu_seconds(srv.proc.pid) - cpu_before
             errors.append(r["errors"])
             return r["rate"], cpu / max(r["ok"], 1) * 1e6
 
-        turn(False), turn(True)  # warm-up, not counted
-        ratios, extra_us, raw_us = [], [], []
+        turn(*first), turn(*second)  # warm-up, not counted
+        ratios, first_us, second_us = [], [], []
+        setups = (first, second)
         for k in range(a.ab_pairs):
-            got = {mp: turn(mp) for mp in ((False, True) if k % 2 == 0 else (True, False))}
-            ratios.append(got[True][0] / got[False][0])
-            extra_us.append(got[True][1] - got[False][1])
-            raw_us.append(got[False][1])
-        self.mp_vs_raw[m] = {"connections": c, "pairs": a.ab_pairs, "seconds": a.ab_seconds, "ratios": ratios,
-                             "extra_cpu_us": extra_us, "raw_cpu_us": raw_us, "errors": sum(errors[2:])}
-        print(f"  {m} multipart/raw {ratio_text(ratios)}, extra server CPU {statistics.median(extra_us):+.1f} µs an "
-              f"answer on {statistics.median(raw_us):.0f}", flush=True)
+            got = {i: turn(*setups[i]) for i in ((0, 1) if k % 2 == 0 else (1, 0))}
+            ratios.append(got[1][0] / got[0][0])
+            first_us.append(got[0][1])
+            second_us.append(got[1][1])
+        return {"connections": c, "pairs": a.ab_pairs, "seconds": a.ab_seconds, "ratios": ratios,
+                "first_cpu_us": first_us, "second_cpu_us": second_us, "errors": sum(errors[2:])}
+
+    def multipart_vs_raw(self, srv: servers.Server, m: str) -> None:
+        """(2c): the service alone (awake; the others frozen), raw then multipart bodies of the same images in short
+        turns (`in_short_turns`), at the connections where (2) saturated. Rounds of (2) put 8 s and other servers
+        between the two and spread ±4% on LeNet-5 pinned; the difference is 2-3%, so it needs turns seconds apart
+        and more of them."""
+        c, skipped = self.saturating(m)
+        if skipped:
+            self.mp_vs_raw[m] = {"connections": c, "skipped": skipped}
+            print(f"2c. {m}: multipart vs raw in turns skipped ({skipped})", flush=True)
+            return
+        print(f"2c. {m}: multipart vs raw, {self.args.ab_pairs} pairs of {self.args.ab_seconds} s turns, {c} conns",
+              flush=True)
+        ab = self.in_short_turns(m, c, (srv, False), (srv, True), wake=False)
+        raw_us, mp_us = ab.pop("first_cpu_us"), ab.pop("second_cpu_us")
+        self.mp_vs_raw[m] = {**ab, "extra_cpu_us": [x - y for x, y in zip(mp_us, raw_us, strict=True)],
+                             "raw_cpu_us": raw_us}
+        print(f"  {m} multipart/raw {ratio_text(ab['ratios'])}, extra server CPU "
+              f"{statistics.median(self.mp_vs_raw[m]['extra_cpu_us']):+.1f} µs an answer on "
+              f"{statistics.median(raw_us):.0f}", flush=True)
+
+    def service_vs_naive(self, srv: servers.Server, naive: servers.Server, m: str) -> None:
+        """(2d): the naive app then the service, raw bodies, in short turns (`in_short_turns`), each woken for its
+        own turns and frozen for the other's, at the connections where (2) saturated."""
+        c, skipped = self.saturating(m)
+        if skipped:
+            self.vs_naive[m] = {"connections": c, "skipped": skipped}
+            print(f"2d. {m}: the service vs the naive app in turns skipped ({skipped})", flush=True)
+            return
+        print(f"2d. {m}: the service vs the naive app, {self.args.ab_pairs} pairs of {self.args.ab_seconds} s turns, "
+              f"{c} conns", flush=True)
+        ab = self.in_short_turns(m, c, (naive, False), (srv, False), wake=True)
+        self.vs_naive[m] = {**ab, "naive_cpu_us": ab.pop("first_cpu_us"), "service_cpu_us": ab.pop("second_cpu_us")}
+        print(f"  {m} service/naive {ratio_text(ab['ratios'])}", flush=True)
 
     def hello(self) -> None:
         print("4. bare Starlette hello endpoint", flush=True)
@@ -950,6 +1006,8 @@ class Bench:
                                               statistics.median(lit.per_cpu_s)))
             if m in self.mp_vs_raw:
                 out.append(mp_vs_raw_text(m, self.mp_vs_raw[m]))
+            if m in self.vs_naive:
+                out.append(vs_naive_text(m, self.vs_naive[m]))
             tail, naive_tail = self.service_rows[m, low], self.naive_rows[m, low]
             if tail.p50_ms and tail.p99_ms and tail.p50_co_ms:
                 out.append(f"{m} tail at {low} connections: p99/p50 = {tail_text(tail.p50_ms, tail.p99_ms)} as "
@@ -1033,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, text, args.append)
     (results / "bench.json").write_text(json.dumps({"machine": info, "rows": [r.__dict__ for r in bench.rows],
                                                     "multipart_vs_raw": bench.mp_vs_raw,
+                                                    "service_vs_naive": bench.vs_naive,
                                                     "headlines": headlines}, indent=2))
     print(f"\n{text}\nwrote {args.out} (raw: {results})")
     return 0

@@ -212,6 +212,21 @@ def test_multipart_vs_raw_headline():
     assert "not run, a turn would need 24 s" in skipped and "the rounds' above" in skipped
 
 
+def test_service_vs_naive_headline():
+    """(2d)'s headline: the service's answers a second over the naive app's, per pair of short turns, and what an
+    answer costs each."""
+    from loadtests.bench import vs_naive_text
+
+    ab = {"connections": 32, "pairs": 4, "seconds": 2, "ratios": [1.2, 1.3, 1.25, 1.1],
+          "naive_cpu_us": [1100.0, 1200.0, 1150.0, 1120.0], "service_cpu_us": [900.0, 910.0, 880.0, 950.0],
+          "errors": 0}
+    text = vs_naive_text("lenet5", ab)
+    assert "the service **1.23× (1.1–1.3)** of the naive app's" in text and "4 pairs of 2 s turns" in text, text
+    assert "905 µs against 1135" in text and "errors" not in text, text
+    skipped = vs_naive_text("alexnet", {"connections": 32, "skipped": "a turn would need 24 s"})
+    assert "not run, a turn would need 24 s" in skipped
+
+
 def test_cpu_split_by_kind_of_thread_and_its_headline():
     """Where an image's CPU goes: the service's threads by kind, from two /proc readings, and the headline that sets
     them beside the limit's decode and onnxruntime and says what a server with no cost of its own would get."""
@@ -409,9 +424,12 @@ def test_bench_harness_produces_every_row(tmp_path):
     ab = raw["multipart_vs_raw"]["lenet5"]
     assert len(ab["ratios"]) == len(ab["extra_cpu_us"]) == len(ab["raw_cpu_us"]) == 2, ab  # --quick: 2 pairs
     assert min(ab["ratios"]) > 0 and min(ab["raw_cpu_us"]) > 0 and ab["errors"] == 0, ab
+    ab = raw["service_vs_naive"]["lenet5"]
+    assert len(ab["ratios"]) == len(ab["naive_cpu_us"]) == len(ab["service_cpu_us"]) == 2, ab
+    assert min(ab["ratios"]) > 0 and min(ab["naive_cpu_us"]) > 0 and ab["errors"] == 0, ab
     text = out.read_text()
     for phrase in ("of the in-process limit", "of LitServe", "of the naive app", "multipart", "p99/p50",
-                   "lenet5 multipart vs raw in short turns",
+                   "lenet5 multipart vs raw in short turns", "lenet5 against the naive app in short turns",
                    "corrected for coordinated omission",
                    "what an image costs", "of LitServe's images", "lenet5, where an image's CPU goes",
                    "A server with no cost of its own",
