@@ -33,7 +33,7 @@ import aiohttp
 import bentoml
 import numpy as np
 from bentoml.validators import DType
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serving import upstream
 from serving.api import ClassifierAPI, Metrics, read_models
@@ -224,6 +224,9 @@ class FrontDoor:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
+            if path == "*":  # the asterisk form: about the server as a whole, not a path (RFC 9112 §3.2.4)
+                await asterisk_form(scope, send)
+                return
             if path.endswith("/") and path != "/":  # Starlette redirects these to the same path without the slash
                 send = relative_redirects(send)
             if path in self.exact or path.startswith(self.prefixes):
@@ -240,6 +243,22 @@ class FrontDoor:
                 return
             send = _json_router_errors(scope, send)
         await self.app(scope, receive, send)
+
+
+# What this server answers at all (OPTIONS: `OPTIONS *`, and a path's CORS preflight when CORS is on).
+SERVER_METHODS = "GET, HEAD, POST, OPTIONS"
+
+
+async def asterisk_form(scope, send) -> None:
+    """`OPTIONS *` asks what the server supports (RFC 9110 §9.3.7): 200 with `Allow`. Any other method with `*` as
+    its target is malformed (RFC 9112 §3.2.4: the asterisk form is OPTIONS's alone). Both used to get a 404."""
+    if scope["method"] == "OPTIONS":
+        await Response(headers={"Allow": SERVER_METHODS})(scope, _no_body, send)
+        return
+    body = {"error": "bad_request", "detail": f"{scope['method']} *: the request target * is for OPTIONS alone "
+            "(RFC 9112 §3.2.4); name a path"}
+    count_error(body["error"])
+    await JSONResponse(body, status_code=400)(scope, _no_body, send)
 
 
 def _json_router_errors(scope, send):

@@ -411,6 +411,20 @@ def test_a_request_without_exactly_one_host_header_is_refused(limited):
         assert status == b"HTTP/1.1 200 OK" and b'"lenet5"' in body, (request, status)
 
 
+def test_the_asterisk_form_is_for_options_alone(limited):
+    """`OPTIONS *` asks what the server supports (RFC 9110 §9.3.7): 200 with Allow; any other method with `*` as
+    its target is malformed (RFC 9112 §3.2.4). Both were a 404, as if `*` were a missing path."""
+    port = _port(limited)
+    status, headers, body, closed = _exchange(port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (status, headers[b"allow"], headers[b"content-length"], body) == (
+        b"HTTP/1.1 200 OK", b"get, head, post, options", b"0", b""), (status, headers, body)  # _exchange lowers them
+    for method in (b"GET", b"POST", b"DELETE"):
+        status, headers, body, _ = _exchange(port, method + b" * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == b"HTTP/1.1 400 Bad Request", (method, status, body)
+        assert json.loads(body) == {"error": "bad_request", "detail": f"{method.decode()} *: the request target * is "
+                                    "for OPTIONS alone (RFC 9112 §3.2.4); name a path"}
+
+
 def test_a_body_trickled_to_any_path_is_cut_off_at_the_body_deadline(limited):
     """/livez answers a POST at once (405), but the connection stayed open as long as chunks kept coming: each byte
     cancelled uvicorn's keep-alive timer, and only our routes had a body deadline. Now every path has one."""
