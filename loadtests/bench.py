@@ -681,18 +681,26 @@ def ratio_text(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3g}×{spread}"
 
 
+def middle_half(ratios: list[float]) -> str:
+    """The middle half (quartiles) of short turns' pair ratios, for (2c) and (2d)."""
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"middle half {q1:.3g}–{q3:.3g}"
+
+
+def errors_note(ab: dict) -> str:
+    return f"; **{ab['errors']} errors**" if ab.get("errors") else ""
+
+
 def mp_vs_raw_text(m: str, ab: dict) -> str:
     """The headline of (2c)."""
     if "skipped" in ab:
         return (f"{m} multipart vs raw in short turns (2c): not run, {ab['skipped']}; its multipart/raw is the "
                 "rounds' above")
-    q1, _, q3 = statistics.quantiles(ab["ratios"], n=4) if len(ab["ratios"]) > 1 else [ab["ratios"][0]] * 3
     return (f"**{m} multipart vs raw in short turns** (2c: the service alone, {ab['connections']} conns, "
             f"{ab['pairs']} pairs of {ab['seconds']} s turns in alternating order): multipart **"
-            f"{ratio_text(ab['ratios'])}** of raw (middle half {q1:.3g}–{q3:.3g}); the server's CPU "
+            f"{ratio_text(ab['ratios'])}** of raw ({middle_half(ab['ratios'])}); the server's CPU "
             f"{statistics.median(ab['extra_cpu_us']):+.1f} µs an answer (median of the pairs) on "
-            f"{statistics.median(ab['raw_cpu_us']):.0f} µs for a raw one"
-            + (f"; **{ab['errors']} errors**" if ab.get("errors") else ""))
+            f"{statistics.median(ab['raw_cpu_us']):.0f} µs for a raw one{errors_note(ab)}")
 
 
 def vs_naive_text(m: str, ab: dict) -> str:
@@ -700,13 +708,11 @@ def vs_naive_text(m: str, ab: dict) -> str:
     if "skipped" in ab:
         return (f"{m} against the naive app in short turns (2d): not run, {ab['skipped']}; its ratio is the rounds' "
                 "above")
-    q1, _, q3 = statistics.quantiles(ab["ratios"], n=4) if len(ab["ratios"]) > 1 else [ab["ratios"][0]] * 3
     return (f"**{m} against the naive app in short turns** (2d: raw uploads, {ab['connections']} conns, "
             f"{ab['pairs']} pairs of {ab['seconds']} s turns in alternating order, each server frozen during the "
-            f"other's): the service **{ratio_text(ab['ratios'])}** of the naive app's answers a second (middle half "
-            f"{q1:.3g}–{q3:.3g}); server CPU an answer {statistics.median(ab['service_cpu_us']):.0f} µs against "
-            f"{statistics.median(ab['naive_cpu_us']):.0f} (medians of the turns)"
-            + (f"; **{ab['errors']} errors**" if ab.get("errors") else ""))
+            f"other's): the service **{ratio_text(ab['ratios'])}** of the naive app's answers a second "
+            f"({middle_half(ab['ratios'])}); server CPU an answer {statistics.median(ab['service_cpu_us']):.0f} µs "
+            f"against {statistics.median(ab['naive_cpu_us']):.0f} (medians of the turns){errors_note(ab)}")
 
 
 @dataclass
