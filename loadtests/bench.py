@@ -884,8 +884,10 @@ class Bench:
         self.rows += [raw, mp, naive_row, lit_row]
 
     def saturating(self, m: str) -> tuple[int, str | None]:
-        """The connections where (2) saturated for `m` (the most), and why a short turn there cannot count its rate to
-        `--resolution`, if it cannot (AlexNet answers in batches of 32: it would need 24-s turns)."""
+        """The connections where (2) saturated for `m`, and why a short turn there cannot count its rate to
+        `--resolution`, if it cannot (AlexNet answers in batches of 32: it would need 24-s turns). Saturation is the
+        most connections, where #10 sets its goals; not the level with the best rate: LeNet-5 saturates at 4
+        already, and which of 4 and 32 came out ahead moved from run to run."""
         c = max(self.levels)
         needed = resolving_seconds(self.service_rows[m, c].median, c, self.args.resolution)
         if needed > self.args.ab_seconds:
@@ -987,9 +989,7 @@ class Bench:
             naive.ratio = f"{of_limit(naive, key)} of the limit (1)"
         low = self.levels[0]
         for m in self.models:
-            # Saturation: the most connections, where #10 sets its goals. Not the level with the best rate: LeNet-5
-            # saturates at 4 already, and which of 4 and 32 came out ahead moved from run to run.
-            c = max(self.levels)
+            c, _ = self.saturating(m)
             raw, mp, lit, naive = (rows[m, c] for rows in (self.service_rows, self.service_mp_rows, self.lit_rows,
                                                            self.naive_rows))
             out.append(f"**{m} at saturation** ({c} conns): the service {raw.median:.1f} img/s raw, {mp.median:.1f} "
